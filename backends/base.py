@@ -1,0 +1,137 @@
+"""The backend contract: numeric ops over weight handles, nothing else.
+
+A backend owns device memory and the arithmetic of each op. It takes no
+decisions: the weight format it is asked to hold comes from the plan, and the
+shapes it computes come from the runtime. Every op takes and returns host numpy
+arrays at this contract; a device backend keeps its tensors resident and
+converts at the edges it chooses.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from engine.errors import InvalidArgument
+
+
+class TensorData(NamedTuple):
+    """A tensor as the file holds it: raw bytes (memory-mapped), type, numpy-order shape."""
+
+    raw: np.ndarray
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+
+
+class Backend(ABC):
+    """Numeric ops of a decoder-only transformer."""
+
+    name: str
+    weight_formats: tuple[str, ...]
+
+    def check_weight_format(self, fmt: str) -> None:
+        if fmt not in self.weight_formats:
+            raise InvalidArgument(f"weight format {fmt!r} is not supported by the {self.name} backend "
+                                  f"(supported: {', '.join(self.weight_formats)})", field="weights")
+
+    @abstractmethod
+    def load_linear(self, parts: Sequence[TensorData], fmt: str) -> Any:
+        """A weight handle for `y = x @ W.T` in weight format `fmt`.
+
+        W is the concatenation of `parts` along the output axis, each (out_i, in) as
+        stored in the file: fusing q/k/v or gate/up makes one GEMM of three or two.
+        """
+
+    @abstractmethod
+    def load_vector(self, tensor: TensorData) -> Any:
+        """A small dense tensor kept in float32 (norm weights, biases)."""
+
+    @abstractmethod
+    def load_embedding(self, tensor: TensorData) -> Any:
+        """A token-embedding table handle, (vocab, dim) in the file."""
+
+    @abstractmethod
+    def tied_output(self, table: Any) -> Any:
+        """A linear handle computing logits against an embedding table (tied output head)."""
+
+    @abstractmethod
+    def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
+        """Rows of an embedding table: (n,) int → (n, dim) float32."""
+
+    @abstractmethod
+    def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
+        """(n, in) @ W.T → (n, out)."""
+
+    @abstractmethod
+    def rms_norm(self, x: np.ndarray, w: Any, eps: float) -> np.ndarray:
+        """RMSNorm (arXiv:1910.07467) over the last axis, scaled by w."""
+
+    @abstractmethod
+    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Rotary position embedding of (n, heads, head_dim) at `positions` (n,)."""
+
+    @abstractmethod
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
+        """Causal grouped-query attention of one sequence.
+
+        q: (n, n_heads, head_dim) at absolute `q_positions`; k, v: (n_kv_heads, t, head_dim),
+        the sequence's keys and values for positions 0..t-1. Returns (n, n_heads * head_dim).
+        """
+
+    @abstractmethod
+    def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
+        """SwiGLU (arXiv:2002.05202): silu(gate) * up of (n, 2f) packed [gate | up] → (n, f)."""
+
+    def configure_rope(self, dim: int, theta: float, style: str, max_positions: int) -> None:
+        """Precompute rotary tables; called once the model's hyperparameters are known."""
+
+    def close(self) -> None:
+        """Release device memory."""
+
+
+@dataclass
+class OpProfile:
+    """Per-op wall time: count, total seconds and share, as `bench --profile` prints it."""
+
+    count: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, op: str, seconds: float) -> None:
+        self.count[op] += 1
+        self.seconds[op] += seconds
+
+    def rows(self) -> list[dict[str, Any]]:
+        total = sum(self.seconds.values()) or 1.0
+        return [{"op": op, "count": self.count[op], "seconds": round(s, 6), "share": round(s / total, 4)}
+                for op, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])]
+
+
+class ProfiledBackend:
+    """Wraps a backend and times each op; costs nothing when not used."""
+
+    # Op name in the profile for each backend method.
+    OPS = {"linear": "matmul", "attention": "attention", "rms_norm": "norm", "rope": "rope",
+           "silu_mul": "activation", "embedding": "embedding"}
+
+    def __init__(self, inner: Backend, profile: OpProfile):
+        self._inner = inner
+        self.profile = profile
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        op = self.OPS.get(name)
+        if op is None:
+            return attr
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = attr(*args, **kwargs)
+            self.profile.add(op, time.perf_counter() - start)
+            return out
+        return timed

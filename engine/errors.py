@@ -1,0 +1,60 @@
+"""Domain errors, one class per kind of failure a client can act on.
+
+The domain never imports grpc: each error carries a `code` naming the
+canonical status (grpc's StatusCode names), and the service layer maps it in
+one place. The CLI prints `str(error)` as one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine reports to a user."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(EngineError):
+    """The request itself is wrong; retrying it unchanged cannot succeed."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class NotFound(EngineError):
+    code = "NOT_FOUND"
+
+
+class FailedPrecondition(EngineError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(EngineError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(EngineError):
+    code = "UNAVAILABLE"
+
+
+class ModelNotFound(NotFound):
+    """A model name that is neither in the registry nor an existing file."""
+
+
+class ModelFormatError(InvalidArgument):
+    """A file that is not a readable GGUF model: bad magic, truncated, inconsistent."""
+
+
+class UnsupportedModel(InvalidArgument):
+    """A valid GGUF file whose architecture or tensor types we cannot run."""
+
+
+class DownloadError(Unavailable):
+    """Fetching or verifying a model from the package registry failed."""
+
+
+class ContextOverflow(InvalidArgument):
+    """A prompt (plus requested tokens) longer than the context allows."""

