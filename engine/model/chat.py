@@ -1,0 +1,155 @@
+"""Chat templates: a list of messages -> the prompt text the model was trained on.
+
+GGUF files carry the Hugging Face Jinja template in ``tokenizer.chat_template``. We render it
+the way ``transformers``' ``apply_chat_template`` does: a sandboxed Jinja environment with
+``trim_blocks`` / ``lstrip_blocks``, the ``loopcontrols`` extension, a ``{% generation %}``
+block that just renders its body, a ``tojson`` filter that keeps non-ASCII text, and the
+``raise_exception`` / ``strftime_now`` globals. The template is untrusted input (it comes with
+a downloaded file): the immutable sandbox refuses attribute access such as ``__class__`` and
+mutation of the arguments, and every failure becomes :class:`InvalidArgument`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+from jinja2 import nodes
+
+from engine.errors import InvalidArgument
+
+#: Used when a model has no ``tokenizer.chat_template``.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TemplateError(InvalidArgument):
+    """A chat template failed to compile or render."""
+
+
+class _TemplateRaised(Exception):
+    """Raised by the template's own ``raise_exception(message)``."""
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` (HF's assistant-mask marker): render the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message: Any) -> None:
+    raise _TemplateRaised(str(message))
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    # HF's override: Jinja's own tojson escapes HTML characters, which templates do not want.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
+
+
+def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False,
+        extensions=[jinja2.ext.loopcontrols, _GenerationBlock],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+class ChatTemplate:
+    """A compiled chat template. Thread-safe; compile once per model.
+
+    ``bos_token`` / ``eos_token`` are the strings of the model's BOS / EOS tokens, passed to
+    the template as HF does (many templates start with ``{{ bos_token }}``).
+    """
+
+    def __init__(self, template: str, bos_token: str = "", eos_token: str = ""):
+        if not isinstance(template, str) or not template:
+            raise TemplateError("chat template must be a non-empty string")
+        self.source = template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        try:
+            self._template = _environment().from_string(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"chat template does not compile: line {e.lineno}: {e.message}") from e
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> ChatTemplate:
+        """The model's ``tokenizer.chat_template``, or ChatML when it has none."""
+        tokens = meta.get("tokenizer.ggml.tokens") or []
+
+        def piece(key: str) -> str:
+            i = meta.get(key)
+            return str(tokens[i]) if isinstance(i, int) and 0 <= i < len(tokens) else ""
+
+        template = meta.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        return cls(template, piece("tokenizer.ggml.bos_token_id"), piece("tokenizer.ggml.eos_token_id"))
+
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               **context: Any) -> str:
+        """The prompt text for ``messages`` (``[{"role": ..., "content": ...}, ...]``).
+
+        ``add_generation_prompt`` appends the header of the assistant's turn. Extra keyword
+        arguments (``tools``, ``documents``, ...) are passed to the template as variables.
+        Raises :class:`InvalidArgument` for malformed messages or a template that fails.
+        """
+        checked = validate_messages(messages)
+        variables = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            **context,
+            "messages": checked,
+            "add_generation_prompt": bool(add_generation_prompt),
+        }
+        try:
+            return self._template.render(**variables)
+        except _TemplateRaised as e:
+            raise TemplateError(f"chat template rejected the conversation: {e}", field="messages") from e
+        except jinja2.sandbox.SecurityError as e:
+            raise TemplateError(f"chat template attempted an unsafe operation: {e}") from e
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+        except Exception as e:  # a template can raise anything (TypeError, ZeroDivision...)
+            raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+
+
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check ``messages`` and return plain-dict copies (the template sees no caller objects)."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InvalidArgument("messages must be a list of {role, content} objects", field="messages")
+    if not messages:
+        raise InvalidArgument("messages must not be empty", field="messages")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InvalidArgument(f"messages[{k}] must be an object with role and content, "
+                                  f"not {type(m).__name__}", field="messages")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise InvalidArgument(f"messages[{k}].role must be a non-empty string", field="messages")
+        if not isinstance(content, str):
+            raise InvalidArgument(f"messages[{k}].content must be a string", field="messages")
+        out.append(dict(m))
+    return out

@@ -1,0 +1,290 @@
+"""The `plan-engine` command line.
+
+Every failure the user can cause (a missing file, a corrupt model, a prompt too
+long, a failed download) is an `EngineError`: printed as one line on stderr with
+a non-zero exit, never a traceback. Set PLAN_ENGINE_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from engine.errors import EngineError, InvalidArgument
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _add_model_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    help_ = "a registry name (see `models list`) or a path to a GGUF file; default: the embedded default"
+    if positional:
+        p.add_argument("model", nargs="?", default=None, help=help_)
+    else:
+        p.add_argument("--model", "-m", default=None, help=help_)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    _add_model_arg(p)
+    p.add_argument("--backend", default="cpu", help="numeric backend (default: cpu)")
+    p.add_argument("--weights", default="f32", help="in-memory weight format (default: f32)")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
+
+
+def _add_prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text")
+    p.add_argument("--ids", default=None, help="prompt as comma-separated token ids instead of text")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise InvalidArgument(f"--ids must be comma-separated integers, got {text!r}", field="ids") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plan-engine", description="Run GGUF language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="generate a completion, streamed to stdout")
+    _add_prompt_args(p)
+    _add_runtime_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--max-tokens", "-n", type=int, default=128)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object with ids and text at the end")
+
+    p = sub.add_parser("score", help="top-k logits at every position of a prompt")
+    _add_prompt_args(p)
+    _add_runtime_args(p)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("tokenize", help="token ids of a text")
+    p.add_argument("text")
+    _add_model_arg(p)
+    p.add_argument("--parse-special", action="store_true", help="map special-token strings to their ids")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("inspect", help="architecture, hyperparameters, tokenizer and tensors of a model")
+    _add_model_arg(p, positional=True)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("models", help="the model cache")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    pull = msub.add_parser("pull", help="download, verify and cache a registry model")
+    pull.add_argument("name", nargs="?", default=None)
+    lst = msub.add_parser("list", help="registry models and cached files")
+    lst.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="prefill/decode throughput, load time, peak memory, per-op profile")
+    _add_runtime_args(p)
+    p.add_argument("--pp", type=int, default=512, help="prompt tokens for the prefill test (default 512)")
+    p.add_argument("--tg", type=int, default=128, help="tokens for the decode test (default 128)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="also print the per-op profile")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from engine.model.registry import resolve
+    from engine.runtime.generate import LoadedModel
+    return LoadedModel(resolve(args.model), backend=args.backend, weights=args.weights, context_length=args.ctx)
+
+
+def _prompt_ids(model, args: argparse.Namespace, chat: bool = False) -> list[int]:
+    if (args.prompt is None) == (args.ids is None):
+        raise InvalidArgument("give a prompt as text or with --ids (not both)", field="prompt")
+    if args.ids is not None:
+        return model.encode_prompt(ids=_parse_ids(args.ids))
+    if chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        return model.encode_prompt(messages=messages + [{"role": "user", "content": args.prompt}])
+    return model.encode_prompt(text=args.prompt)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.runtime.generate import Generation
+    from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                                frequency_penalty=args.frequency_penalty, seed=args.seed,
+                                max_tokens=args.max_tokens, stop=tuple(args.stop))
+    except InvalidSamplingParams as exc:
+        raise InvalidArgument(str(exc), field=exc.field) from None
+    model = _load(args)
+    try:
+        gen = Generation(model, _prompt_ids(model, args, chat=args.chat), params, ignore_eos=args.ignore_eos)
+        for event in gen:
+            if not args.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        c = gen.completion
+        if args.json:
+            _print_json({"ids": c.ids, "text": c.text, "finish_reason": c.finish_reason, "seed": c.seed,
+                         "usage": {"prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.ids)},
+                         "timings": {k: round(v, 4) for k, v in c.timings.items()}})
+        else:
+            sys.stdout.write("\n")
+            decode_s = c.timings.get("decode_s", 0.0)
+            rate = f", {(len(c.ids) - 1) / decode_s:.1f} tok/s decode" if len(c.ids) > 1 and decode_s > 0 else ""
+            print(f"[{len(c.prompt_ids)} prompt tokens in {c.timings['prefill_s']:.2f} s, {len(c.ids)} generated"
+                  f"{rate}, finish: {c.finish_reason}]", file=sys.stderr)
+    finally:
+        model.close()
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import numpy as np
+    from engine.runtime.generate import score
+    if args.top_k < 1:
+        raise InvalidArgument(f"--top-k must be at least 1, got {args.top_k}", field="top_k")
+    model = _load(args)
+    try:
+        ids = _prompt_ids(model, args)
+        logits = score(model, ids)
+    finally:
+        model.close()
+    k = min(args.top_k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    positions = [{"top_ids": row.tolist(), "top_logits": [round(float(x), 5) for x in logits[i, row]]}
+                 for i, row in enumerate(top)]
+    if args.json:
+        _print_json({"ids": ids, "positions": positions})
+    else:
+        for i, pos in enumerate(positions):
+            print(f"{i:4d} {ids[i]:6d} -> " + " ".join(f"{t}:{v:.3f}" for t, v in
+                                                      zip(pos["top_ids"][:5], pos["top_logits"][:5])))
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from engine.model.gguf_file import ModelFile
+    from engine.model.registry import resolve
+    from engine.model.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_metadata(ModelFile(resolve(args.model)).metadata)
+    ids = tokenizer.encode(args.text, parse_special=args.parse_special)
+    if args.json:
+        _print_json({"ids": ids})
+    else:
+        for i in ids:
+            print(f"{i:6d} {tokenizer.id_to_piece(i)!r}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from engine.model.gguf_file import ModelFile
+    from engine.model.registry import resolve
+    info = ModelFile(resolve(args.model)).describe()
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{info['path']}  ({info['file_size'] / 1e6:.1f} MB)")
+    print(f"name: {info['name']}   architecture: {info['architecture']}   supported: {info['supported']}")
+    print(f"parameters: {info['parameters']:,}   tensor types: {info['tensor_types']}")
+    if isinstance(info["config"], dict):
+        print("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in info["config"].items() if k != "architecture"))
+    else:
+        print(f"hyperparameters: {info['config']}")
+    tok = {k: v for k, v in info["tokenizer"].items() if k != "chat_template"}
+    print("tokenizer: " + ", ".join(f"{k}={v}" for k, v in tok.items()))
+    print(f"chat template: {'yes' if 'chat_template' in info['tokenizer'] else 'no'}")
+    print(f"\n{'tensor':<28} {'type':<6} {'shape':<16} {'bytes':>12}")
+    for t in info["tensors"]:
+        print(f"{t['name']:<28} {t['type']:<6} {'x'.join(map(str, t['shape'])):<16} {t['bytes']:>12,}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine.model import registry
+    if args.models_command == "pull":
+        name = args.name or registry.DEFAULT_MODEL
+        if name not in registry.REGISTRY:
+            raise InvalidArgument(f"unknown model {name!r} (known: {', '.join(registry.REGISTRY)})", field="model")
+        print(registry.pull(registry.REGISTRY[name]))
+        return 0
+    rows = registry.list_models()
+    if args.json:
+        _print_json({"cache_dir": str(registry.cache_dir()), "models": rows})
+    else:
+        print(f"cache: {registry.cache_dir()}")
+        for r in rows:
+            size = f"{r['size'] / 1e6:.1f} MB" if r["size"] else "-"
+            print(f"{'*' if r['cached'] else ' '} {r['name']:<30} {size:>10}  {r['source']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engine.runtime.bench import bench
+    model = _load(args)
+    try:
+        if not (0 < args.pp < model.context_length and 0 < args.tg < model.context_length):
+            raise InvalidArgument(f"--pp and --tg must be in 1..{model.context_length - 1}", field="pp")
+        result = bench(model, pp=args.pp, tg=args.tg, repeats=args.repeats, profile=args.profile or args.json)
+    finally:
+        model.close()
+    if args.json:
+        _print_json(result)
+        return 0
+    for k, v in result.items():
+        if k != "profile":
+            print(f"{k:<14} {v}")
+    for phase, prof in result.get("profile", {}).items():
+        print(f"\n{phase} profile ({prof['wall_s']:.3f} s):")
+        for r in prof["ops"]:
+            print(f"  {r['op']:<38} {r['count']:>7} {r['seconds']:>9.4f} s {100 * r['share']:6.1f} %")
+    return 0
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+COMMANDS = {"run": cmd_run, "score": cmd_score, "tokenize": cmd_tokenize, "inspect": cmd_inspect,
+            "models": cmd_models, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EngineError as exc:
+        print(f"plan-engine: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("plan-engine: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"plan-engine: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: say so in one line unless debugging
+        if os.environ.get("PLAN_ENGINE_DEBUG"):
+            raise
+        print(f"plan-engine: internal error: {type(exc).__name__}: {exc} (set PLAN_ENGINE_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

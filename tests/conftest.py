@@ -1,0 +1,37 @@
+"""Shared fixtures: the default model, pulled once into the user's cache (or PLAN_ENGINE_CACHE)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    from engine.model.registry import resolve
+    return resolve(None)
+
+
+@pytest.fixture(scope="session")
+def model_file(model_path):
+    from engine.model.gguf_file import ModelFile
+    return ModelFile(model_path)
+
+
+@pytest.fixture(scope="session")
+def loaded_model(model_path):
+    """The default model with f32 weights on the CPU backend, shared by every test in the session."""
+    from engine.runtime.generate import LoadedModel
+    model = LoadedModel(model_path, backend="cpu", weights="f32")
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def generation_reference() -> list[dict]:
+    """shared/reference/smollm2-135m-q4_1/generation.json (hf_f32 and llama.cpp numerics)."""
+    return json.loads((FIXTURES / "generation.json").read_text())["cases"]
