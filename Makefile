@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench clean protos
 
 setup: $(VENV)/.installed
 
@@ -29,3 +29,6 @@ bench: setup  ## prefill/decode throughput and the per-op profile
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+protos: setup  ## regenerate services/api from protos/
+	$(BIN)/python -m services.api.codegen

@@ -1,0 +1,64 @@
+import datetime
+
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from services.api.planengine.v1 import plan_pb2 as _plan_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Suggestion(_message.Message):
+    __slots__ = ("suggestion_id", "agent_id", "plan_id", "base_version", "update_mask", "patch", "rationale", "expected_effect")
+    SUGGESTION_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FIELD_NUMBER: _ClassVar[int]
+    RATIONALE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    suggestion_id: str
+    agent_id: str
+    plan_id: str
+    base_version: int
+    update_mask: _field_mask_pb2.FieldMask
+    patch: _plan_pb2.ExecutionPlan
+    rationale: str
+    expected_effect: str
+    def __init__(self, suggestion_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., base_version: _Optional[int] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., patch: _Optional[_Union[_plan_pb2.ExecutionPlan, _Mapping]] = ..., rationale: _Optional[str] = ..., expected_effect: _Optional[str] = ...) -> None: ...
+
+class SuggestionVerdict(_message.Message):
+    __slots__ = ("suggestion_id", "decision", "reason", "resulting_version", "resulting_hash", "current_version", "resulting_plan", "decided_at")
+    class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DECISION_UNSPECIFIED: _ClassVar[SuggestionVerdict.Decision]
+        DECISION_ACCEPTED: _ClassVar[SuggestionVerdict.Decision]
+        DECISION_REJECTED: _ClassVar[SuggestionVerdict.Decision]
+        DECISION_PENDING_REVIEW: _ClassVar[SuggestionVerdict.Decision]
+        DECISION_DRY_RUN: _ClassVar[SuggestionVerdict.Decision]
+    DECISION_UNSPECIFIED: SuggestionVerdict.Decision
+    DECISION_ACCEPTED: SuggestionVerdict.Decision
+    DECISION_REJECTED: SuggestionVerdict.Decision
+    DECISION_PENDING_REVIEW: SuggestionVerdict.Decision
+    DECISION_DRY_RUN: SuggestionVerdict.Decision
+    SUGGESTION_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RESULTING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESULTING_HASH_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESULTING_PLAN_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    suggestion_id: str
+    decision: SuggestionVerdict.Decision
+    reason: str
+    resulting_version: int
+    resulting_hash: str
+    current_version: int
+    resulting_plan: _plan_pb2.ExecutionPlan
+    decided_at: _timestamp_pb2.Timestamp
+    def __init__(self, suggestion_id: _Optional[str] = ..., decision: _Optional[_Union[SuggestionVerdict.Decision, str]] = ..., reason: _Optional[str] = ..., resulting_version: _Optional[int] = ..., resulting_hash: _Optional[str] = ..., current_version: _Optional[int] = ..., resulting_plan: _Optional[_Union[_plan_pb2.ExecutionPlan, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
