@@ -91,7 +91,7 @@ def score(model: LoadedModel, ids: Sequence[int]) -> np.ndarray:
     if len(ids) > model.context_length:
         raise ContextOverflow(f"input of {len(ids)} tokens exceeds the context length {model.context_length}")
     kv = model.transformer.new_kv(len(ids))
-    return model.transformer.forward([Segment(kv, np.asarray(ids), 0, all_logits=True)])[0]
+    return model.transformer.forward([Segment(kv, np.asarray(ids), 0, logits="all")])[0]
 
 
 @dataclass
@@ -99,6 +99,56 @@ class TokenEvent:
     token_id: int | None  # None: text released at the end of the stream, no new token
     text: str  # the text this token makes visible (may be empty while UTF-8 or a stop string is pending)
     logprob: float
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+class TokenStream:
+    """One request's output side: sample a token, turn it into text, decide whether to stop.
+
+    Shared by the single-sequence `Generation` and the batched worker, so both stop,
+    detokenize and count identically.
+    """
+
+    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], params: SamplingParams,
+                 ignore_eos: bool = False, top_logprobs: int = 0):
+        model.check_context(len(prompt_ids))
+        self.sampler = Sampler(params, prompt_ids)
+        self.budget = min(params.max_tokens, model.context_length - len(prompt_ids))
+        self.ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" once finished
+        self._top_logprobs = top_logprobs
+        self._detok = StreamDecoder(model.tokenizer)
+        self._stops = StopChecker(params.stop)
+        self._stop_ids = frozenset() if ignore_eos else frozenset(model.tokenizer.eot_ids)
+
+    def accept(self, logits: np.ndarray) -> TokenEvent | None:
+        """Sample the next token from `logits`; the event to stream, or None (nothing to show).
+
+        At an end-of-turn token the event carries only text held back until then (token_id None).
+        """
+        token, logprob = self.sampler.sample(logits)
+        if token in self._stop_ids:
+            tail = self.finish("stop")
+            self.text += tail
+            return TokenEvent(None, tail, 0.0) if tail else None
+        self.ids.append(token)
+        text, stopped = self._stops.push(self._detok.push(token))
+        top = self.sampler.logprobs_top(logits, self._top_logprobs) if self._top_logprobs else []
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.ids) >= self.budget:
+            text += self.finish("length")
+        self.text += text
+        return TokenEvent(token, text, logprob, top)
+
+    def finish(self, reason: str) -> str:
+        """End the stream; returns text still held back (none after a stop string)."""
+        self.finish_reason = reason
+        if self._stops.stopped:
+            return ""
+        tail, _ = self._stops.push(self._detok.flush())
+        return tail + self._stops.flush()
 
 
 @dataclass
@@ -116,48 +166,25 @@ class Generation:
 
     def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], params: SamplingParams,
                  ignore_eos: bool = False):
-        model.check_context(len(prompt_ids))
         self.model = model
-        self.params = params
-        self.ignore_eos = ignore_eos
-        self.sampler = Sampler(params, prompt_ids)
-        self.completion = Completion(prompt_ids=list(prompt_ids), seed=self.sampler.seed)
+        self.stream = TokenStream(model, prompt_ids, params, ignore_eos)
+        self.completion = Completion(prompt_ids=list(prompt_ids), seed=self.stream.sampler.seed)
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        model, c = self.model, self.completion
-        budget = min(self.params.max_tokens, model.context_length - len(c.prompt_ids))
-        kv = model.transformer.new_kv(len(c.prompt_ids) + budget)
-        detok = StreamDecoder(model.tokenizer)
-        stops = StopChecker(self.params.stop)
-        stop_ids = set() if self.ignore_eos else model.tokenizer.eot_ids
-
+        model, c, stream = self.model, self.completion, self.stream
+        kv = model.transformer.new_kv(len(c.prompt_ids) + stream.budget)
         start = time.perf_counter()
         logits = prefill(model, kv, c.prompt_ids)
         c.timings["prefill_s"] = time.perf_counter() - start
-        c.finish_reason = "length"
-        stopped = False
-        while len(c.ids) < budget:
-            token, logprob = self.sampler.sample(logits)
-            if not c.ids:
+        while True:
+            event = stream.accept(logits)
+            if "ttft_s" not in c.timings:
                 c.timings["ttft_s"] = time.perf_counter() - start
-            if token in stop_ids:
-                c.finish_reason = "stop"
+            if event is not None:
+                yield event
+            if stream.finish_reason is not None:
                 break
-            c.ids.append(token)
-            text, stopped = stops.push(detok.push(token))
-            c.text += text
-            yield TokenEvent(token, text, logprob)
-            if stopped:
-                c.finish_reason = "stop"
-                break
-            if len(c.ids) < budget:
-                logits = decode_one_token(model, kv, token)
-        if not stopped:
-            # text held back for an incomplete UTF-8 sequence or a possible stop string
-            tail, _ = stops.push(detok.flush())
-            tail += stops.flush()
-            if tail:
-                c.text += tail
-                yield TokenEvent(None, tail, 0.0)
+            logits = decode_one_token(model, kv, stream.ids[-1])
+        c.ids, c.text, c.finish_reason = stream.ids, stream.text, stream.finish_reason
         c.timings["total_s"] = time.perf_counter() - start
-        c.timings["decode_s"] = c.timings["total_s"] - c.timings.get("ttft_s", c.timings["total_s"])
+        c.timings["decode_s"] = c.timings["total_s"] - c.timings["ttft_s"]

@@ -73,7 +73,7 @@ class Segment:
     kv: SequenceKV
     tokens: np.ndarray  # (n,) int token ids
     start: int  # position of tokens[0]; the cache must hold positions 0..start-1
-    all_logits: bool = False  # logits for every token (scoring) or only the last (generation)
+    logits: str = "last"  # "last" (generation), "all" (scoring) or "none" (a prompt chunk before its end)
 
 
 class Transformer:
@@ -90,8 +90,8 @@ class Transformer:
     def forward(self, segments: Sequence[Segment]) -> list[np.ndarray]:
         """Run new tokens through the model, extend each segment's cache, return logits.
 
-        Returns per segment (n, vocab) float32 logits if `all_logits`, else (1, vocab)
-        for its last token.
+        Returns per segment float32 logits: (n, vocab) for "all", (1, vocab) for "last",
+        (0, vocab) for "none".
         """
         c, be, w = self.config, self.backend, self.weights
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
@@ -121,8 +121,12 @@ class Transformer:
         for s in segments:
             s.kv.length = s.start + len(s.tokens)
         # output head only where logits are wanted
-        rows = np.concatenate([np.arange(lo, hi) if s.all_logits else np.array([hi - 1])
-                               for s, lo, hi in zip(segments, bounds[:-1], bounds[1:])])
-        logits = be.linear(be.rms_norm(x[rows], w.output_norm, c.norm_eps), w.output)  # (rows, vocab)
-        counts = np.cumsum([0] + [len(s.tokens) if s.all_logits else 1 for s in segments])
+        wanted = [{"all": np.arange(lo, hi), "last": np.array([hi - 1]), "none": np.array([], dtype=np.int64)}[s.logits]
+                  for s, lo, hi in zip(segments, bounds[:-1], bounds[1:])]
+        rows = np.concatenate(wanted)
+        if len(rows):
+            logits = be.linear(be.rms_norm(x[rows], w.output_norm, c.norm_eps), w.output)  # (rows, vocab)
+        else:
+            logits = np.empty((0, c.vocab_size), dtype=np.float32)
+        counts = np.cumsum([0] + [len(r) for r in wanted])
         return [logits[lo:hi] for lo, hi in zip(counts[:-1], counts[1:])]
