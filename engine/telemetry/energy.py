@@ -23,9 +23,11 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Self
 
 from engine.errors import FailedPrecondition, InvalidArgument
 
@@ -49,7 +51,7 @@ class PowerMeter(ABC):
     def close(self) -> None:
         """Release what the meter holds (files, driver handles). Idempotent."""
 
-    def __enter__(self) -> "PowerMeter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -171,7 +173,7 @@ class RaplMeter(PowerMeter):
 
 def _import_pynvml():
     try:
-        import pynvml  # noqa: PLC0415 — optional, lazily imported
+        import pynvml  # optional (the cuda extra), so imported on first use
     except ImportError as e:
         raise MeterUnavailable(
             "NVML power metering needs nvidia-ml-py (pip install 'plan-engine[cuda]')") from e
@@ -378,7 +380,7 @@ class PowerWindow:
 
 
 def _interpolate(samples: list[tuple[float, float]], t: float) -> float:
-    for (ta, ja), (tb, jb) in zip(samples, samples[1:]):
+    for (ta, ja), (tb, jb) in pairwise(samples):
         if ta <= t <= tb:
             return ja if tb == ta else ja + (jb - ja) * (t - ta) / (tb - ta)
     return samples[-1][1]  # single sample, t equal to it

@@ -43,11 +43,19 @@ import numbers
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Self
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 
 from engine.errors import InvalidArgument
 
@@ -335,7 +343,7 @@ class ServingMetrics:
             server.server_close()
             thread.join(timeout=5)
 
-    def __enter__(self) -> "ServingMetrics":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
