@@ -39,6 +39,21 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids", default=None, help="prompt as comma-separated token ids instead of text")
 
 
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", "-s", default=os.environ.get("PLAN_ENGINE_SERVER", "localhost:50051"),
+                   help="server address (default: $PLAN_ENGINE_SERVER or localhost:50051)")
+    p.add_argument("--token", default=os.environ.get("PLAN_ENGINE_TOKEN"), help="bearer token ($PLAN_ENGINE_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to connect with TLS")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+def _client(args: argparse.Namespace):
+    from pathlib import Path
+    from services.client import PlanEngineClient
+    return PlanEngineClient(args.server, token=args.token, tls_ca=Path(args.tls_ca) if args.tls_ca else None,
+                            timeout=args.timeout)
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
@@ -90,6 +105,55 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name", nargs="?", default=None)
     lst = msub.add_parser("list", help="registry models and cached files")
     lst.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("serve", help="run the gRPC control-plane server")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
+    p.add_argument("--store", default=None, help="plan store SQLite file (default: next to the model cache)")
+    p.add_argument("--plan", default=None, help="a plan JSON file to store and activate at start")
+    _add_model_arg(p)
+    p.add_argument("--token", action="append", default=[], help="accepted bearer token (repeatable; "
+                   "or PLAN_ENGINE_TOKENS, comma-separated); none = no authentication")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--max-message-mb", type=int, default=16)
+    p.add_argument("--grace", type=float, default=30.0, help="seconds a drain waits for in-flight requests")
+
+    p = sub.add_parser("generate", help="stream a completion from a running server")
+    p.add_argument("prompt")
+    _add_server_args(p)
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--max-tokens", "-n", type=int, default=0)
+    p.add_argument("--temperature", "-t", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--plan", default=None, help="run under plan ID[@VERSION] (must be active)")
+    p.add_argument("--json", action="store_true", help="print every response message as JSON")
+
+    p = sub.add_parser("plan", help="manage Execution Plans on a running server")
+    psub = p.add_subparsers(dest="plan_command", required=True)
+    q = psub.add_parser("submit", help="validate and store a plan from a JSON file ('-' for stdin)")
+    q.add_argument("file")
+    q.add_argument("--activate", action="store_true")
+    _add_server_args(q)
+    q = psub.add_parser("show", help="a plan version (default: the active plan)")
+    q.add_argument("id", nargs="?", default=None)
+    q.add_argument("--version", type=int, default=0)
+    _add_server_args(q)
+    q = psub.add_parser("list", help="the newest version of every plan")
+    _add_server_args(q)
+    q = psub.add_parser("activate", help="make a plan version active")
+    q.add_argument("id")
+    q.add_argument("--version", type=int, default=0)
+    _add_server_args(q)
+    q = psub.add_parser("rollback", help="return to the previously active version (or --version)")
+    q.add_argument("id", nargs="?", default="")
+    q.add_argument("--version", type=int, default=0)
+    _add_server_args(q)
+    q = psub.add_parser("history", help="submissions, activations and rollbacks, newest first")
+    q.add_argument("id", nargs="?", default="")
+    q.add_argument("--limit", type=int, default=20)
+    _add_server_args(q)
 
     p = sub.add_parser("bench", help="prefill/decode throughput, load time, peak memory, per-op profile")
     _add_runtime_args(p)
@@ -255,12 +319,105 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+    from services.client import plan_from_json
+    from services.server import ServerConfig, serve
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    initial = None
+    if args.plan:
+        initial = _read_plan(args.plan)
+    elif args.model:
+        initial = plan_from_json(json.dumps({"id": "default", "model": args.model}))
+    tokens = args.token + [t for t in os.environ.get("PLAN_ENGINE_TOKENS", "").split(",") if t]
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InvalidArgument("--tls-cert and --tls-key go together", field="tls")
+    serve(ServerConfig(host=args.host, port=args.port, store_path=Path(args.store) if args.store else None,
+                       initial_plan=initial, auth_tokens=tokens, max_message_bytes=args.max_message_mb << 20,
+                       tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+                       tls_key=Path(args.tls_key) if args.tls_key else None, grace_s=args.grace))
+    return 0
+
+
+def _read_plan(path: str):
+    from google.protobuf.json_format import ParseError
+    from services.client import plan_from_json
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        return plan_from_json(text)
+    except ParseError as exc:
+        raise InvalidArgument(f"{path}: not a valid plan: {exc}", field="plan") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    fields: dict[str, Any] = {"max_tokens": args.max_tokens, "stop": args.stop}
+    if args.seed is not None:
+        fields["seed"] = args.seed
+    if args.temperature is not None:
+        fields["sampling"] = {"temperature": args.temperature}
+    if args.plan:
+        plan_id, _, version = args.plan.partition("@")
+        fields["plan"] = {"id": plan_id, "version": int(version or 0)}
+    with _client(args) as client:
+        prompt = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"text": args.prompt})
+        for response in client.generate(**prompt, **fields):
+            if args.json:
+                _print_json(json_format.MessageToDict(response, preserving_proto_field_name=True))
+            elif response.HasField("delta"):
+                sys.stdout.write(response.delta.text)
+                sys.stdout.flush()
+            else:
+                f = response.final
+                print(f"\n[{f.usage.completion_tokens} tokens, finish: {f.finish_reason}, ttft "
+                      f"{f.timings.time_to_first_token_s:.2f} s, plan {f.plan.id}@{f.plan.version}#{f.plan.hash[:12]}]",
+                      file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from services.client import plan_to_json
+    with _client(args) as client:
+        c = args.plan_command
+        if c == "submit":
+            response = client.submit_plan(_read_plan(args.file), activate=args.activate)
+            print(plan_to_json(response.plan))
+        elif c == "show":
+            print(plan_to_json(client.get_plan(args.id, args.version) if args.id else client.active_plan()))
+        elif c == "list":
+            listing = client.list_plans()
+            for p in listing.plans:
+                mark = "*" if (p.id, p.version) == (listing.active_id, listing.active_version) else " "
+                print(f"{mark} {p.id}@{p.version}  {p.hash[:12]}  {p.model}")
+            if listing.active_id:
+                print(f"active: {listing.active_id}@{listing.active_version}")
+        elif c in ("activate", "rollback"):
+            call = client.activate if c == "activate" else client.rollback
+            response = call(args.id, args.version)
+            print(f"active: {response.plan.id}@{response.plan.version} ({response.plan.hash[:12]})"
+                  + (f", was {response.previous.id}@{response.previous.version}" if response.previous.id else ""))
+        else:
+            for e in client.history(args.id, args.limit).events:
+                print(f"{e.seq:5d} {e.at.ToJsonString()} {e.action:<9} {e.plan_id}@{e.version} {e.hash[:12]} {e.actor}")
+    return 0
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, ensure_ascii=False))
 
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "tokenize": cmd_tokenize, "inspect": cmd_inspect,
-            "models": cmd_models, "bench": cmd_bench}
+            "models": cmd_models, "bench": cmd_bench, "serve": cmd_serve, "generate": cmd_generate,
+            "plan": cmd_plan}
+
+
+def _rpc_error() -> type[Exception]:
+    try:
+        import grpc
+        return grpc.RpcError
+    except ImportError:  # pragma: no cover
+        return EngineError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -269,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except EngineError as exc:
         print(f"plan-engine: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except _rpc_error() as exc:
+        print(f"plan-engine: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("plan-engine: interrupted", file=sys.stderr)

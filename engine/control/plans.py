@@ -13,8 +13,9 @@ Canonical serialisation and the plan hash
 `plan_hash(plan)` is the lowercase hex sha256 of `canonical_json(plan)`. Any client can
 recompute it from a plan it got back:
 
-1. Take the plan and clear the identity fields: `id`, `version`, `hash`, `description`,
-   `created_at`. What remains are the content fields, `model` through `profiling`.
+1. Take the plan without its identity fields: `id`, `version`, `hash`, `description`,
+   `created_at` (they must not appear in the JSON, not even as zero values). What remains are
+   the content fields, `model` through `profiling`.
 2. Mark every content sub-message present (`batching`, `kv_cache`, `limits`, `determinism`,
    `sampling`): an absent sub-message and an empty one are the same plan.
 3. Convert it to a JSON object by the proto3 JSON mapping with the proto field names
@@ -43,13 +44,11 @@ import math
 import os
 import re
 import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 from google.protobuf import descriptor as _descriptor
-from google.protobuf import field_mask_pb2
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.internal import type_checkers
 
 from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, UnsupportedModel
@@ -60,9 +59,21 @@ from services.api.planengine.v1 import plan_pb2
 ExecutionPlan = plan_pb2.ExecutionPlan
 
 __all__ = [
-    "DEFAULTS", "PlanDefaults", "FieldViolation", "InvalidPlan", "ModelInfo", "PlanEnvironment",
-    "normalize", "validate", "prepare", "canonical_json", "plan_hash", "apply_patch",
-    "changes_require_reload", "backend_name", "weight_format_name",
+    "DEFAULTS",
+    "FieldViolation",
+    "InvalidPlan",
+    "ModelInfo",
+    "PlanDefaults",
+    "PlanEnvironment",
+    "apply_patch",
+    "backend_name",
+    "canonical_json",
+    "changes_require_reload",
+    "normalize",
+    "plan_hash",
+    "prepare",
+    "validate",
+    "weight_format_name",
 ]
 
 
@@ -197,7 +208,9 @@ class GgufModelReader:
         self._lock = threading.Lock()
 
     def __call__(self, name: str) -> ModelInfo:
-        from engine.model.gguf_file import ModelFile  # the gguf reader is only needed here
+        from engine.model.gguf_file import (
+            ModelFile,  # the gguf reader is only needed here
+        )
 
         path = registry.resolve(name, pull_missing=False)
         stat = path.stat()
@@ -205,7 +218,10 @@ class GgufModelReader:
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
-        model = ModelFile(path)
+        try:
+            model = ModelFile(path)
+        except OSError as exc:  # unreadable (permissions, I/O): as unusable as a corrupt file
+            raise ModelFormatError(f"{path}: cannot read the model file ({exc})") from None
         try:
             config = model.config()
         finally:
@@ -225,17 +241,35 @@ def _default_max_kv_bytes() -> int:
         return 4 << 30
 
 
+def _probe_backends() -> dict[str, tuple[str, ...]]:
+    """Backends the backends package can create here, with their weight formats."""
+    from backends import BACKENDS, create_backend
+
+    available: dict[str, tuple[str, ...]] = {}
+    for name in BACKENDS:
+        try:
+            backend = create_backend(name)
+        except InvalidArgument:
+            continue
+        available[name] = tuple(backend.weight_formats)
+        if close := getattr(backend, "close", None):
+            close()
+    return available
+
+
 class PlanEnvironment:
     """What this server can run, against which plans are validated; built once at startup.
 
     `backends` maps each available backend ("cpu") to the weight formats it supports
-    ("f32",). `max_kv_bytes` bounds a plan's KV arena. `model_reader(name) -> ModelInfo`
-    raises ModelNotFound / ModelFormatError / UnsupportedModel; the default reads (and caches)
-    GGUF headers. Tests use `PlanEnvironment.with_models({...})`.
+    ("f32",); None probes the backends package. `max_kv_bytes` bounds a plan's KV arena
+    (None: half of physical memory). `model_reader(name) -> ModelInfo` raises ModelNotFound /
+    ModelFormatError / UnsupportedModel; the default reads (and caches) GGUF headers. Tests
+    use `PlanEnvironment.with_models({...})`.
     """
 
-    def __init__(self, backends: Mapping[str, Iterable[str]], max_kv_bytes: int | None = None,
+    def __init__(self, backends: Mapping[str, Iterable[str]] | None = None, max_kv_bytes: int | None = None,
                  model_reader: Callable[[str], ModelInfo] | None = None):
+        backends = _probe_backends() if backends is None else backends
         self._backends = {name: tuple(formats) for name, formats in backends.items()}
         self.max_kv_bytes = _default_max_kv_bytes() if max_kv_bytes is None else int(max_kv_bytes)
         self._read_model = model_reader or GgufModelReader()
@@ -243,18 +277,7 @@ class PlanEnvironment:
     @classmethod
     def detect(cls, max_kv_bytes: int | None = None) -> PlanEnvironment:
         """Probe the backends package: a backend is available when it can be created here."""
-        from backends import BACKENDS, create_backend
-
-        available: dict[str, tuple[str, ...]] = {}
-        for name in BACKENDS:
-            try:
-                backend = create_backend(name)
-            except InvalidArgument:
-                continue
-            available[name] = tuple(backend.weight_formats)
-            if close := getattr(backend, "close", None):
-                close()
-        return cls(available, max_kv_bytes)
+        return cls(None, max_kv_bytes)
 
     @classmethod
     def with_models(cls, models: Mapping[str, ModelInfo],
@@ -431,18 +454,16 @@ def validate(plan: ExecutionPlan, env: PlanEnvironment, *, stored: bool = False)
             v.append(FieldViolation("model", str(exc)))
 
     # backend and weights
-    if _check_enum(v, "backend", plan_pb2.Backend.DESCRIPTOR, plan.backend):
-        backend = backend_name(plan)
-        if backend not in env.available_backends:
-            v.append(FieldViolation("backend", f"{backend} is not available on this server "
-                                               f"(available: {', '.join(env.available_backends) or 'none'})"))
-        elif _check_enum(v, "weights", plan_pb2.WeightFormat.DESCRIPTOR, plan.weights):
-            formats = env.weight_formats(backend)
-            if weight_format_name(plan) not in formats:
-                v.append(FieldViolation("weights", f"{weight_format_name(plan)} is not supported by the "
-                                                   f"{backend} backend (supported: {', '.join(formats)})"))
-    else:
-        _check_enum(v, "weights", plan_pb2.WeightFormat.DESCRIPTOR, plan.weights)
+    backend_ok = _check_enum(v, "backend", plan_pb2.Backend.DESCRIPTOR, plan.backend)
+    weights_ok = _check_enum(v, "weights", plan_pb2.WeightFormat.DESCRIPTOR, plan.weights)
+    backend = backend_name(plan)
+    if backend_ok and backend not in env.available_backends:
+        backend_ok = False
+        v.append(FieldViolation("backend", f"{backend} is not available on this server "
+                                           f"(available: {', '.join(env.available_backends) or 'none'})"))
+    if backend_ok and weights_ok and weight_format_name(plan) not in (formats := env.weight_formats(backend)):
+        v.append(FieldViolation("weights", f"{weight_format_name(plan)} is not supported by the "
+                                           f"{backend} backend (supported: {', '.join(formats)})"))
     _check_enum(v, "scheduler_policy", plan_pb2.SchedulerPolicy.DESCRIPTOR, plan.scheduler_policy)
 
     # batching
@@ -542,6 +563,8 @@ def canonical_json(plan: ExecutionPlan) -> bytes:
     """The content fields as canonical JSON (UTF-8); the rule is in the module docstring."""
     obj = json_format.MessageToDict(_content(plan), preserving_proto_field_name=True,
                                     always_print_fields_with_no_presence=True)
+    for name in UNHASHED_FIELDS:  # printed as zero values by the line above; not content
+        obj.pop(name, None)
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

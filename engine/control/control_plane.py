@@ -1,0 +1,216 @@
+"""The control plane: plans in, a running engine out, every result stamped with its plan.
+
+It owns the plan store and the active `Runtime` (the plan, its loaded model and
+its engine worker). Activating a plan that changes the model, weight format,
+backend or KV geometry loads the new runtime first and switches only once it is
+ready; requests in flight finish on the old one, which is then closed. A plan
+that changes only policy or limits is applied to the running worker live.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from engine.control.plan_store import PlanEvent, PlanStore
+from engine.control.plans import PlanEnvironment, changes_require_reload, prepare, validate
+from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
+from engine.model.registry import resolve
+from engine.runtime.generate import LoadedModel
+from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
+from engine.runtime.worker import EngineWorker, RequestHandle, RequestSpec, WorkerLimits
+from engine.scheduler.base import create_policy
+from services.api.planengine.v1 import plan_pb2
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAMES = {plan_pb2.BACKEND_CPU: "cpu", plan_pb2.BACKEND_CUDA: "cuda"}
+WEIGHT_NAMES = {plan_pb2.WEIGHT_FORMAT_NATIVE: "native", plan_pb2.WEIGHT_FORMAT_F32: "f32",
+                plan_pb2.WEIGHT_FORMAT_F16: "f16", plan_pb2.WEIGHT_FORMAT_Q8_0: "q8_0"}
+POLICY_NAMES = {plan_pb2.SCHEDULER_POLICY_FIFO: "fifo", plan_pb2.SCHEDULER_POLICY_LATENCY: "latency",
+                plan_pb2.SCHEDULER_POLICY_THROUGHPUT: "throughput",
+                plan_pb2.SCHEDULER_POLICY_ENERGY_BALANCED: "energy_balanced"}
+
+
+@dataclass(frozen=True)
+class PlanStamp:
+    """Which plan produced a result: id@version#hash."""
+
+    id: str
+    version: int
+    hash: str
+
+    @classmethod
+    def of(cls, plan: plan_pb2.ExecutionPlan) -> "PlanStamp":
+        return cls(plan.id, plan.version, plan.hash)
+
+    def __str__(self) -> str:
+        return f"{self.id}@{self.version}#{self.hash[:12]}"
+
+
+def worker_limits(plan: plan_pb2.ExecutionPlan) -> WorkerLimits:
+    return WorkerLimits(max_batch_size=plan.batching.max_batch_size,
+                        max_batched_tokens=plan.batching.max_batched_tokens,
+                        max_queue=plan.batching.max_queue,
+                        max_tokens_per_request=plan.limits.max_tokens_per_request)
+
+
+class Runtime:
+    """One plan made real: its model loaded on its backend and a worker running it."""
+
+    def __init__(self, plan: plan_pb2.ExecutionPlan):
+        self.plan = plan
+        self.model = LoadedModel(resolve(plan.model), backend=BACKEND_NAMES[plan.backend],
+                                 weights=WEIGHT_NAMES[plan.weights],
+                                 context_length=plan.limits.context_length or None)
+        self.worker = EngineWorker(self.model, create_policy(POLICY_NAMES[plan.scheduler_policy]),
+                                   worker_limits(plan))
+
+    def retire(self, grace_s: float | None = None) -> None:
+        """Finish in-flight requests (up to `grace_s`), then release the model."""
+        self.worker.drain(grace_s)
+        self.worker.close()
+        self.model.close()
+
+
+@dataclass
+class GenerateInput:
+    """A Generate request in domain terms (the servicer builds it from protobuf)."""
+
+    request_id: str = ""
+    text: str | None = None
+    ids: Sequence[int] | None = None
+    messages: Sequence[dict] | None = None
+    sampling: dict[str, Any] | None = None  # only the fields the client set
+    max_tokens: int = 0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    priority: int = 0
+    plan_id: str = ""
+    plan_version: int = 0
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+
+
+class ControlPlane:
+    """Plans, the active runtime, and requests against it."""
+
+    def __init__(self, store: PlanStore, env: PlanEnvironment,
+                 on_serving: Callable[[bool], None] = lambda serving: None):
+        self.store = store
+        self.env = env
+        self._on_serving = on_serving
+        self._runtime: Runtime | None = None
+        self._switch = threading.Lock()  # one activation at a time
+        self._retiring: list[threading.Thread] = []
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self, initial: plan_pb2.ExecutionPlan | None = None, actor: str = "server") -> plan_pb2.ExecutionPlan:
+        """Load the active plan (storing and activating `initial` first if there is none or it is given)."""
+        active = self.store.active()
+        if initial is not None or active is None:
+            plan = prepare(initial if initial is not None else plan_pb2.ExecutionPlan(id="default"), self.env)
+            active = self.store.submit(plan, actor=actor, activate=True)
+        self._on_serving(False)
+        self._runtime = Runtime(active)
+        self._on_serving(True)
+        log.info("serving plan %s (%s)", PlanStamp.of(active), active.model)
+        return active
+
+    def close(self, grace_s: float | None = None) -> None:
+        self._on_serving(False)
+        runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            runtime.retire(grace_s)
+        for t in self._retiring:
+            t.join()
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise Unavailable("the engine is not serving (loading or shutting down)")
+        return self._runtime
+
+    # --- plans ---------------------------------------------------------------------------
+    def submit_plan(self, plan: plan_pb2.ExecutionPlan, activate: bool = False, actor: str = "") -> tuple[
+            plan_pb2.ExecutionPlan, bool]:
+        plan = prepare(plan, self.env)
+        stored = self.store.submit(plan, actor=actor)
+        if activate:
+            self.activate(stored.id, stored.version, actor=actor)
+        return stored, activate
+
+    def activate(self, plan_id: str, version: int = 0, actor: str = "") -> tuple[
+            plan_pb2.ExecutionPlan, plan_pb2.ExecutionPlan | None]:
+        with self._switch:
+            target = self.store.get(plan_id, version)
+            self._apply(target)
+            return self.store.activate(target.id, target.version, actor=actor)
+
+    def rollback(self, plan_id: str = "", version: int = 0, actor: str = "") -> tuple[
+            plan_pb2.ExecutionPlan, plan_pb2.ExecutionPlan | None]:
+        with self._switch:
+            target = self.store.rollback_target(plan_id, version)
+            self._apply(target)
+            return self.store.rollback(target.id, target.version, actor=actor)
+
+    def history(self, plan_id: str = "", limit: int = 100) -> list[PlanEvent]:
+        return self.store.history(plan_id, limit or 100)
+
+    def _apply(self, target: plan_pb2.ExecutionPlan) -> None:
+        """Make `target` the running plan: live if possible, else load-then-switch."""
+        current = self.runtime
+        validate(target, self.env, stored=True)  # the server may have changed since it was stored
+        if not changes_require_reload(current.plan, target):
+            current.worker.set_policy(create_policy(POLICY_NAMES[target.scheduler_policy]))
+            current.worker.set_limits(worker_limits(target))
+            current.plan = target
+            return
+        fresh = Runtime(target)  # loads while the current runtime keeps serving
+        self._runtime = fresh
+        t = threading.Thread(target=current.retire, name="retire-runtime", daemon=True)
+        t.start()
+        self._retiring = [x for x in self._retiring if x.is_alive()] + [t]
+
+    # --- requests ------------------------------------------------------------------------
+    def generate(self, req: GenerateInput) -> tuple[RequestHandle, PlanStamp]:
+        runtime = self.runtime
+        plan = runtime.plan
+        if req.plan_id and (req.plan_id != plan.id or req.plan_version not in (0, plan.version)):
+            wanted = f"{req.plan_id}@{req.plan_version or 'latest'}"
+            raise FailedPrecondition(f"plan {wanted} is not the active plan ({PlanStamp.of(plan)}); activate it first")
+        model = runtime.model
+        prompt_ids = model.encode_prompt(text=req.text, ids=req.ids, messages=req.messages)
+        params = self._sampling(plan, req)
+        spec = RequestSpec(req.request_id or f"req-{uuid.uuid4().hex[:16]}", prompt_ids, params,
+                           priority=req.priority, ignore_eos=req.ignore_eos, top_logprobs=req.top_logprobs,
+                           tag=PlanStamp.of(plan))
+        return runtime.worker.submit(spec), spec.tag
+
+    @staticmethod
+    def _sampling(plan: plan_pb2.ExecutionPlan, req: GenerateInput) -> SamplingParams:
+        d = plan.sampling
+        values = {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "min_p": d.min_p,
+                  "repetition_penalty": d.repetition_penalty}
+        values.update(req.sampling or {})
+        seed = req.seed
+        if seed is None and plan.determinism.seeded:
+            seed = plan.determinism.default_seed
+        if req.top_logprobs > 20:
+            raise InvalidArgument(f"top_logprobs {req.top_logprobs} must be at most 20", field="top_logprobs")
+        try:
+            return SamplingParams(**values, seed=seed, max_tokens=req.max_tokens or d.max_tokens, stop=tuple(req.stop))
+        except InvalidSamplingParams as exc:
+            raise InvalidArgument(str(exc), field=f"sampling.{exc.field}") from None
+
+    def cancel(self, request_id: str) -> bool:
+        runtime = self._runtime
+        return runtime is not None and runtime.worker.cancel(request_id)
+
+    def tokenize(self, text: str, parse_special: bool = False) -> tuple[list[int], list[str]]:
+        tok = self.runtime.model.tokenizer
+        ids = tok.encode(text, parse_special=parse_special)
+        return ids, [tok.id_to_piece(i) for i in ids]

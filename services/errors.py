@@ -1,0 +1,103 @@
+"""Domain errors → gRPC status, in one place, with google.rpc details where a client needs structure.
+
+Every servicer method runs inside `ErrorMappingInterceptor`; a servicer never
+builds a status itself. An `EngineError` maps by its `code`; an `InvalidPlan`
+or an `InvalidArgument` naming a field carries a `google.rpc.BadRequest` with one
+field violation each; `ResourceExhausted` carries a `google.rpc.RetryInfo`.
+Anything else is a bug: logged with its traceback, answered INTERNAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable, Iterator
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from engine.errors import EngineError, InvalidArgument, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+
+def _violations(exc: EngineError) -> list[tuple[str, str]]:
+    found = getattr(exc, "violations", None)
+    if found:
+        return [(v.field, v.description) for v in found]
+    if isinstance(exc, InvalidArgument) and exc.field:
+        return [(exc.field, str(exc))]
+    return []
+
+
+def to_status(exc: EngineError) -> status_pb2.Status:
+    code = getattr(code_pb2, exc.code)
+    status = status_pb2.Status(code=code, message=str(exc))
+    violations = _violations(exc)
+    if violations:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]))
+        status.details.append(detail)
+    if isinstance(exc, ResourceExhausted):
+        match = re.search(r"retry in ([\d.]+) s", str(exc))
+        seconds = float(match.group(1)) if match else 1.0
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+            seconds=int(seconds), nanos=int((seconds % 1) * 1e9))))
+        status.details.append(detail)
+    return status
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, EngineError):
+        context.abort_with_status(rpc_status.to_status(to_status(exc)))
+    log.exception("internal error")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Wraps every handler (and every streamed generator, for the whole stream)."""
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+
+        def unary(behavior: Callable) -> Callable:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return behavior(request, context)
+                except Exception as exc:  # noqa: BLE001 - mapped or logged as INTERNAL
+                    if isinstance(exc, grpc.RpcError) or _aborted(context):
+                        raise
+                    _abort(context, exc)
+            return run
+
+        def streaming(behavior: Callable) -> Callable:
+            def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from behavior(request, context)
+                except Exception as exc:  # noqa: BLE001
+                    if isinstance(exc, grpc.RpcError) or _aborted(context):
+                        raise
+                    _abort(context, exc)
+            return run
+
+        if handler.unary_unary:
+            return handler._replace(unary_unary=unary(handler.unary_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=streaming(handler.unary_stream))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=unary(handler.stream_unary))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=streaming(handler.stream_stream))
+        return handler
+
+
+def _aborted(context: grpc.ServicerContext) -> bool:
+    """True when the servicer already aborted (grpc raises a plain Exception from abort())."""
+    code = getattr(context, "code", lambda: None)()
+    return code is not None and code != grpc.StatusCode.OK
