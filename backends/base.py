@@ -34,6 +34,9 @@ class Backend(ABC):
 
     name: str
     weight_formats: tuple[str, ...]
+    # When True, each row of every op must come out bit-identical whatever else shares the
+    # batch (the plan's determinism.batch_invariant); backends may trade speed for it.
+    batch_invariant: bool = False
 
     def check_weight_format(self, fmt: str) -> None:
         if fmt not in self.weight_formats:

@@ -15,14 +15,20 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
+from backends.base import OpProfile, ProfiledBackend
 from engine.control.plan_store import PlanEvent, PlanStore
 from engine.control.plans import PlanEnvironment, changes_require_reload, prepare, validate
 from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
+from engine.memory.paged import BlockArena
 from engine.model.registry import resolve
 from engine.runtime.generate import LoadedModel
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
-from engine.runtime.worker import EngineWorker, RequestHandle, RequestSpec, WorkerLimits
+from engine.runtime.worker import EngineWorker, Final, RequestHandle, RequestSpec, WorkerLimits
 from engine.scheduler.base import create_policy
+from engine.scheduler.power import PowerGovernor
+from engine.telemetry.energy import PowerMeter, default_meter
 from services.api.planengine.v1 import plan_pb2
 
 log = logging.getLogger(__name__)
@@ -51,23 +57,46 @@ class PlanStamp:
         return f"{self.id}@{self.version}#{self.hash[:12]}"
 
 
+KV_DTYPES = {plan_pb2.KV_CACHE_DTYPE_F32: np.float32, plan_pb2.KV_CACHE_DTYPE_F16: np.float16}
+
+
 def worker_limits(plan: plan_pb2.ExecutionPlan) -> WorkerLimits:
     return WorkerLimits(max_batch_size=plan.batching.max_batch_size,
                         max_batched_tokens=plan.batching.max_batched_tokens,
                         max_queue=plan.batching.max_queue,
-                        max_tokens_per_request=plan.limits.max_tokens_per_request)
+                        max_tokens_per_request=plan.limits.max_tokens_per_request,
+                        max_watts=plan.limits.max_watts)
 
 
 class Runtime:
-    """One plan made real: its model loaded on its backend and a worker running it."""
+    """One plan made real: its model loaded on its backend, its KV arena, and a worker running it."""
 
-    def __init__(self, plan: plan_pb2.ExecutionPlan):
+    def __init__(self, plan: plan_pb2.ExecutionPlan, meter: PowerMeter,
+                 on_finish: Callable[[Final], None] = lambda final: None):
         self.plan = plan
         self.model = LoadedModel(resolve(plan.model), backend=BACKEND_NAMES[plan.backend],
                                  weights=WEIGHT_NAMES[plan.weights],
-                                 context_length=plan.limits.context_length or None)
+                                 context_length=plan.limits.context_length or None,
+                                 batch_invariant=plan.determinism.batch_invariant)
+        c = self.model.config
+        arena = BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, plan.kv_cache.num_blocks, plan.kv_cache.block_size,
+                           dtype=KV_DTYPES[plan.kv_cache.dtype])
+        self.profile: OpProfile | None = None
+        self.set_profiling(plan.profiling)
         self.worker = EngineWorker(self.model, create_policy(POLICY_NAMES[plan.scheduler_policy]),
-                                   worker_limits(plan))
+                                   worker_limits(plan), arena=arena,
+                                   governor=PowerGovernor(meter, plan.limits.max_watts), on_finish=on_finish)
+
+    def set_profiling(self, enabled: bool) -> None:
+        """Time every backend op (plan.profiling); the profile restarts when it is switched on."""
+        transformer = self.model.transformer
+        inner = getattr(transformer.backend, "_inner", transformer.backend)
+        if enabled:
+            self.profile = OpProfile()
+            transformer.backend = ProfiledBackend(inner, self.profile)
+        else:
+            self.profile = None
+            transformer.backend = inner
 
     def retire(self, grace_s: float | None = None) -> None:
         """Finish in-flight requests (up to `grace_s`), then release the model."""
@@ -99,10 +128,13 @@ class ControlPlane:
     """Plans, the active runtime, and requests against it."""
 
     def __init__(self, store: PlanStore, env: PlanEnvironment,
-                 on_serving: Callable[[bool], None] = lambda serving: None):
+                 on_serving: Callable[[bool], None] = lambda serving: None,
+                 meter: PowerMeter | None = None, on_finish: Callable[[Final], None] = lambda final: None):
         self.store = store
         self.env = env
+        self.meter = meter or default_meter()
         self._on_serving = on_serving
+        self._on_finish = on_finish
         self._runtime: Runtime | None = None
         self._switch = threading.Lock()  # one activation at a time
         self._retiring: list[threading.Thread] = []
@@ -115,7 +147,7 @@ class ControlPlane:
             plan = prepare(initial if initial is not None else plan_pb2.ExecutionPlan(id="default"), self.env)
             active = self.store.submit(plan, actor=actor, activate=True)
         self._on_serving(False)
-        self._runtime = Runtime(active)
+        self._runtime = Runtime(active, self.meter, self._on_finish)
         self._on_serving(True)
         log.info("serving plan %s (%s)", PlanStamp.of(active), active.model)
         return active
@@ -167,9 +199,11 @@ class ControlPlane:
         if not changes_require_reload(current.plan, target):
             current.worker.set_policy(create_policy(POLICY_NAMES[target.scheduler_policy]))
             current.worker.set_limits(worker_limits(target))
+            if target.profiling != current.plan.profiling:
+                current.set_profiling(target.profiling)
             current.plan = target
             return
-        fresh = Runtime(target)  # loads while the current runtime keeps serving
+        fresh = Runtime(target, self.meter, self._on_finish)  # loads while the current runtime keeps serving
         self._runtime = fresh
         t = threading.Thread(target=current.retire, name="retire-runtime", daemon=True)
         t.start()

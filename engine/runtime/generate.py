@@ -27,7 +27,7 @@ class LoadedModel:
     """A model ready to run: its file, tokenizer and weights on a backend. `close()` releases them."""
 
     def __init__(self, path: str | Path, backend: str = "cpu", weights: str = "f32",
-                 context_length: int | None = None):
+                 context_length: int | None = None, batch_invariant: bool = False):
         start = time.perf_counter()
         self.file = ModelFile(path)
         self.config: ModelConfig = self.file.config()
@@ -39,6 +39,7 @@ class LoadedModel:
                                   field="context_length")
         self.context_length = context_length or limit
         self.backend = create_backend(backend)
+        self.backend.batch_invariant = batch_invariant
         self.weight_format = weights
         self.weights = load_weights(self.file, self.config, self.backend, weights)
         self.transformer = Transformer(self.config, self.weights, self.backend)

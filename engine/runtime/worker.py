@@ -1,13 +1,17 @@
 """The engine loop: continuous batching of many requests over one loaded model.
 
 A background thread runs steps. Each step the plan's scheduling policy picks,
-from metadata only, which sequences compute how many tokens; the worker runs
-them as ONE `Transformer.forward` (every weight GEMM sees all their tokens),
-samples a token for each sequence whose pending tokens are all computed, and
-pushes events to the request's queue. Requests join and leave between steps.
+from metadata only, which sequences compute how many tokens (and which give
+their KV blocks back when the arena is short); the worker runs them as ONE
+`Transformer.forward` (every weight GEMM sees all their tokens), samples a
+token for each sequence whose pending tokens are all computed, and pushes
+events to the request's queue. Requests join and leave between steps.
 
+A preempted sequence keeps its tokens and its sampler; its cache is recomputed
+when it is scheduled again, so it streams the same tokens it would have.
 Cancellation (by RPC, client disconnect or deadline) is taken at the next step
-boundary: the sequence and its KV cache are dropped before the next forward.
+boundary: the sequence's blocks return to the arena before the next forward.
+After each step the power governor idles as long as the plan's cap requires.
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from engine.memory.kv_cache import SequenceKV
+from engine.memory.paged import BlockArena, PagedKV
 from engine.runtime.generate import LoadedModel, TokenEvent, TokenStream
 from engine.runtime.model import Segment
 from engine.runtime.sampling import SamplingParams
 from engine.scheduler.base import Policy, SeqView, StepLimits
+from engine.scheduler.power import PowerGovernor
+from engine.telemetry.energy import CpuTimeEstimator, EnergyAccount
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class WorkerLimits:
     max_batched_tokens: int = 2048
     max_queue: int = 256
     max_tokens_per_request: int = 4096
+    max_watts: float = 0.0  # 0 = no power cap
 
 
 @dataclass
@@ -64,6 +71,10 @@ class Final:
     text: str = ""
     ids: list[int] = field(default_factory=list)
     error: str = ""
+    energy_j: float = 0.0
+    energy_source: str = ""
+    itl_s: list[float] = field(default_factory=list)  # gaps between consecutive tokens
+    preemptions: int = 0
 
 
 class RequestHandle:
@@ -94,7 +105,7 @@ class RequestHandle:
 class _Sequence:
     """Engine-side state of one request."""
 
-    def __init__(self, spec: RequestSpec, stream: TokenStream, kv: SequenceKV, handle: RequestHandle):
+    def __init__(self, spec: RequestSpec, stream: TokenStream, kv: PagedKV, handle: RequestHandle):
         self.spec = spec
         self.stream = stream
         self.kv = kv
@@ -103,21 +114,31 @@ class _Sequence:
         self.num_computed = 0
         self.arrival = time.monotonic()
         self.first_scheduled: float | None = None
-        self.first_token: float | None = None
+        self.token_times: list[float] = []
         self.cancelled = False
+        self.preemptions = 0
 
     def view(self) -> SeqView:
         return SeqView(self.spec.request_id, self.spec.priority, self.arrival, len(self.spec.prompt_ids),
-                       len(self.tokens), self.num_computed)
+                       len(self.tokens), self.num_computed, len(self.kv.blocks))
 
 
 class EngineWorker:
-    """Runs requests on one model with a scheduling policy; `close()` stops it."""
+    """Runs requests on one model with a scheduling policy and a KV arena; `close()` stops it."""
 
-    def __init__(self, model: LoadedModel, policy: Policy, limits: WorkerLimits = WorkerLimits()):
+    def __init__(self, model: LoadedModel, policy: Policy, limits: WorkerLimits = WorkerLimits(),
+                 arena: BlockArena | None = None, governor: PowerGovernor | None = None,
+                 on_finish: Callable[[Final], None] = lambda final: None):
         self.model = model
         self._policy = policy
         self._limits = limits
+        c = model.config
+        self.arena = arena or BlockArena(c.n_layers, c.n_kv_heads, c.head_dim,
+                                         num_blocks=-(-model.context_length // 16) * 4, block_size=16)
+        self.governor = governor or PowerGovernor(CpuTimeEstimator(), limits.max_watts)
+        self.energy = EnergyAccount(self.governor.meter)
+        self._on_finish = on_finish
+        self.preemptions = 0
         self._lock = threading.Condition()
         self._waiting: dict[str, _Sequence] = {}
         self._running: dict[str, _Sequence] = {}
@@ -136,6 +157,7 @@ class EngineWorker:
     def set_limits(self, limits: WorkerLimits) -> None:
         with self._lock:
             self._limits = limits
+            self.governor.max_watts = limits.max_watts
 
     # --- requests ------------------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> RequestHandle:
@@ -155,9 +177,12 @@ class EngineWorker:
             if len(self._waiting) >= limits.max_queue:
                 raise ResourceExhausted(f"the queue is full ({len(self._waiting)} waiting, plan max_queue "
                                         f"{limits.max_queue}); retry in {self._retry_hint_s():.1f} s")
+            positions = len(spec.prompt_ids) + stream.budget
+            if -(-positions // self.arena.block_size) > self.arena.num_blocks:
+                raise ResourceExhausted(f"the request needs {positions} cache positions; the plan's KV arena holds "
+                                        f"{self.arena.num_blocks * self.arena.block_size}; retry in 0 s with fewer")
             handle = RequestHandle(spec.request_id, self)
-            kv = self.model.transformer.new_kv(len(spec.prompt_ids) + stream.budget)
-            self._waiting[spec.request_id] = _Sequence(spec, stream, kv, handle)
+            self._waiting[spec.request_id] = _Sequence(spec, stream, PagedKV(self.arena, positions), handle)
             self._lock.notify()
         return handle
 
@@ -173,11 +198,15 @@ class EngineWorker:
             self._lock.notify()
             return True
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """Requests, KV blocks and bytes in use, power: what metrics and tests look at."""
         with self._lock:
-            seqs = list(self._running.values()) + list(self._waiting.values())
-            return {"running": len(self._running), "waiting": len(self._waiting),
-                    "kv_bytes": sum(s.kv.nbytes for s in seqs)}
+            arena = self.arena.stats()
+            return {"running": len(self._running), "waiting": len(self._waiting), "kv_bytes": arena["bytes_used"],
+                    "kv_blocks_used": arena["blocks_used"], "kv_blocks_total": arena["blocks_total"],
+                    "kv_usage": arena["blocks_used"] / arena["blocks_total"], "steps": self.steps,
+                    "preemptions": self.preemptions, "power_w": self.governor.watts(),
+                    "energy_source": self.governor.source}
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop admitting; wait until every admitted request has finished. True if it emptied."""
@@ -227,7 +256,8 @@ class EngineWorker:
             if gone:
                 self._lock.notify_all()
         for s in gone:
-            s.kv = None  # type: ignore[assignment]  # the cache goes now, not when the handle does
+            with self._lock:
+                s.kv.release()  # the blocks go back now, not when the handle does
             tail = s.stream.finish("cancelled")
             if tail:
                 s.handle._events.put(TokenEvent(None, tail, 0.0))
@@ -235,20 +265,31 @@ class EngineWorker:
 
     def _step(self) -> None:
         with self._lock:
-            running = [s.view() for s in self._running.values()]
-            waiting = [s.view() for s in self._waiting.values()]
-            policy, limits = self._policy, self._limits
-            out = policy.schedule(running, waiting, StepLimits(limits.max_batch_size, limits.max_batched_tokens))
+            limits = self._limits
+            step_limits = StepLimits(limits.max_batch_size, limits.max_batched_tokens, self.arena.free_blocks,
+                                     self.arena.block_size, time.monotonic())
+            out = self._policy.schedule([s.view() for s in self._running.values()],
+                                        [s.view() for s in self._waiting.values()], step_limits)
+            for seq_id in out.preempted:  # give the blocks back; recompute this sequence later
+                seq = self._running.pop(seq_id)
+                seq.kv.release()
+                seq.num_computed = 0
+                seq.preemptions += 1
+                self.preemptions += 1
+                self._waiting[seq_id] = seq
             now = time.monotonic()
             batch: list[tuple[_Sequence, int]] = []
             for seq_id, n in out.scheduled:
-                seq = self._running.get(seq_id) or self._waiting.pop(seq_id)
+                seq = self._running.get(seq_id) or self._waiting.get(seq_id)
+                if seq is None or not seq.kv.reserve(seq.num_computed + n):
+                    continue  # the policy over-committed the arena; try again next step
+                if seq_id in self._waiting:
+                    self._running[seq_id] = self._waiting.pop(seq_id)
                 if seq.first_scheduled is None:
                     seq.first_scheduled = now
-                    self._running[seq_id] = seq
                 batch.append((seq, n))
         if not batch:
-            time.sleep(0.001)  # policy chose to idle (e.g. a power cap); don't spin
+            time.sleep(0.001)  # the policy chose to wait (e.g. for a fuller batch); don't spin
             return
 
         segments = []
@@ -256,17 +297,19 @@ class EngineWorker:
             chunk = seq.tokens[seq.num_computed:seq.num_computed + n]
             done = seq.num_computed + n == len(seq.tokens)
             segments.append(Segment(seq.kv, np.asarray(chunk), seq.num_computed, "last" if done else "none"))
+        start, j0 = time.monotonic(), self.energy.meter.energy_j()
         logits = self.model.transformer.forward(segments)
+        step_j = self.energy.meter.energy_j() - j0
+        self.energy.record_step(step_j, {seq.spec.request_id: n for seq, n in batch})
         self.steps += 1
 
         finished = []
         for (seq, n), seg_logits in zip(batch, logits):
             seq.num_computed += n
-            if len(seg_logits) == 0:
-                continue  # a prompt chunk; more to prefill
+            if len(seg_logits) == 0 or seq.num_computed < len(seq.tokens):
+                continue  # a prompt chunk (or a recomputed prefix); more to compute first
             event = seq.stream.accept(seg_logits[-1])
-            if seq.first_token is None:
-                seq.first_token = time.monotonic()
+            seq.token_times.append(time.monotonic())
             if event is not None:
                 if event.token_id is not None:
                     seq.tokens.append(event.token_id)
@@ -277,19 +320,24 @@ class EngineWorker:
             with self._lock:
                 for seq in finished:
                     self._running.pop(seq.spec.request_id, None)
+                    seq.kv.release()
                 self._lock.notify_all()
             for seq in finished:
-                seq.kv = None  # type: ignore[assignment]
                 seq.handle._events.put(self._final(seq))
+        self.governor.after_step(step_j, time.monotonic() - start)
 
     def _final(self, seq: _Sequence) -> Final:
         end = time.monotonic()
-        first = seq.first_token or end
+        first = seq.token_times[0] if seq.token_times else end
         timings = {"queue_s": (seq.first_scheduled or end) - seq.arrival, "ttft_s": first - seq.arrival,
                    "decode_s": end - first, "total_s": end - seq.arrival}
-        return Final(seq.spec.request_id, seq.stream.finish_reason or "cancelled", len(seq.spec.prompt_ids),
-                     len(seq.stream.ids), seq.stream.sampler.seed, timings, seq.spec.tag, seq.stream.text,
-                     list(seq.stream.ids))
+        final = Final(seq.spec.request_id, seq.stream.finish_reason or "cancelled", len(seq.spec.prompt_ids),
+                      len(seq.stream.ids), seq.stream.sampler.seed, timings, seq.spec.tag, seq.stream.text,
+                      list(seq.stream.ids), energy_j=self.energy.pop(seq.spec.request_id),
+                      energy_source=self.energy.source, itl_s=list(np.diff(seq.token_times)),
+                      preemptions=seq.preemptions)
+        self._on_finish(final)
+        return final
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
