@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from backends.base import OpProfile, ProfiledBackend
+from engine.control.metrics_hub import MetricsHub
 from engine.control.plan_store import PlanEvent, PlanStore
 from engine.control.plans import PlanEnvironment, changes_require_reload, prepare, validate
 from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -48,10 +49,11 @@ class PlanStamp:
     id: str
     version: int
     hash: str
+    model: str = ""  # for metric labels; not part of the stamp's identity
 
     @classmethod
     def of(cls, plan: plan_pb2.ExecutionPlan) -> "PlanStamp":
-        return cls(plan.id, plan.version, plan.hash)
+        return cls(plan.id, plan.version, plan.hash, plan.model)
 
     def __str__(self) -> str:
         return f"{self.id}@{self.version}#{self.hash[:12]}"
@@ -128,13 +130,13 @@ class ControlPlane:
     """Plans, the active runtime, and requests against it."""
 
     def __init__(self, store: PlanStore, env: PlanEnvironment,
-                 on_serving: Callable[[bool], None] = lambda serving: None,
-                 meter: PowerMeter | None = None, on_finish: Callable[[Final], None] = lambda final: None):
+                 on_serving: Callable[[bool], None] = lambda serving: None, meter: PowerMeter | None = None):
         self.store = store
         self.env = env
         self.meter = meter or default_meter()
+        self.metrics = MetricsHub(self.meter, lambda: self._runtime)
         self._on_serving = on_serving
-        self._on_finish = on_finish
+        self._on_finish = self.metrics.on_finish
         self._runtime: Runtime | None = None
         self._switch = threading.Lock()  # one activation at a time
         self._retiring: list[threading.Thread] = []
@@ -159,6 +161,7 @@ class ControlPlane:
             runtime.retire(grace_s)
         for t in self._retiring:
             t.join()
+        self.metrics.close()
 
     @property
     def runtime(self) -> Runtime:
