@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
+PORT ?= 50051
+METRICS_PORT ?= 9464
 
-.PHONY: setup run test test-fast bench clean protos
+.PHONY: setup run serve test test-fast bench clean protos
 
 setup: $(VENV)/.installed
 
@@ -18,14 +20,18 @@ $(VENV)/.installed: pyproject.toml
 run: setup  ## answer a question with the embedded default model (SmolLM2-135M-Instruct)
 	$(BIN)/plan-engine run "$(PROMPT)" --chat
 
+serve: setup  ## the gRPC control plane on the default model and the default plan
+	$(BIN)/plan-engine serve --port $(PORT) --metrics-port $(METRICS_PORT)
+
 test: setup  ## the whole suite, as CI runs it
 	$(BIN)/python -m pytest
 
 test-fast: setup  ## skip the slow whole-model numerics tests
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: setup  ## prefill/decode throughput and the per-op profile
+bench: setup  ## prefill/decode throughput with the per-op profile, then continuous batching
 	$(BIN)/plan-engine bench --profile
+	$(BIN)/plan-engine bench --concurrency 1,4,16,32
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -86,3 +86,50 @@ def bench(model: LoadedModel, pp: int = 512, tg: int = 128, repeats: int = 2, pr
         finally:
             model.transformer.backend = inner
     return result
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def bench_concurrency(model: LoadedModel, levels: list[int], prompt_len: int = 32, gen_len: int = 64,
+                      policy: str = "throughput") -> list[dict[str, Any]]:
+    """In-process continuous batching: `n` requests at once for each level in `levels`.
+
+    Every request has its own random prompt of `prompt_len` tokens and decodes `gen_len`
+    tokens (end-of-turn ignored). Aggregate tok/s is all generated tokens over the wall
+    time from submission to the last token; TTFT and ITL come from each request's timings.
+    """
+    from engine.memory.paged import BlockArena
+    from engine.runtime.worker import EngineWorker, RequestSpec, WorkerLimits
+    from engine.scheduler.base import create_policy
+
+    c = model.config
+    rows = []
+    for n in levels:
+        block = 16
+        arena = BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, n * -(-(prompt_len + gen_len) // block) + n, block)
+        worker = EngineWorker(model, create_policy(policy),
+                              WorkerLimits(max_batch_size=max(n, 1), max_batched_tokens=max(512, n),
+                                           max_queue=n, max_tokens_per_request=gen_len), arena=arena)
+        try:
+            rng = np.random.default_rng(n)
+            start = time.perf_counter()
+            handles = [worker.submit(RequestSpec("", rng.integers(0, c.vocab_size, prompt_len).tolist(),
+                                                 SamplingParams(max_tokens=gen_len), ignore_eos=True))
+                       for _ in range(n)]
+            finals = [list(h.events())[-1] for h in handles]
+            wall = time.perf_counter() - start
+        finally:
+            worker.close()
+        ttft = [f.timings["ttft_s"] for f in finals]
+        itl = [x for f in finals for x in f.itl_s]
+        tokens = sum(f.completion_tokens for f in finals)
+        rows.append({"concurrency": n, "aggregate_tok_s": round(tokens / wall, 1),
+                     "ttft_p50_s": round(_percentile(ttft, 50), 3), "ttft_p99_s": round(_percentile(ttft, 99), 3),
+                     "itl_p50_s": round(_percentile(itl, 50), 4), "itl_p99_s": round(_percentile(itl, 99), 4),
+                     "steps": worker.steps, "wall_s": round(wall, 2)})
+    base = rows[0]["aggregate_tok_s"] if rows else 1.0
+    for r in rows:
+        r["vs_first_level"] = round(r["aggregate_tok_s"] / base, 2)
+    return rows
