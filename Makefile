@@ -23,10 +23,14 @@ run: setup  ## answer a question with the embedded default model (SmolLM2-135M-I
 serve: setup  ## the gRPC control plane on the default model and the default plan
 	$(BIN)/plan-engine serve --port $(PORT) --metrics-port $(METRICS_PORT)
 
-test: setup  ## the whole suite, as CI runs it
+$(VENV)/.kernels-check: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,kernels-check]'
+	touch $@
+
+test: setup $(VENV)/.kernels-check  ## the whole suite, as CI runs it (with the CPU-side CUDA kernel checks)
 	$(BIN)/python -m pytest
 
-test-fast: setup  ## skip the slow whole-model numerics tests
+test-fast: setup  ## skip the slow whole-model numerics tests (and the kernel checks if not installed)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup  ## prefill/decode throughput with the per-op profile, then continuous batching

@@ -14,5 +14,10 @@ def create_backend(name: str) -> Backend:
         from backends.cpu.backend import CpuBackend
         return CpuBackend()
     if name == "cuda":
-        raise InvalidArgument("backend 'cuda' is not available in this build yet (see docs/)", field="backend")
+        from backends.cuda import cuda_available
+        ok, reason = cuda_available()
+        if not ok:
+            raise InvalidArgument(f"backend 'cuda' cannot run here: {reason}", field="backend")
+        from backends.cuda.backend import CudaBackend
+        return CudaBackend()
     raise InvalidArgument(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})", field="backend")

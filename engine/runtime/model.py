@@ -85,6 +85,8 @@ class Transformer:
 
     def new_kv(self, capacity: int) -> SequenceKV:
         c = self.config
+        if getattr(self.backend, "resident", False):  # a device backend keeps the cache beside its weights
+            return self.backend.new_kv(c.n_layers, c.n_kv_heads, c.head_dim, capacity)
         return SequenceKV(c.n_layers, c.n_kv_heads, c.head_dim, capacity)
 
     def forward(self, segments: Sequence[Segment]) -> list[np.ndarray]:
@@ -94,6 +96,7 @@ class Transformer:
         (0, vocab) for "none".
         """
         c, be, w = self.config, self.backend, self.weights
+        xp = getattr(be, "xp", np)  # the backend's array module: numpy, or cupy when device-resident
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         tokens = np.concatenate([s.tokens for s in segments])
         positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens)) for s in segments])
@@ -108,7 +111,7 @@ class Transformer:
             k = be.rope(qkv[:, q_dim:q_dim + kv_dim].reshape(-1, c.n_kv_heads, c.head_dim), positions)
             v = qkv[:, q_dim + kv_dim:].reshape(-1, c.n_kv_heads, c.head_dim)
             # each sequence attends over its own cache
-            attn = np.empty((len(tokens), q_dim), dtype=np.float32)
+            attn = xp.empty((len(tokens), q_dim), dtype=np.float32)
             for s, lo, hi in zip(segments, bounds[:-1], bounds[1:]):
                 s.kv.write(layer, s.start, k[lo:hi], v[lo:hi])
                 k_all, v_all = s.kv.read(layer, s.start + hi - lo)  # (n_kv_heads, t, head_dim)
@@ -125,8 +128,11 @@ class Transformer:
                   for s, lo, hi in zip(segments, bounds[:-1], bounds[1:])]
         rows = np.concatenate(wanted)
         if len(rows):
-            logits = be.linear(be.rms_norm(x[rows], w.output_norm, c.norm_eps), w.output)  # (rows, vocab)
+            h = be.rms_norm(x[xp.asarray(rows)], w.output_norm, c.norm_eps)
+            logits = be.linear(h, w.output)  # (rows, vocab)
         else:
-            logits = np.empty((0, c.vocab_size), dtype=np.float32)
+            logits = xp.empty((0, c.vocab_size), dtype=np.float32)
+        if xp is not np:
+            logits = be.to_host(logits)  # the step's one device-to-host copy
         counts = np.cumsum([0] + [len(r) for r in wanted])
         return [logits[lo:hi] for lo, hi in zip(counts[:-1], counts[1:])]
