@@ -109,15 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gRPC control-plane server")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
-    p.add_argument("--store", default=None, help="plan store SQLite file (default: next to the model cache)")
+    p.add_argument("--store", default=os.environ.get("PLAN_ENGINE_STORE"),
+                   help="plan store: a SQLite file, or postgresql://USER@HOST/DB shared by replicas "
+                        "($PLAN_ENGINE_STORE; default: a SQLite file next to the model cache)")
     p.add_argument("--plan", default=None, help="a plan JSON file to store and activate at start")
+    p.add_argument("--default-plan", default=None,
+                   help="a plan JSON file to store and activate only when no plan is active (for a fleet)")
     _add_model_arg(p)
     p.add_argument("--token", action="append", default=[], help="accepted bearer token (repeatable; "
                    "or PLAN_ENGINE_TOKENS, comma-separated); none = no authentication")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", default=None)
+    p.add_argument("--agent-policy", default=None, help="WeOS agent policy (JSON): agent tokens, the plan fields "
+                   "each may change, bounds, rate and mode; none = no agent may suggest")
     p.add_argument("--max-message-mb", type=int, default=16)
     p.add_argument("--grace", type=float, default=30.0, help="seconds a drain waits for in-flight requests")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--trace-exporter", choices=("auto", "none", "console", "otlp"), default="auto",
+                   help="OpenTelemetry spans: auto = OTLP when an endpoint is set, else none (default: auto)")
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="OTLP/gRPC collector, e.g. http://localhost:4317 (default: $OTEL_EXPORTER_OTLP_ENDPOINT)")
 
     p = sub.add_parser("generate", help="stream a completion from a running server")
     p.add_argument("prompt")
@@ -155,12 +166,45 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, default=20)
     _add_server_args(q)
 
+    p = sub.add_parser("agent", help="the reference WeOS agent: watch metrics, suggest plan changes")
+    _add_server_args(p)
+    p.add_argument("--agent-id", default=os.environ.get("PLAN_ENGINE_AGENT_ID", "weos-agent"),
+                   help="this agent's id in the server's agent policy ($PLAN_ENGINE_AGENT_ID; default weos-agent)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between metric snapshots (default 1)")
+    p.add_argument("--busy-waiting", type=int, default=4, help="waiting requests that mean busy (default 4)")
+    p.add_argument("--max-batch", type=int, default=64, help="largest max_batch_size it proposes (default 64)")
+    p.add_argument("--power-target", type=float, default=0.0,
+                   help="watts: above it, propose limits.max_watts (default 0 = leave power alone)")
+    p.add_argument("--cooldown", type=float, default=10.0, help="quiet seconds after each verdict (default 10)")
+    p.add_argument("--json", action="store_true", help="print each suggestion and verdict as JSON")
+
+    p = sub.add_parser("suggestions", help="the WeOS suggestion audit log; approve or reject pending ones")
+    ssub = p.add_subparsers(dest="suggestions_command", required=True)
+    q = ssub.add_parser("list", help="suggestions with their latest verdicts, newest first")
+    q.add_argument("--agent", default="", help="only this agent's")
+    q.add_argument("--decision", choices=SUGGESTION_DECISIONS, default=None, help="only with this verdict")
+    q.add_argument("--plan", default="", help="only for this plan id")
+    q.add_argument("--limit", type=int, default=20)
+    q.add_argument("--json", action="store_true")
+    _add_server_args(q)
+    for name, what in (("approve", "validate a pending suggestion again and apply it"),
+                       ("reject", "reject a pending suggestion")):
+        q = ssub.add_parser(name, help=what)
+        q.add_argument("id", type=int, help="the suggestion's id (from `suggestions list`)")
+        q.add_argument("--note", default="", help="why, for the audit log")
+        _add_server_args(q)
+
     p = sub.add_parser("bench", help="prefill/decode throughput, load time, peak memory, per-op profile")
     _add_runtime_args(p)
     p.add_argument("--pp", type=int, default=512, help="prompt tokens for the prefill test (default 512)")
     p.add_argument("--tg", type=int, default=128, help="tokens for the decode test (default 128)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also print the per-op profile")
+    p.add_argument("--concurrency", default=None,
+                   help="comma-separated levels, e.g. 1,4,16,32: continuous-batching load instead of pp/tg")
+    p.add_argument("--grpc", action="store_true", help="with --concurrency: through a real server and channels")
+    p.add_argument("--prompt-len", type=int, default=32, help="with --concurrency: prompt tokens per request")
+    p.add_argument("--gen-len", type=int, default=64, help="with --concurrency: tokens generated per request")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -299,6 +343,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from engine.runtime.bench import bench
+    if args.concurrency:
+        return _bench_concurrency(args)
     model = _load(args)
     try:
         if not (0 < args.pp < model.context_length and 0 < args.tg < model.context_length):
@@ -322,22 +368,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
+    from engine.telemetry.tracing import configure_tracing
     from services.client import plan_from_json
     from services.server import ServerConfig, serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    initial = None
+    initial, if_none = None, False
     if args.plan:
         initial = _read_plan(args.plan)
+    elif args.default_plan:
+        initial, if_none = _read_plan(args.default_plan), True
     elif args.model:
         initial = plan_from_json(json.dumps({"id": "default", "model": args.model}))
     tokens = args.token + [t for t in os.environ.get("PLAN_ENGINE_TOKENS", "").split(",") if t]
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InvalidArgument("--tls-cert and --tls-key go together", field="tls")
-    serve(ServerConfig(host=args.host, port=args.port, store_path=Path(args.store) if args.store else None,
-                       initial_plan=initial, auth_tokens=tokens, max_message_bytes=args.max_message_mb << 20,
-                       tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-                       tls_key=Path(args.tls_key) if args.tls_key else None, grace_s=args.grace))
+    tracer_provider = configure_tracing(args.trace_exporter, args.otlp_endpoint)
+    try:
+        serve(ServerConfig(host=args.host, port=args.port, store_path=_store_target(args.store), initial_plan_if_none=if_none,
+                           initial_plan=initial, auth_tokens=tokens, max_message_bytes=args.max_message_mb << 20,
+                           tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+                           agent_policy=Path(args.agent_policy) if args.agent_policy else None,
+                           tls_key=Path(args.tls_key) if args.tls_key else None, grace_s=args.grace,
+                           metrics_port=args.metrics_port, tracer_provider=tracer_provider))
+    finally:
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # exports the spans still batched
     return 0
+
+
+def _store_target(store: str | None):
+    """A postgresql:// URL stays a string (a Path would fold its '//'); anything else is a SQLite file."""
+    from pathlib import Path
+    return store if store and "://" in store else (Path(store) if store else None)
 
 
 def _read_plan(path: str):
@@ -403,13 +465,97 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_concurrency(args: argparse.Namespace) -> int:
+    try:
+        levels = [int(x) for x in args.concurrency.split(",") if x]
+    except ValueError:
+        raise InvalidArgument(f"--concurrency takes integers like 1,4,16, got {args.concurrency!r}") from None
+    if not levels or min(levels) < 1 or max(levels) > 256:
+        raise InvalidArgument(f"--concurrency levels must be in 1..256, got {args.concurrency!r}")
+    if args.grpc:
+        from engine.model.registry import resolve
+        from services.bench_grpc import bench_grpc
+        rows = bench_grpc(str(resolve(args.model)), levels, args.prompt_len, args.gen_len, weights=args.weights)
+    else:
+        from engine.runtime.bench import bench_concurrency
+        model = _load(args)
+        try:
+            rows = bench_concurrency(model, levels, args.prompt_len, args.gen_len)
+        finally:
+            model.close()
+    if args.json:
+        _print_json({"mode": "grpc" if args.grpc else "in-process", "levels": rows})
+        return 0
+    print(f"{'mode':<11} {'conc':>4} {'agg tok/s':>10} {'x level1':>8} {'ttft p50':>9} {'ttft p99':>9} "
+          f"{'itl p50':>8} {'itl p99':>8}")
+    for r in rows:
+        print(f"{'grpc' if args.grpc else 'in-process':<11} {r['concurrency']:>4} {r['aggregate_tok_s']:>10} "
+              f"{r['vs_first_level']:>8} {r['ttft_p50_s']:>9} {r['ttft_p99_s']:>9} {r['itl_p50_s']:>8} "
+              f"{r['itl_p99_s']:>8}")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from services.agent import AgentConfig, describe, run_agent
+    config = AgentConfig(agent_id=args.agent_id, busy_waiting=args.busy_waiting, max_batch_size=args.max_batch,
+                         power_target_w=args.power_target, cooldown_s=args.cooldown)
+
+    def report(exchange) -> None:
+        if args.json:
+            _print_json({"suggestion": json_format.MessageToDict(exchange.suggestion, preserving_proto_field_name=True),
+                         "verdict": json_format.MessageToDict(exchange.verdict, preserving_proto_field_name=True)})
+        else:
+            print(describe(exchange), flush=True)
+
+    with _client(args) as client:
+        print(f"agent {args.agent_id} watching {args.server} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        run_agent(client, config, args.interval, report=report)
+    return 0
+
+
+SUGGESTION_DECISIONS = ("accepted", "rejected", "pending", "dry_run")
+
+
+def cmd_suggestions(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from services.api.planengine.v1 import control_plane_pb2 as pb
+    from services.api.planengine.v1 import suggestion_pb2 as sg
+    with _client(args) as client:
+        if args.suggestions_command == "list":
+            decision = {"pending": "pending_review"}.get(args.decision, args.decision)
+            request = pb.ListSuggestionsRequest(agent_id=args.agent, plan_id=args.plan, limit=args.limit,
+                                                decision=f"DECISION_{decision.upper()}" if decision else 0)
+            records = client._call("ListSuggestions", request).suggestions
+        else:
+            action = (pb.DecideSuggestionRequest.ACTION_APPROVE if args.suggestions_command == "approve"
+                      else pb.DecideSuggestionRequest.ACTION_REJECT)
+            records = [client._call("DecideSuggestion", pb.DecideSuggestionRequest(id=args.id, action=action,
+                                                                                    note=args.note))]
+    for r in records:
+        if getattr(args, "json", False):
+            _print_json(json_format.MessageToDict(r, preserving_proto_field_name=True))
+            continue
+        s, v = r.suggestion, r.verdict
+        decision = sg.SuggestionVerdict.Decision.Name(v.decision).removeprefix("DECISION_") if r.HasField(
+            "verdict") else "UNDECIDED"
+        result = f" -> {s.plan_id}@{v.resulting_version}" if v.resulting_version else ""
+        print(f"{r.id:5d} {r.received_at.ToJsonString()} {r.agent_id} ({r.mode}) {s.plan_id}@{s.base_version} "
+              f"{decision}{result} {r.patch_json}")
+        print(f"      {v.reason or '(no verdict: the server stopped before deciding)'}"
+              + (f" [by {r.decided_by}]" if r.decided_by not in ("", "policy") else ""))
+        if s.rationale:
+            print(f"      rationale: {s.rationale}" + (f"; expects: {s.expected_effect}" if s.expected_effect else ""))
+    return 0
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, ensure_ascii=False))
 
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "tokenize": cmd_tokenize, "inspect": cmd_inspect,
             "models": cmd_models, "bench": cmd_bench, "serve": cmd_serve, "generate": cmd_generate,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "agent": cmd_agent, "suggestions": cmd_suggestions}
 
 
 def _rpc_error() -> type[Exception]:

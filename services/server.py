@@ -15,14 +15,18 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.control.control_plane import ControlPlane
-from engine.control.plan_store import SqlitePlanStore
+from engine.control.plan_store import PlanStore, SqlitePlanStore
 from engine.control.plans import PlanEnvironment
+from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
+from engine.telemetry import tracing
+from services.agent_auth import AgentAuthInterceptor
 from services.api.planengine.v1 import control_plane_pb2, control_plane_pb2_grpc, plan_pb2
 from services.auth import BearerTokenInterceptor
 from services.errors import ErrorMappingInterceptor
@@ -38,26 +42,43 @@ def default_store_path() -> Path:
     return cache_dir().parent / "plans.sqlite3"
 
 
+def open_store(target: str | Path) -> tuple[PlanStore, SuggestionLog]:
+    """The plan store and the suggestion audit log, in one database: a SQLite file, or a
+    postgresql:// URL for a database that replicas share (psycopg is imported only then)."""
+    if str(target).startswith(("postgresql://", "postgres://")):
+        from engine.control.postgres_store import PostgresPlanStore, PostgresSuggestionLog
+        store = PostgresPlanStore(str(target))
+        return store, PostgresSuggestionLog(store.db)
+    store = SqlitePlanStore(target)
+    return store, SuggestionLog(store.db)
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
-    store_path: Path | None = None  # default: next to the model cache
+    store_path: Path | str | None = None  # SQLite file or postgresql:// URL; default: SQLite next to the model cache
     initial_plan: plan_pb2.ExecutionPlan | None = None  # stored and activated at start if given
+    initial_plan_if_none: bool = False  # ...only when no plan is active: a fleet's restarted replica overrides nothing
     max_message_bytes: int = 16 * 1024 * 1024
     max_workers: int = 64  # concurrent RPCs (each Generate stream holds one thread)
     auth_tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no authentication
+    agent_policy: Path | None = None  # WeOS agents' tokens and authority (JSON); None = no agent may suggest
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve TLS
     tls_key: Path | None = None
     grace_s: float = 30.0  # how long a drain waits for in-flight requests
+    tracer_provider: Any = None  # OpenTelemetry TracerProvider (tracing.configure_tracing); None = no tracing
+    metrics_port: int | None = None  # serve Prometheus /metrics on this port (0 picks one); None = off
 
 
 class PlanEngineServer:
     """A started server: its gRPC server, port, control plane and health servicer."""
 
-    def __init__(self, grpc_server: grpc.Server, port: int, control: ControlPlane, health_servicer, store):
+    def __init__(self, grpc_server: grpc.Server, port: int, control: ControlPlane, health_servicer, store,
+                 metrics_port: int | None = None):
         self.grpc_server = grpc_server
         self.port = port
+        self.metrics_port = metrics_port
         self.control = control
         self.health = health_servicer
         self.store = store
@@ -74,8 +95,16 @@ class PlanEngineServer:
 
 def create_server(config: ServerConfig) -> PlanEngineServer:
     interceptors: list[grpc.ServerInterceptor] = []
-    if config.auth_tokens:
-        interceptors.append(BearerTokenInterceptor(config.auth_tokens))
+    if config.tracer_provider is not None:
+        # first: its span then covers authentication and error mapping, continues the client's
+        # traceparent, and stays open for a whole Generate stream
+        interceptors.append(tracing.server_interceptor(config.tracer_provider))
+    operators = BearerTokenInterceptor(config.auth_tokens) if config.auth_tokens else None
+    agents = AgentPolicy.load(config.agent_policy) if config.agent_policy else AgentPolicy()
+    if agents.agents:  # agent tokens open only the agent RPCs; other calls go on to the operator check
+        interceptors.append(AgentAuthInterceptor(agents, operators))
+    elif operators is not None:
+        interceptors.append(operators)
     interceptors.append(ErrorMappingInterceptor())
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
@@ -91,9 +120,11 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
             health_servicer.set(name, status)
 
     set_serving(False)
-    store = SqlitePlanStore(config.store_path or default_store_path())
-    control = ControlPlane(store, PlanEnvironment(), on_serving=set_serving)
-    control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(ControlPlaneServicer(control), server)
+    store, suggestion_log = open_store(config.store_path or default_store_path())
+    control = ControlPlane(store, PlanEnvironment(), on_serving=set_serving, tracer_provider=config.tracer_provider)
+    servicer = ControlPlaneServicer(control)
+    servicer.reviewer = SuggestionReviewer(control, agents, suggestion_log)
+    control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     address = f"{config.host}:{config.port}"
@@ -107,19 +138,24 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
         raise OSError(f"cannot bind {address}")
     server.start()  # health answers NOT_SERVING while the model loads
     try:
-        control.start(config.initial_plan)
+        keep = config.initial_plan_if_none and store.active() is not None
+        control.start(None if keep else config.initial_plan)
     except BaseException:
         server.stop(0)
         store.close()
         raise
-    return PlanEngineServer(server, port, control, health_servicer, store)
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = control.metrics.serve_http(config.host, config.metrics_port)
+    return PlanEngineServer(server, port, control, health_servicer, store, metrics_port)
 
 
 def serve(config: ServerConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully."""
     server = create_server(config)
+    metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     print(f"plan-engine serving on {config.host}:{server.port} "
-          f"(plan {server.control.runtime.plan.id}@{server.control.runtime.plan.version})", flush=True)
+          f"(plan {server.control.runtime.plan.id}@{server.control.runtime.plan.version}{metrics})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

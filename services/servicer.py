@@ -8,19 +8,23 @@ whole stream.
 from __future__ import annotations
 
 import json
+import time
 from typing import Iterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.control.control_plane import ControlPlane, GenerateInput, PlanStamp
-from engine.errors import InvalidArgument
+from engine.control.suggestions import SuggestionRecord, SuggestionReviewer, Verdict
+from engine.errors import FailedPrecondition, InvalidArgument
 from engine.model import registry
 from engine.model.gguf_file import ModelFile
 from engine.runtime.generate import TokenEvent
 from engine.runtime.worker import Final
+from services.agent_auth import bearer_token
 from services.api.planengine.v1 import control_plane_pb2 as pb
 from services.api.planengine.v1 import control_plane_pb2_grpc as pb_grpc
+from services.api.planengine.v1 import suggestion_pb2 as sg
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty")
@@ -132,8 +136,51 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             tensors=[pb.TensorInfo(name=t["name"], type=t["type"], shape=t["shape"], bytes=t["bytes"])
                      for t in info["tensors"]])
 
-    # GetMetrics, WatchMetrics and Suggest are declared in the contract and answer UNIMPLEMENTED
-    # (the generated base class) until their issues build them.
+    # --- metrics -------------------------------------------------------------------------
+    def GetMetrics(self, request: pb.GetMetricsRequest, context: grpc.ServicerContext) -> pb.MetricsSnapshot:
+        return metrics_snapshot(self.control.metrics.snapshot())
+
+    def WatchMetrics(self, request: pb.WatchMetricsRequest, context: grpc.ServicerContext):
+        interval = request.interval_s or 1.0
+        if not 0.05 <= interval <= 3600:
+            raise InvalidArgument(f"interval_s {interval} must be in 0.05..3600", field="interval_s")
+        while context.is_active():
+            yield metrics_snapshot(self.control.metrics.snapshot())
+            time.sleep(interval)
+
+    # --- WeOS agents ---------------------------------------------------------------------
+    # Set by create_server; without one the suggestion RPCs answer FAILED_PRECONDITION.
+    reviewer: SuggestionReviewer | None = None
+
+    def _reviewer(self) -> SuggestionReviewer:
+        if self.reviewer is None:
+            raise FailedPrecondition("this server keeps no suggestion log")
+        return self.reviewer
+
+    def Suggest(self, request_iterator: Iterator[sg.Suggestion],
+                context: grpc.ServicerContext) -> Iterator[sg.SuggestionVerdict]:
+        reviewer = self._reviewer()
+        agent = reviewer.authenticate(bearer_token(context.invocation_metadata()))
+        for suggestion in request_iterator:  # one verdict each, in order
+            yield _verdict(reviewer.review(agent, suggestion))
+
+    def ListSuggestions(self, request: pb.ListSuggestionsRequest,
+                        context: grpc.ServicerContext) -> pb.ListSuggestionsResponse:
+        reviewer = self._reviewer()
+        agent = reviewer.policy.authenticate(bearer_token(context.invocation_metadata()))
+        decision = _DECISIONS.get(request.decision)
+        if decision is None:
+            raise InvalidArgument(f"unknown decision {request.decision}", field="decision")
+        records = reviewer.list(agent.id if agent else request.agent_id,  # an agent sees only its own
+                                decision, request.plan_id, request.limit)
+        return pb.ListSuggestionsResponse(suggestions=[_suggestion_record(r) for r in records])
+
+    def DecideSuggestion(self, request: pb.DecideSuggestionRequest, context: grpc.ServicerContext) -> sg.SuggestionRecord:
+        if request.action not in (pb.DecideSuggestionRequest.ACTION_APPROVE, pb.DecideSuggestionRequest.ACTION_REJECT):
+            raise InvalidArgument("action must be ACTION_APPROVE or ACTION_REJECT", field="action")
+        record = self._reviewer().decide(request.id, request.action == pb.DecideSuggestionRequest.ACTION_APPROVE,
+                                         actor=_actor(context), note=request.note)
+        return _suggestion_record(record)
 
 
 def _final(f: Final) -> pb.GenerateFinal:
@@ -142,8 +189,52 @@ def _final(f: Final) -> pb.GenerateFinal:
         usage=pb.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens),
         timings=pb.Timings(queue_s=f.timings["queue_s"], time_to_first_token_s=f.timings["ttft_s"],
                            decode_s=f.timings["decode_s"], total_s=f.timings["total_s"]),
-        plan=_stamp(f.tag), seed=f.seed)
+        plan=_stamp(f.tag), seed=f.seed, energy_j=f.energy_j,
+        joules_per_token=f.energy_j / f.completion_tokens if f.completion_tokens else 0.0,
+        energy_source=f.energy_source)
+
+
+def _latency(summary: dict | None) -> pb.LatencySummary:
+    return pb.LatencySummary(**summary) if summary else pb.LatencySummary()
+
+
+def metrics_snapshot(snap: dict) -> pb.MetricsSnapshot:
+    plan = snap.get("plan")
+    return pb.MetricsSnapshot(
+        at=_timestamp(snap["at"]), plan=_stamp(PlanStamp.of(plan)) if plan is not None else None,
+        running=snap["running"], waiting=snap["waiting"], generation_tokens_per_s=snap["generation_tokens_per_s"],
+        ttft=_latency(snap["ttft"]), itl=_latency(snap["itl"]), e2e=_latency(snap["e2e"]),
+        kv_cache_usage=snap["kv_cache_usage"], power_w=snap["power_w"], energy_j=snap["energy_j"],
+        energy_source=snap["energy_source"], prompt_tokens_total=snap["prompt_tokens_total"],
+        generation_tokens_total=snap["generation_tokens_total"], requests_total=snap["requests_total"])
 
 
 def _actor(context: grpc.ServicerContext) -> str:
     return context.peer()
+
+
+# --- WeOS agents: domain verdicts and records -> protobuf ----------------------------------
+_DECISIONS = {sg.SuggestionVerdict.DECISION_UNSPECIFIED: "", sg.SuggestionVerdict.DECISION_ACCEPTED: "accepted",
+              sg.SuggestionVerdict.DECISION_REJECTED: "rejected",
+              sg.SuggestionVerdict.DECISION_PENDING_REVIEW: "pending_review",
+              sg.SuggestionVerdict.DECISION_DRY_RUN: "dry_run"}
+
+
+def _verdict(v: Verdict) -> sg.SuggestionVerdict:
+    out = sg.SuggestionVerdict(
+        suggestion_id=v.suggestion_id, decision=sg.SuggestionVerdict.Decision.Value("DECISION_" + v.decision.upper()),
+        reason=v.reason, resulting_version=v.resulting_version, resulting_hash=v.resulting_hash,
+        current_version=v.current_version, decided_at=_timestamp(v.decided_at), audit_id=v.audit_id,
+        rejection=sg.Rejection.Value("REJECTION_" + v.rejection.upper()) if v.rejection else 0)
+    if v.resulting_plan is not None:
+        out.resulting_plan.CopyFrom(v.resulting_plan)
+    return out
+
+
+def _suggestion_record(r: SuggestionRecord) -> sg.SuggestionRecord:
+    out = sg.SuggestionRecord(id=r.id, agent_id=r.agent_id, suggestion=r.suggestion,
+                              received_at=_timestamp(r.received_at), mode=r.mode, decided_by=r.decided_by,
+                              patch_json=r.patch_json)
+    if r.verdict is not None:
+        out.verdict.CopyFrom(_verdict(r.verdict))
+    return out

@@ -314,3 +314,30 @@ def test_sigkill_during_plan_burst_keeps_acknowledged_plans(model_path, tmp_path
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_metrics_energy_and_prometheus(model_path, tmp_path):
+    import urllib.request
+    server, client = start(tmp_path, metrics_port=0)
+    try:
+        finals = [run(client, text=f"Count to {i}", max_tokens=5, ignore_eos=True)[1] for i in range(3)]
+        for f in finals:
+            assert f.energy_j > 0 and f.energy_source == "estimated"
+            assert abs(f.joules_per_token - f.energy_j / 5) < 1e-9
+        snap = client.stub.GetMetrics(pb.GetMetricsRequest())
+        assert snap.requests_total == 3 and snap.generation_tokens_total == 15 and snap.prompt_tokens_total > 0
+        assert snap.plan.id == "default" and snap.energy_source == "estimated" and snap.energy_j > 0
+        assert 0 < snap.ttft.p50 <= snap.ttft.p99 and snap.itl.p50 > 0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        labels = 'model_name="smollm2-135m-instruct-q4_1",plan_id="default",plan_version="1"'
+        for name, count in [("time_to_first_token_seconds", 3), ("e2e_request_latency_seconds", 3),
+                            ("request_queue_time_seconds", 3), ("inter_token_latency_seconds", 12)]:
+            line = next(ln for ln in text.splitlines() if ln.startswith(f"planengine:{name}_count"))
+            assert labels in line and float(line.rsplit(" ", 1)[1]) == count, line
+        watch = client.stub.WatchMetrics(pb.WatchMetricsRequest(interval_s=0.1))
+        first, second = next(watch), next(watch)
+        watch.cancel()
+        assert second.at.ToNanoseconds() > first.at.ToNanoseconds()
+    finally:
+        client.close()
+        server.stop(1)

@@ -30,6 +30,7 @@ from engine.runtime.worker import EngineWorker, Final, RequestHandle, RequestSpe
 from engine.scheduler.base import create_policy
 from engine.scheduler.power import PowerGovernor
 from engine.telemetry.energy import PowerMeter, default_meter
+from engine.telemetry.tracing import PLAN_RELOAD, RequestTrace, engine_tracer, plan_apply_span
 from services.api.planengine.v1 import plan_pb2
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,10 @@ class ControlPlane:
     """Plans, the active runtime, and requests against it."""
 
     def __init__(self, store: PlanStore, env: PlanEnvironment,
-                 on_serving: Callable[[bool], None] = lambda serving: None, meter: PowerMeter | None = None):
+                 on_serving: Callable[[bool], None] = lambda serving: None, meter: PowerMeter | None = None,
+                 tracer_provider: Any = None):
         self.store = store
+        self._tracer = engine_tracer(tracer_provider)  # None: the global provider, a no-op unless one is set
         self.env = env
         self.meter = meter or default_meter()
         self.metrics = MetricsHub(self.meter, lambda: self._runtime)
@@ -140,6 +143,7 @@ class ControlPlane:
         self._runtime: Runtime | None = None
         self._switch = threading.Lock()  # one activation at a time
         self._retiring: list[threading.Thread] = []
+        self._watch = None  # follows activations made by other replicas, when the store is shared
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, initial: plan_pb2.ExecutionPlan | None = None, actor: str = "server") -> plan_pb2.ExecutionPlan:
@@ -149,12 +153,18 @@ class ControlPlane:
             plan = prepare(initial if initial is not None else plan_pb2.ExecutionPlan(id="default"), self.env)
             active = self.store.submit(plan, actor=actor, activate=True)
         self._on_serving(False)
-        self._runtime = Runtime(active, self.meter, self._on_finish)
+        with plan_apply_span(self._tracer, None, active, reload=True):
+            self._runtime = Runtime(active, self.meter, self._on_finish)
         self._on_serving(True)
         log.info("serving plan %s (%s)", PlanStamp.of(active), active.model)
+        watch = getattr(self.store, "watch_active", None)
+        if watch is not None:  # a store shared by replicas: apply what the others activate
+            self._watch = watch(self._follow)
         return active
 
     def close(self, grace_s: float | None = None) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         self._on_serving(False)
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
@@ -192,21 +202,52 @@ class ControlPlane:
             self._apply(target)
             return self.store.rollback(target.id, target.version, actor=actor)
 
+    def submit_if_active(self, plan: plan_pb2.ExecutionPlan, base_version: int, actor: str = "") -> tuple[
+            plan_pb2.ExecutionPlan, plan_pb2.ExecutionPlan]:
+        """Store `plan` and make it active only if `plan.id`@`base_version` is still the active
+        plan in the store, which replicas may share: of two racing on one base version, one wins
+        and the other gets the store's stale FailedPrecondition (with `current_version`). It
+        commits before loading; a plan that then fails to load is rolled back in the store."""
+        plan = prepare(plan, self.env)
+        with self._switch:
+            stored, previous = self.store.submit_if_active(plan, base_version, actor=actor)
+            try:
+                self._apply(stored)
+            except BaseException:
+                if self.store.active() == stored:  # undo ours, not a later activation by another replica
+                    self.store.rollback(actor=f"{actor} (load failed)".strip())
+                raise
+            return stored, previous
+
     def history(self, plan_id: str = "", limit: int = 100) -> list[PlanEvent]:
         return self.store.history(plan_id, limit or 100)
+
+    def _follow(self, _plan: plan_pb2.ExecutionPlan | None) -> None:
+        """The shared store says the active plan changed, maybe in another replica: run it.
+        Raising makes the store's watcher call again at its next poll."""
+        with self._switch:
+            plan = self.store.active()  # re-read under the lock: a local activation may have committed since
+            runtime = self._runtime
+            if plan is None or runtime is None or PlanStamp.of(plan) == PlanStamp.of(runtime.plan):
+                return
+            log.info("following plan %s, activated by another replica", PlanStamp.of(plan))
+            self._apply(plan)
 
     def _apply(self, target: plan_pb2.ExecutionPlan) -> None:
         """Make `target` the running plan: live if possible, else load-then-switch."""
         current = self.runtime
-        validate(target, self.env, stored=True)  # the server may have changed since it was stored
-        if not changes_require_reload(current.plan, target):
-            current.worker.set_policy(create_policy(POLICY_NAMES[target.scheduler_policy]))
-            current.worker.set_limits(worker_limits(target))
-            if target.profiling != current.plan.profiling:
-                current.set_profiling(target.profiling)
-            current.plan = target
-            return
-        fresh = Runtime(target, self.meter, self._on_finish)  # loads while the current runtime keeps serving
+        with plan_apply_span(self._tracer, current.plan, target) as span:
+            validate(target, self.env, stored=True)  # the server may have changed since it was stored
+            reload = changes_require_reload(current.plan, target)
+            span.set_attribute(PLAN_RELOAD, reload)
+            if not reload:
+                current.worker.set_policy(create_policy(POLICY_NAMES[target.scheduler_policy]))
+                current.worker.set_limits(worker_limits(target))
+                if target.profiling != current.plan.profiling:
+                    current.set_profiling(target.profiling)
+                current.plan = target
+                return
+            fresh = Runtime(target, self.meter, self._on_finish)  # loads while the current runtime keeps serving
         self._runtime = fresh
         t = threading.Thread(target=current.retire, name="retire-runtime", daemon=True)
         t.start()
@@ -222,9 +263,15 @@ class ControlPlane:
         model = runtime.model
         prompt_ids = model.encode_prompt(text=req.text, ids=req.ids, messages=req.messages)
         params = self._sampling(plan, req)
-        spec = RequestSpec(req.request_id or f"req-{uuid.uuid4().hex[:16]}", prompt_ids, params,
-                           priority=req.priority, ignore_eos=req.ignore_eos, top_logprobs=req.top_logprobs,
-                           tag=PlanStamp.of(plan))
+        request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        stamp = PlanStamp.of(plan)
+        # captures this RPC thread's trace context; the worker writes the spans as the request ends
+        trace = RequestTrace.start(self._tracer, request_id=request_id, model=plan.model,
+                                   operation="chat" if req.messages is not None else "text_completion",
+                                   max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                                   top_k=params.top_k, seed=params.seed, plan=stamp)
+        spec = RequestSpec(request_id, prompt_ids, params, priority=req.priority, ignore_eos=req.ignore_eos,
+                           top_logprobs=req.top_logprobs, tag=stamp, on_final=trace.finish)
         return runtime.worker.submit(spec), spec.tag
 
     @staticmethod

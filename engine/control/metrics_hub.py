@@ -23,6 +23,7 @@ class MetricsHub:
         self.metrics = ServingMetrics(energy_source=meter.source)
         self._runtime = runtime
         self._start_j = meter.energy_j()
+        self._labels: PlanLabels | None = None  # the plan the gauges were last set under
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, args=(tick_s,), name="metrics-tick", daemon=True)
         self._ticker.start()
@@ -47,6 +48,10 @@ class MetricsHub:
             return
         stats = runtime.worker.stats()
         labels = self.labels(runtime.plan)
+        if labels != self._labels:  # a plan switch: the old version's gauges no longer describe anything
+            if self._labels is not None:
+                self.metrics.forget(self._labels)
+            self._labels = labels
         self.metrics.set_running(labels, stats["running"])
         self.metrics.set_waiting(labels, stats["waiting"])
         self.metrics.set_kv_usage(labels, stats["kv_usage"])

@@ -418,3 +418,42 @@ class SqlitePlanStore(PlanStore):
     def close(self) -> None:
         if self._owns_db:
             self.db.close()
+
+    def submit_if_active(self, plan: ExecutionPlan, base_version: int,
+                         actor: str = "") -> tuple[ExecutionPlan, ExecutionPlan]:
+        """Compare-and-swap: store `plan` as the next version of `plan.id` and activate it, only
+        if the active plan is still `plan.id`@`base_version`; otherwise raise FailedPrecondition
+        (a stale base; its `current_id` / `current_version` say what is active, "" / 0 for
+        nothing) and write nothing. Of several callers racing on one base version, exactly one
+        wins. Returns (now active, previously active). PostgresPlanStore has the same method."""
+        if not plan.id:
+            raise InvalidArgument("a plan needs an id to be stored", field="id")
+        if base_version < 1:
+            raise InvalidArgument(f"base version {base_version} must be >= 1", field="base_version")
+        digest = plan_hash(plan)
+        with self.db.transaction() as conn:  # the check and the write under one write lock
+            current = self._active(conn)
+            previous = current[1] if current else None
+            if previous is None or (previous.id, previous.version) != (plan.id, base_version):
+                exc = FailedPrecondition(f"stale: {plan.id}@{base_version} is no longer the active plan "
+                                         f"({_label(previous)} is); re-read it and retry")
+                exc.current_id, exc.current_version = (previous.id, previous.version) if previous else ("", 0)
+                raise exc
+            # as in submit(): the newest version again if the content is unchanged, else a new one
+            newest = conn.execute("SELECT version, hash, body FROM plans WHERE id = ? ORDER BY version DESC LIMIT 1",
+                                  (plan.id,)).fetchone()
+            if newest is not None and newest[1] == digest:
+                stored = self._parse(newest[2], newest[1])
+            else:
+                stored = ExecutionPlan()
+                stored.CopyFrom(plan)
+                stored.version = newest[0] + 1 if newest else 1
+                stored.hash = digest
+                now_ns = time.time_ns()
+                stored.created_at.FromNanoseconds(now_ns)
+                conn.execute("INSERT INTO plans (id, version, hash, created_at, actor, body) VALUES (?, ?, ?, ?, ?, ?)",
+                             (stored.id, stored.version, digest, now_ns / 1e9, actor,
+                              stored.SerializeToString(deterministic=True)))
+                self._event(conn, "submit", stored, actor, stored.description[:200])
+            self._activate(conn, stored, actor)
+        return stored, previous

@@ -57,6 +57,7 @@ class RequestSpec:
     ignore_eos: bool = False
     top_logprobs: int = 0
     tag: Any = None  # e.g. the plan stamp; echoed in the Final event
+    on_final: Callable[[Final], None] | None = None  # e.g. its trace; runs on the engine thread, must not raise
 
 
 @dataclass
@@ -326,17 +327,20 @@ class EngineWorker:
                 seq.handle._events.put(self._final(seq))
         self.governor.after_step(step_j, time.monotonic() - start)
 
-    def _final(self, seq: _Sequence) -> Final:
+    def _final(self, seq: _Sequence, error: str = "") -> Final:
         end = time.monotonic()
         first = seq.token_times[0] if seq.token_times else end
         timings = {"queue_s": (seq.first_scheduled or end) - seq.arrival, "ttft_s": first - seq.arrival,
                    "decode_s": end - first, "total_s": end - seq.arrival}
-        final = Final(seq.spec.request_id, seq.stream.finish_reason or "cancelled", len(seq.spec.prompt_ids),
+        reason = "error" if error else seq.stream.finish_reason or "cancelled"
+        final = Final(seq.spec.request_id, reason, len(seq.spec.prompt_ids),
                       len(seq.stream.ids), seq.stream.sampler.seed, timings, seq.spec.tag, seq.stream.text,
                       list(seq.stream.ids), energy_j=self.energy.pop(seq.spec.request_id),
                       energy_source=self.energy.source, itl_s=list(np.diff(seq.token_times)),
-                      preemptions=seq.preemptions)
+                      preemptions=seq.preemptions, error=error)
         self._on_finish(final)
+        if seq.spec.on_final is not None:
+            seq.spec.on_final(final)
         return final
 
     def _fail_all(self, message: str) -> None:
@@ -347,6 +351,4 @@ class EngineWorker:
             self._stopped = True
             self._accepting = False
         for s in seqs:
-            final = self._final(s)
-            final.finish_reason, final.error = "error", message
-            s.handle._events.put(final)
+            s.handle._events.put(self._final(s, error=message))

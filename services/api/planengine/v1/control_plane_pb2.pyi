@@ -4,6 +4,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from services.api.planengine.v1 import plan_pb2 as _plan_pb2
 from services.api.planengine.v1 import suggestion_pb2 as _suggestion_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -410,3 +411,39 @@ class MetricsSnapshot(_message.Message):
     generation_tokens_total: int
     requests_total: int
     def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., plan: _Optional[_Union[PlanStamp, _Mapping]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., ttft: _Optional[_Union[LatencySummary, _Mapping]] = ..., itl: _Optional[_Union[LatencySummary, _Mapping]] = ..., e2e: _Optional[_Union[LatencySummary, _Mapping]] = ..., kv_cache_usage: _Optional[float] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ...) -> None: ...
+
+class ListSuggestionsRequest(_message.Message):
+    __slots__ = ("agent_id", "decision", "plan_id", "limit")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    decision: _suggestion_pb2.SuggestionVerdict.Decision
+    plan_id: str
+    limit: int
+    def __init__(self, agent_id: _Optional[str] = ..., decision: _Optional[_Union[_suggestion_pb2.SuggestionVerdict.Decision, str]] = ..., plan_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListSuggestionsResponse(_message.Message):
+    __slots__ = ("suggestions",)
+    SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
+    suggestions: _containers.RepeatedCompositeFieldContainer[_suggestion_pb2.SuggestionRecord]
+    def __init__(self, suggestions: _Optional[_Iterable[_Union[_suggestion_pb2.SuggestionRecord, _Mapping]]] = ...) -> None: ...
+
+class DecideSuggestionRequest(_message.Message):
+    __slots__ = ("id", "action", "note")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ACTION_UNSPECIFIED: _ClassVar[DecideSuggestionRequest.Action]
+        ACTION_APPROVE: _ClassVar[DecideSuggestionRequest.Action]
+        ACTION_REJECT: _ClassVar[DecideSuggestionRequest.Action]
+    ACTION_UNSPECIFIED: DecideSuggestionRequest.Action
+    ACTION_APPROVE: DecideSuggestionRequest.Action
+    ACTION_REJECT: DecideSuggestionRequest.Action
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    action: DecideSuggestionRequest.Action
+    note: str
+    def __init__(self, id: _Optional[int] = ..., action: _Optional[_Union[DecideSuggestionRequest.Action, str]] = ..., note: _Optional[str] = ...) -> None: ...

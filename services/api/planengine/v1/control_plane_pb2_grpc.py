@@ -111,6 +111,16 @@ class ControlPlaneStub:
                 request_serializer=planengine_dot_v1_dot_suggestion__pb2.Suggestion.SerializeToString,
                 response_deserializer=planengine_dot_v1_dot_suggestion__pb2.SuggestionVerdict.FromString,
                 _registered_method=True)
+        self.ListSuggestions = channel.unary_unary(
+                '/planengine.v1.ControlPlane/ListSuggestions',
+                request_serializer=planengine_dot_v1_dot_control__plane__pb2.ListSuggestionsRequest.SerializeToString,
+                response_deserializer=planengine_dot_v1_dot_control__plane__pb2.ListSuggestionsResponse.FromString,
+                _registered_method=True)
+        self.DecideSuggestion = channel.unary_unary(
+                '/planengine.v1.ControlPlane/DecideSuggestion',
+                request_serializer=planengine_dot_v1_dot_control__plane__pb2.DecideSuggestionRequest.SerializeToString,
+                response_deserializer=planengine_dot_v1_dot_suggestion__pb2.SuggestionRecord.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -221,6 +231,20 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSuggestions(self, request, context):
+        """Operators: the suggestion audit log, newest first (an agent's token sees only its own).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideSuggestion(self, request, context):
+        """Operators: approve (validate again, then apply) or reject a suggestion pending review.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +322,16 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.Suggest,
                     request_deserializer=planengine_dot_v1_dot_suggestion__pb2.Suggestion.FromString,
                     response_serializer=planengine_dot_v1_dot_suggestion__pb2.SuggestionVerdict.SerializeToString,
+            ),
+            'ListSuggestions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSuggestions,
+                    request_deserializer=planengine_dot_v1_dot_control__plane__pb2.ListSuggestionsRequest.FromString,
+                    response_serializer=planengine_dot_v1_dot_control__plane__pb2.ListSuggestionsResponse.SerializeToString,
+            ),
+            'DecideSuggestion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideSuggestion,
+                    request_deserializer=planengine_dot_v1_dot_control__plane__pb2.DecideSuggestionRequest.FromString,
+                    response_serializer=planengine_dot_v1_dot_suggestion__pb2.SuggestionRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -705,6 +739,60 @@ class ControlPlane:
             '/planengine.v1.ControlPlane/Suggest',
             planengine_dot_v1_dot_suggestion__pb2.Suggestion.SerializeToString,
             planengine_dot_v1_dot_suggestion__pb2.SuggestionVerdict.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSuggestions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/planengine.v1.ControlPlane/ListSuggestions',
+            planengine_dot_v1_dot_control__plane__pb2.ListSuggestionsRequest.SerializeToString,
+            planengine_dot_v1_dot_control__plane__pb2.ListSuggestionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideSuggestion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/planengine.v1.ControlPlane/DecideSuggestion',
+            planengine_dot_v1_dot_control__plane__pb2.DecideSuggestionRequest.SerializeToString,
+            planengine_dot_v1_dot_suggestion__pb2.SuggestionRecord.FromString,
             options,
             channel_credentials,
             insecure,

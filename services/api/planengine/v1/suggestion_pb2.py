@@ -27,17 +27,21 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from services.api.planengine.v1 import plan_pb2 as planengine_dot_v1_dot_plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eplanengine/v1/suggestion.proto\x12\rplanengine.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18planengine/v1/plan.proto\"\xe6\x01\n\nSuggestion\x12\x15\n\rsuggestion_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07plan_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\r\x12/\n\x0bupdate_mask\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12+\n\x05patch\x18\x06 \x01(\x0b\x32\x1c.planengine.v1.ExecutionPlan\x12\x11\n\trationale\x18\x07 \x01(\t\x12\x17\n\x0f\x65xpected_effect\x18\x08 \x01(\t\"\xb1\x03\n\x11SuggestionVerdict\x12\x15\n\rsuggestion_id\x18\x01 \x01(\t\x12;\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32).planengine.v1.SuggestionVerdict.Decision\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11resulting_version\x18\x04 \x01(\r\x12\x16\n\x0eresulting_hash\x18\x05 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x06 \x01(\r\x12\x34\n\x0eresulting_plan\x18\x07 \x01(\x0b\x32\x1c.planengine.v1.ExecutionPlan\x12.\n\ndecided_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_ACCEPTED\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_REJECTED\x10\x02\x12\x1b\n\x17\x44\x45\x43ISION_PENDING_REVIEW\x10\x03\x12\x14\n\x10\x44\x45\x43ISION_DRY_RUN\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eplanengine/v1/suggestion.proto\x12\rplanengine.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18planengine/v1/plan.proto\"\xe6\x01\n\nSuggestion\x12\x15\n\rsuggestion_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07plan_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\r\x12/\n\x0bupdate_mask\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12+\n\x05patch\x18\x06 \x01(\x0b\x32\x1c.planengine.v1.ExecutionPlan\x12\x11\n\trationale\x18\x07 \x01(\t\x12\x17\n\x0f\x65xpected_effect\x18\x08 \x01(\t\"\xf0\x03\n\x11SuggestionVerdict\x12\x15\n\rsuggestion_id\x18\x01 \x01(\t\x12;\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32).planengine.v1.SuggestionVerdict.Decision\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11resulting_version\x18\x04 \x01(\r\x12\x16\n\x0eresulting_hash\x18\x05 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x06 \x01(\r\x12\x34\n\x0eresulting_plan\x18\x07 \x01(\x0b\x32\x1c.planengine.v1.ExecutionPlan\x12.\n\ndecided_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61udit_id\x18\t \x01(\x04\x12+\n\trejection\x18\n \x01(\x0e\x32\x18.planengine.v1.Rejection\"\x85\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_ACCEPTED\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_REJECTED\x10\x02\x12\x1b\n\x17\x44\x45\x43ISION_PENDING_REVIEW\x10\x03\x12\x14\n\x10\x44\x45\x43ISION_DRY_RUN\x10\x04\"\xf9\x01\n\x10SuggestionRecord\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12-\n\nsuggestion\x18\x03 \x01(\x0b\x32\x19.planengine.v1.Suggestion\x12\x31\n\x07verdict\x18\x04 \x01(\x0b\x32 .planengine.v1.SuggestionVerdict\x12/\n\x0breceived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\x12\n\ndecided_by\x18\x07 \x01(\t\x12\x12\n\npatch_json\x18\x08 \x01(\t*\xaf\x02\n\tRejection\x12\x19\n\x15REJECTION_UNSPECIFIED\x10\x00\x12\x18\n\x14REJECTION_RATE_LIMIT\x10\x01\x12\x16\n\x12REJECTION_IDENTITY\x10\x02\x12\x17\n\x13REJECTION_MALFORMED\x10\x03\x12\x1c\n\x18REJECTION_NOT_AUTHORISED\x10\x04\x12\x1b\n\x17REJECTION_OUT_OF_BOUNDS\x10\x05\x12\x13\n\x0fREJECTION_STALE\x10\x06\x12\x1a\n\x16REJECTION_INVALID_PLAN\x10\x07\x12\x17\n\x13REJECTION_NO_CHANGE\x10\x08\x12\x1f\n\x1bREJECTION_ACTIVATION_FAILED\x10\t\x12\x16\n\x12REJECTION_OPERATOR\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'planengine.v1.suggestion_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REJECTION']._serialized_start=1127
+  _globals['_REJECTION']._serialized_end=1430
   _globals['_SUGGESTION']._serialized_start=143
   _globals['_SUGGESTION']._serialized_end=373
   _globals['_SUGGESTIONVERDICT']._serialized_start=376
-  _globals['_SUGGESTIONVERDICT']._serialized_end=809
-  _globals['_SUGGESTIONVERDICT_DECISION']._serialized_start=676
-  _globals['_SUGGESTIONVERDICT_DECISION']._serialized_end=809
+  _globals['_SUGGESTIONVERDICT']._serialized_end=872
+  _globals['_SUGGESTIONVERDICT_DECISION']._serialized_start=739
+  _globals['_SUGGESTIONVERDICT_DECISION']._serialized_end=872
+  _globals['_SUGGESTIONRECORD']._serialized_start=875
+  _globals['_SUGGESTIONRECORD']._serialized_end=1124
 # @@protoc_insertion_point(module_scope)

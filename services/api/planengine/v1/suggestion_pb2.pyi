@@ -11,6 +11,31 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Rejection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REJECTION_UNSPECIFIED: _ClassVar[Rejection]
+    REJECTION_RATE_LIMIT: _ClassVar[Rejection]
+    REJECTION_IDENTITY: _ClassVar[Rejection]
+    REJECTION_MALFORMED: _ClassVar[Rejection]
+    REJECTION_NOT_AUTHORISED: _ClassVar[Rejection]
+    REJECTION_OUT_OF_BOUNDS: _ClassVar[Rejection]
+    REJECTION_STALE: _ClassVar[Rejection]
+    REJECTION_INVALID_PLAN: _ClassVar[Rejection]
+    REJECTION_NO_CHANGE: _ClassVar[Rejection]
+    REJECTION_ACTIVATION_FAILED: _ClassVar[Rejection]
+    REJECTION_OPERATOR: _ClassVar[Rejection]
+REJECTION_UNSPECIFIED: Rejection
+REJECTION_RATE_LIMIT: Rejection
+REJECTION_IDENTITY: Rejection
+REJECTION_MALFORMED: Rejection
+REJECTION_NOT_AUTHORISED: Rejection
+REJECTION_OUT_OF_BOUNDS: Rejection
+REJECTION_STALE: Rejection
+REJECTION_INVALID_PLAN: Rejection
+REJECTION_NO_CHANGE: Rejection
+REJECTION_ACTIVATION_FAILED: Rejection
+REJECTION_OPERATOR: Rejection
+
 class Suggestion(_message.Message):
     __slots__ = ("suggestion_id", "agent_id", "plan_id", "base_version", "update_mask", "patch", "rationale", "expected_effect")
     SUGGESTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -32,7 +57,7 @@ class Suggestion(_message.Message):
     def __init__(self, suggestion_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., base_version: _Optional[int] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., patch: _Optional[_Union[_plan_pb2.ExecutionPlan, _Mapping]] = ..., rationale: _Optional[str] = ..., expected_effect: _Optional[str] = ...) -> None: ...
 
 class SuggestionVerdict(_message.Message):
-    __slots__ = ("suggestion_id", "decision", "reason", "resulting_version", "resulting_hash", "current_version", "resulting_plan", "decided_at")
+    __slots__ = ("suggestion_id", "decision", "reason", "resulting_version", "resulting_hash", "current_version", "resulting_plan", "decided_at", "audit_id", "rejection")
     class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DECISION_UNSPECIFIED: _ClassVar[SuggestionVerdict.Decision]
@@ -53,6 +78,8 @@ class SuggestionVerdict(_message.Message):
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESULTING_PLAN_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_FIELD_NUMBER: _ClassVar[int]
     suggestion_id: str
     decision: SuggestionVerdict.Decision
     reason: str
@@ -61,4 +88,26 @@ class SuggestionVerdict(_message.Message):
     current_version: int
     resulting_plan: _plan_pb2.ExecutionPlan
     decided_at: _timestamp_pb2.Timestamp
-    def __init__(self, suggestion_id: _Optional[str] = ..., decision: _Optional[_Union[SuggestionVerdict.Decision, str]] = ..., reason: _Optional[str] = ..., resulting_version: _Optional[int] = ..., resulting_hash: _Optional[str] = ..., current_version: _Optional[int] = ..., resulting_plan: _Optional[_Union[_plan_pb2.ExecutionPlan, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    audit_id: int
+    rejection: Rejection
+    def __init__(self, suggestion_id: _Optional[str] = ..., decision: _Optional[_Union[SuggestionVerdict.Decision, str]] = ..., reason: _Optional[str] = ..., resulting_version: _Optional[int] = ..., resulting_hash: _Optional[str] = ..., current_version: _Optional[int] = ..., resulting_plan: _Optional[_Union[_plan_pb2.ExecutionPlan, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., audit_id: _Optional[int] = ..., rejection: _Optional[_Union[Rejection, str]] = ...) -> None: ...
+
+class SuggestionRecord(_message.Message):
+    __slots__ = ("id", "agent_id", "suggestion", "verdict", "received_at", "mode", "decided_by", "patch_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTION_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    PATCH_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    agent_id: str
+    suggestion: Suggestion
+    verdict: SuggestionVerdict
+    received_at: _timestamp_pb2.Timestamp
+    mode: str
+    decided_by: str
+    patch_json: str
+    def __init__(self, id: _Optional[int] = ..., agent_id: _Optional[str] = ..., suggestion: _Optional[_Union[Suggestion, _Mapping]] = ..., verdict: _Optional[_Union[SuggestionVerdict, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[str] = ..., decided_by: _Optional[str] = ..., patch_json: _Optional[str] = ...) -> None: ...
