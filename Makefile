@@ -40,5 +40,5 @@ bench: setup  ## prefill/decode throughput with the per-op profile, then continu
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-protos: setup  ## regenerate services/api from protos/
-	$(BIN)/python -m services.api.codegen
+protos: setup  ## regenerate the Python code beside protos/*.proto
+	$(BIN)/python -m protos.codegen

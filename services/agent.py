@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.api.planengine.v1 import control_plane_pb2 as pb
-from services.api.planengine.v1 import plan_pb2
-from services.api.planengine.v1 import suggestion_pb2 as sg
+from protos.planengine.v1 import control_plane_pb2 as pb
+from protos.planengine.v1 import plan_pb2
+from protos.planengine.v1 import suggestion_pb2 as sg
 from services.client import PlanEngineClient
 
 log = logging.getLogger(__name__)

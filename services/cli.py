@@ -519,8 +519,8 @@ SUGGESTION_DECISIONS = ("accepted", "rejected", "pending", "dry_run")
 
 def cmd_suggestions(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
-    from services.api.planengine.v1 import control_plane_pb2 as pb
-    from services.api.planengine.v1 import suggestion_pb2 as sg
+    from protos.planengine.v1 import control_plane_pb2 as pb
+    from protos.planengine.v1 import suggestion_pb2 as sg
     with _client(args) as client:
         if args.suggestions_command == "list":
             decision = {"pending": "pending_review"}.get(args.decision, args.decision)

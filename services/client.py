@@ -9,9 +9,9 @@ from typing import Any, Iterator, Sequence
 import grpc
 from google.protobuf import json_format
 
-from services.api.planengine.v1 import control_plane_pb2 as pb
-from services.api.planengine.v1 import control_plane_pb2_grpc as pb_grpc
-from services.api.planengine.v1 import plan_pb2
+from protos.planengine.v1 import control_plane_pb2 as pb
+from protos.planengine.v1 import control_plane_pb2_grpc as pb_grpc
+from protos.planengine.v1 import plan_pb2
 
 
 def plan_from_json(text: str) -> plan_pb2.ExecutionPlan:

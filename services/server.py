@@ -27,7 +27,7 @@ from engine.control.plans import PlanEnvironment
 from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
 from engine.telemetry import tracing
 from services.agent_auth import AgentAuthInterceptor
-from services.api.planengine.v1 import control_plane_pb2, control_plane_pb2_grpc, plan_pb2
+from protos.planengine.v1 import control_plane_pb2, control_plane_pb2_grpc, plan_pb2
 from services.auth import BearerTokenInterceptor
 from services.errors import ErrorMappingInterceptor
 from services.servicer import ControlPlaneServicer

@@ -22,9 +22,9 @@ from engine.model.gguf_file import ModelFile
 from engine.runtime.generate import TokenEvent
 from engine.runtime.worker import Final
 from services.agent_auth import bearer_token
-from services.api.planengine.v1 import control_plane_pb2 as pb
-from services.api.planengine.v1 import control_plane_pb2_grpc as pb_grpc
-from services.api.planengine.v1 import suggestion_pb2 as sg
+from protos.planengine.v1 import control_plane_pb2 as pb
+from protos.planengine.v1 import control_plane_pb2_grpc as pb_grpc
+from protos.planengine.v1 import suggestion_pb2 as sg
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty")

@@ -23,7 +23,7 @@ from engine.control.plan_store import (
 )
 from engine.control.plans import plan_hash
 from engine.errors import EngineError, FailedPrecondition, InvalidArgument, NotFound
-from services.api.planengine.v1 import plan_pb2
+from protos.planengine.v1 import plan_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,7 @@ WORKER = textwrap.dedent("""
     import sys
     import time
     from engine.control.plan_store import SqlitePlanStore
-    from services.api.planengine.v1 import plan_pb2
+    from protos.planengine.v1 import plan_pb2
 
     path, plan_id, first_seed, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     store = SqlitePlanStore(path)

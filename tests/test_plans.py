@@ -25,7 +25,7 @@ from engine.control.plans import (
 )
 from engine.errors import InvalidArgument, ModelFormatError
 from engine.model.registry import DEFAULT_MODEL
-from services.api.planengine.v1 import plan_pb2
+from protos.planengine.v1 import plan_pb2
 
 # SmolLM2-135M's geometry: 2 (k, v) x 30 layers x 3 kv heads x 64 = 11520 values per token.
 SMOL = ModelInfo(context_length=8192, n_layers=30, n_kv_heads=3, head_dim=64)

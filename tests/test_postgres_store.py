@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import EngineError, FailedPrecondition, InvalidArgument, Unavailable
-from services.api.planengine.v1 import control_plane_pb2, plan_pb2
+from protos.planengine.v1 import control_plane_pb2, plan_pb2
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[dev]')")
 
@@ -56,7 +56,7 @@ from engine.control.postgres_store import (
     is_postgres_url,
 )
 from engine.control.suggestions import SuggestionLog, Verdict
-from services.api.planengine.v1 import suggestion_pb2
+from protos.planengine.v1 import suggestion_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -273,7 +273,7 @@ def test_threads_submitting_to_one_id_get_contiguous_versions(store, dsn):
 SUBMITTER = textwrap.dedent("""
     import sys
     from engine.control.postgres_store import PostgresPlanStore
-    from services.api.planengine.v1 import plan_pb2
+    from protos.planengine.v1 import plan_pb2
 
     dsn, first_seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     print("ready", flush=True)
@@ -369,7 +369,7 @@ CAS_RACER = textwrap.dedent("""
     import sys
     from engine.control.postgres_store import PostgresPlanStore
     from engine.errors import FailedPrecondition
-    from services.api.planengine.v1 import plan_pb2
+    from protos.planengine.v1 import plan_pb2
 
     store = PostgresPlanStore(sys.argv[1])
     print("ready", flush=True)

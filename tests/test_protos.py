@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from services.api import codegen
+from protos import codegen
 
 
 def test_generated_code_is_fresh(tmp_path):

@@ -16,8 +16,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.api.planengine.v1 import control_plane_pb2 as pb
-from services.api.planengine.v1 import plan_pb2
+from protos.planengine.v1 import control_plane_pb2 as pb
+from protos.planengine.v1 import plan_pb2
 from services.client import PlanEngineClient
 from services.server import ServerConfig, create_server
 

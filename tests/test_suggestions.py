@@ -20,8 +20,8 @@ from engine.control.suggestions import (
 )
 from engine.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.agent import Advisor, Agent, AgentConfig, Load
-from services.api.planengine.v1 import plan_pb2
-from services.api.planengine.v1 import suggestion_pb2 as sg
+from protos.planengine.v1 import plan_pb2
+from protos.planengine.v1 import suggestion_pb2 as sg
 from services.servicer import _verdict
 
 ENV = PlanEnvironment.with_models({"smol": ModelInfo(2048, 30, 3, 64), "other": ModelInfo(2048, 30, 3, 64)})

@@ -362,7 +362,7 @@ def test_server_span_covers_authentication(spans):
 
 @pytest.mark.slow
 def test_generate_yields_the_documented_span_tree(model_path, tmp_path: Path, spans):
-    from services.api.planengine.v1 import control_plane_pb2 as pb
+    from protos.planengine.v1 import control_plane_pb2 as pb
     from services.client import PlanEngineClient
     from services.server import ServerConfig, create_server
 

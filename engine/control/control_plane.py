@@ -31,7 +31,7 @@ from engine.scheduler.base import create_policy
 from engine.scheduler.power import PowerGovernor
 from engine.telemetry.energy import PowerMeter, default_meter
 from engine.telemetry.tracing import PLAN_RELOAD, RequestTrace, engine_tracer, plan_apply_span
-from services.api.planengine.v1 import plan_pb2
+from protos.planengine.v1 import plan_pb2
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from google.protobuf.internal import type_checkers
 from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, UnsupportedModel
 from engine.model import registry
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
-from services.api.planengine.v1 import plan_pb2
+from protos.planengine.v1 import plan_pb2
 
 ExecutionPlan = plan_pb2.ExecutionPlan
 

@@ -70,7 +70,7 @@ from engine.control.plans import (
     prepare,
 )
 from engine.errors import EngineError, FailedPrecondition, InvalidArgument, NotFound
-from services.api.planengine.v1 import suggestion_pb2
+from protos.planengine.v1 import suggestion_pb2
 
 Suggestion = suggestion_pb2.Suggestion
 

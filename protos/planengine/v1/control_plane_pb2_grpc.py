@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from services.api.planengine.v1 import control_plane_pb2 as planengine_dot_v1_dot_control__plane__pb2
-from services.api.planengine.v1 import plan_pb2 as planengine_dot_v1_dot_plan__pb2
-from services.api.planengine.v1 import suggestion_pb2 as planengine_dot_v1_dot_suggestion__pb2
+from protos.planengine.v1 import control_plane_pb2 as planengine_dot_v1_dot_control__plane__pb2
+from protos.planengine.v1 import plan_pb2 as planengine_dot_v1_dot_plan__pb2
+from protos.planengine.v1 import suggestion_pb2 as planengine_dot_v1_dot_suggestion__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -1,8 +1,8 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
-from services.api.planengine.v1 import plan_pb2 as _plan_pb2
-from services.api.planengine.v1 import suggestion_pb2 as _suggestion_pb2
+from protos.planengine.v1 import plan_pb2 as _plan_pb2
+from protos.planengine.v1 import suggestion_pb2 as _suggestion_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

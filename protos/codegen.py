@@ -1,4 +1,8 @@
-"""Regenerates the committed Python code for protos/ (`make protos`).
+"""Regenerates the committed Python code beside each .proto in protos/ (`make protos`).
+
+The contracts are shared by every layer (the control plane stores ExecutionPlans, the
+servicers speak them), so their code lives with them in the `protos` package rather
+than inside one layer.
 
 grpc_tools writes imports as `from planengine.v1 import x_pb2`, i.e. relative to
 the proto root; they are rewritten to this package so the generated modules
@@ -14,10 +18,10 @@ import tempfile
 from importlib.resources import files
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-PROTO_ROOT = ROOT / "protos"
-OUT = Path(__file__).resolve().parent  # services/api
-PACKAGE = "services.api"
+PROTO_ROOT = Path(__file__).resolve().parent  # protos/: the .proto files and, beside them, their Python code
+ROOT = PROTO_ROOT.parent
+OUT = PROTO_ROOT
+PACKAGE = "protos"
 
 
 def proto_files() -> list[Path]:
