@@ -87,6 +87,16 @@ class Backend(ABC):
         the sequence's keys and values for positions 0..t-1. Returns (n, n_heads * head_dim).
         """
 
+    def decode_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Attention of B sequences decoding one token each, in one call.
+
+        q: (B, n_heads, head_dim); k, v: (B, n_kv_heads, T, head_dim), sequence b's keys in
+        positions 0..lengths[b]-1 (the rest is padding). Returns (B, n_heads * head_dim).
+        This default loops over `attention`; backends override it with one batched computation.
+        """
+        return np.concatenate([self.attention(q[b:b + 1], k[b, :, :lengths[b]], v[b, :, :lengths[b]],
+                                              np.array([lengths[b] - 1])) for b in range(len(q))])
+
     @abstractmethod
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
         """SwiGLU (arXiv:2002.05202): silu(gate) * up of (n, 2f) packed [gate | up] → (n, f)."""
@@ -119,7 +129,8 @@ class ProfiledBackend:
     """Wraps a backend and times each op; costs nothing when not used."""
 
     # Op name in the profile for each backend method.
-    OPS = {"linear": "matmul", "attention": "attention", "rms_norm": "norm", "rope": "rope",
+    OPS = {"linear": "matmul", "attention": "attention", "decode_attention": "attention", "rms_norm": "norm",
+           "rope": "rope",
            "silu_mul": "activation", "embedding": "embedding"}
 
     def __init__(self, inner: Backend, profile: OpProfile):

@@ -77,3 +77,62 @@ def test_admission_limits(loaded_model):
                 w.submit(RequestSpec("a", [1, 2], SamplingParams(max_tokens=1)))
     finally:
         w.close()
+
+
+def _alone(loaded_model, prompts, max_tokens):
+    """Each prompt run by itself on a fresh worker: the reference for batching tests."""
+    out = []
+    for p in prompts:
+        w = EngineWorker(loaded_model, FifoPolicy(), WorkerLimits())
+        try:
+            out.append(list(w.submit(RequestSpec("", p, SamplingParams(max_tokens=max_tokens),
+                                                 ignore_eos=True)).events())[-1].ids)
+        finally:
+            w.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def invariant_model(model_path):
+    from engine.runtime.generate import LoadedModel
+    model = LoadedModel(model_path, batch_invariant=True)
+    yield model
+    model.close()
+
+
+def _prompts(model, n, length=12):
+    import numpy as np
+    rng = np.random.default_rng(7)
+    return [rng.integers(100, model.config.vocab_size, length).tolist() for _ in range(n)]
+
+
+def test_eight_concurrent_greedy_requests_equal_each_alone(invariant_model):
+    """With determinism.batch_invariant, batch mates cannot change a single bit of a request."""
+    prompts = _prompts(invariant_model, 8)
+    alone = _alone(invariant_model, prompts, 12)
+    w = EngineWorker(invariant_model, FifoPolicy(), WorkerLimits(max_batched_tokens=40))
+    try:
+        handles = [w.submit(RequestSpec("", p, SamplingParams(max_tokens=12), ignore_eos=True)) for p in prompts]
+        together = [list(h.events())[-1].ids for h in handles]
+    finally:
+        w.close()
+    assert together == alone
+
+
+def test_small_arena_preempts_and_completes_every_request_correctly(invariant_model):
+    from engine.memory.paged import BlockArena
+    c = invariant_model.config
+    prompts = _prompts(invariant_model, 6, length=20)
+    alone = _alone(invariant_model, prompts, 24)
+    # 6 sequences of 44 positions need 18 blocks of 16; the arena has 8
+    arena = BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, num_blocks=8, block_size=16)
+    w = EngineWorker(invariant_model, FifoPolicy(), WorkerLimits(max_batched_tokens=64), arena=arena)
+    try:
+        handles = [w.submit(RequestSpec("", p, SamplingParams(max_tokens=24), ignore_eos=True)) for p in prompts]
+        finals = [list(h.events())[-1] for h in handles]
+        assert w.preemptions > 0
+        assert arena.used_blocks == 0
+    finally:
+        w.close()
+    assert [f.ids for f in finals] == alone
+    assert all(f.finish_reason == "length" for f in finals)

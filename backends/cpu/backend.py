@@ -1,26 +1,64 @@
-"""The numpy CPU backend: float32 weights, OpenBLAS GEMM, vectorised elementwise ops."""
+"""The CPU backend: numpy elementwise ops, and weights as float32 (OpenBLAS GEMM) or
+quantized-resident blocks (`native`, `q8_0`: AVX2 int8 kernels, see quantized.py)."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from backends.base import Backend, TensorData
+from backends.cpu import invariant
+from backends.cpu.quantized import FLOAT_TYPES, BlockTable, QuantizedLinear, QuantizedMatmul, block_part
 from engine.model.quants import dequantize
 
 
 class CpuBackend(Backend):
-    name = "cpu"
-    weight_formats = ("f32",)
+    """Weight formats: `f32` (dequantized at load), `native` (the file's own blocks: Q4_0/Q4_1/Q8_0
+    interleaved by 8 rows for the kernels, K-quants read from the file mapping), `q8_0`
+    (requantized at load).
 
-    def __init__(self) -> None:
+    For the block formats, `gemm_threshold` is the declared rule that picks the matmul path:
+    a batch of at least that many rows is dequantized into float32 tiles for OpenBLAS
+    (float activations), a smaller one runs the int8 quantized-dot kernels (activations
+    quantized per 32-block, as llama.cpp). None (the default) takes the measured default of
+    each weight's kernel layout, `quantized.DEFAULT_GEMM_THRESHOLDS`: int8 at every batch
+    size for Q4_0/Q4_1/Q8_0, OpenBLAS from 32 rows for the K-quants. `kernels` is "auto", "avx2" or "numpy" (force the
+    fallback: every batch dequantize-into-GEMM); `threads` sizes the kernels' thread pool
+    (default: the CPUs this process may run on). Norm, RoPE, attention and SwiGLU run in C
+    whenever the extension is in use, whatever the weight format.
+    """
+
+    name = "cpu"
+    weight_formats = ("f32", "native", "q8_0")
+
+    def __init__(self, gemm_threshold: int | None = None, kernels: str = "auto",
+                 threads: int | None = None) -> None:
         self._cos: np.ndarray | None = None
         self._sin: np.ndarray | None = None
         self._rope_style = "interleaved"
+        self.quantized = QuantizedMatmul(kernels, gemm_threshold, threads)
+        self._ops = self.quantized.ops  # the C extension, or None: numpy for every op
+        self._format = "f32"  # of the model being loaded, for the embedding table (see load_embedding)
+
+    @property
+    def gemm_threshold(self) -> int | None:
+        return self.quantized.gemm_threshold
+
+    @gemm_threshold.setter
+    def gemm_threshold(self, rows: int | None) -> None:
+        self.quantized.gemm_threshold = rows
+
+    def check_weight_format(self, fmt: str) -> None:
+        super().check_weight_format(fmt)
+        self._format = fmt
 
     def load_linear(self, parts: Sequence[TensorData], fmt: str) -> Any:
         self.check_weight_format(fmt)
+        if fmt != "f32" and not all(T(p.qtype) in FLOAT_TYPES for p in parts):
+            return self.quantized.handle([block_part(p, fmt) for p in parts], parts[0].shape[1])
+        # float32, and float tensors under a block format: there are no blocks to keep.
         # Kept as W.T, contiguous (in, out): `x @ Wt` runs ~1.5x faster than `x @ W.T`
         # at batch 16-32 here (DESIGN.md, performance).
         n_in = parts[0].shape[1]
@@ -34,21 +72,50 @@ class CpuBackend(Backend):
     def load_vector(self, tensor: TensorData) -> Any:
         return dequantize(tensor.raw, tensor.qtype, tensor.shape)
 
-    def load_embedding(self, tensor: TensorData) -> Any:
-        return dequantize(tensor.raw, tensor.qtype, tensor.shape)
+    def load_embedding(self, tensor: TensorData, fmt: str | None = None) -> Any:
+        # The contract passes no format here; load_weights validated the model's format first.
+        fmt = fmt or self._format
+        qtype = T(tensor.qtype)
+        if fmt == "f32" or qtype in FLOAT_TYPES:
+            return dequantize(tensor.raw, tensor.qtype, tensor.shape)
+        if fmt == "q8_0" and qtype != T.Q8_0:
+            part = block_part(tensor, "q8_0")
+            return BlockTable(part.blocks, T.Q8_0, tensor.shape)
+        return BlockTable(np.ascontiguousarray(tensor.raw).view(np.uint8).reshape(tensor.shape[0], -1),
+                          qtype, tensor.shape)
 
     def tied_output(self, table: Any) -> Any:
+        if isinstance(table, BlockTable):
+            # the head reads the table's own blocks (requantized to Q8_0 if it has no kernel),
+            # and lookups then go through the head's resident copy
+            table.head = self.quantized.handle(
+                [block_part(TensorData(table.blocks, table.qtype, table.shape), "native")], table.shape[1])
+            return table.head
         # A transposed view, no copy: `x @ E.T` on the (vocab, dim) table measured as fast as a
         # contiguous (dim, vocab) copy at batch 1 and 1.5x faster at batch 512.
         return table.T
 
     def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
+        if isinstance(table, BlockTable):
+            return table.rows(ids)
         return table[ids]
 
     def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
+        if isinstance(w, QuantizedLinear):
+            return self.quantized.linear(x, w)
+        if self.batch_invariant:
+            return invariant.tiled_matmul(x, w)
         return x @ w
 
+    # The decoder-layer ops below run in C (ops_avx2/ops.c) when the extension is in use:
+    # at decode each is a few microseconds of arithmetic behind several numpy calls. The
+    # numpy code is the fallback and the reference the C code is tested against.
+
     def rms_norm(self, x: np.ndarray, w: Any, eps: float) -> np.ndarray:
+        if self._ops is not None and _c_ready(x):
+            out = np.empty(x.shape, dtype=np.float32)
+            self._ops.rms_norm(x, w, eps, out)
+            return out
         ms = np.einsum("nd,nd->n", x, x)[:, None] / x.shape[-1]  # mean of squares without a temporary
         return x * (1.0 / np.sqrt(ms + eps)) * w
 
@@ -62,6 +129,10 @@ class CpuBackend(Backend):
 
     def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         assert self._cos is not None and self._sin is not None, "configure_rope first"
+        if self._ops is not None and _c_ready(x):
+            out = np.empty(x.shape, dtype=np.float32)
+            self._ops.rope(x, self._cos, self._sin, _positions(positions), self._rope_style == "neox", out)
+            return out
         n, heads, hd = x.shape
         half = self._cos.shape[1]
         cos = self._cos[positions][:, None, :]  # (n, 1, rope_dim/2)
@@ -82,6 +153,12 @@ class CpuBackend(Backend):
     ATTENTION_BLOCK = 128
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
+        if self.batch_invariant and self._ops is None:
+            return invariant.attend(q, k, v, q_positions, q.shape[1] // k.shape[0])
+        if self._ops is not None and _c_ready(q) and _c_ready(k) and _c_ready(v) and k.shape[1] > 0:
+            out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)
+            self._ops.attention(np.ascontiguousarray(q), k, v, _positions(q_positions), out, self.quantized.threads)
+            return out
         n, n_heads, hd = q.shape
         n_kv = k.shape[0]
         group = n_heads // n_kv
@@ -91,6 +168,23 @@ class CpuBackend(Backend):
             t = int(q_positions[hi - 1]) + 1  # keys this block can see
             out[lo:hi] = self._attend(q[lo:hi], k[:, :t], v[:, :t], q_positions[lo:hi], group)
         return out
+
+    def decode_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        if self.batch_invariant:  # its row tiles would mix sequences: per sequence, on the fixed grid
+            return super().decode_attention(q, k, v, lengths)
+        # every decoding sequence at once: (B, n_kv, group, T) scores, padding masked per sequence
+        b, n_heads, hd = q.shape
+        n_kv, t = k.shape[1], k.shape[2]
+        group = n_heads // n_kv
+        qg = q.reshape(b, n_kv, group, hd)
+        scores = np.matmul(qg, k.transpose(0, 1, 3, 2))  # (B, n_kv, group, T)
+        scores *= np.float32(1.0 / np.sqrt(hd))
+        hidden = np.arange(t)[None, :] >= np.asarray(lengths)[:, None]  # (B, T)
+        scores[np.broadcast_to(hidden[:, None, None, :], scores.shape)] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
+        return np.matmul(scores, v).reshape(b, n_heads * hd)  # (B, n_kv, group, hd) -> (B, H * hd)
 
     @staticmethod
     def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray, group: int) -> np.ndarray:
@@ -111,6 +205,19 @@ class CpuBackend(Backend):
         return out.reshape(n_kv, n, group, hd).transpose(1, 0, 2, 3).reshape(n, n_heads * hd)
 
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
+        if self._ops is not None and _c_ready(gate_up):
+            out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)
+            self._ops.silu_mul(gate_up, out, self.quantized.threads)
+            return out
         f = gate_up.shape[-1] // 2
         gate, up = gate_up[:, :f], gate_up[:, f:]
         return gate / (1.0 + np.exp(-gate)) * up
+
+
+def _c_ready(a: np.ndarray) -> bool:
+    """float32 with a contiguous last axis and no negative strides: what the C ops take."""
+    return a.dtype == np.float32 and a.strides[-1] == 4 and min(a.strides) >= 0
+
+
+def _positions(p: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(p, dtype=np.int64)

@@ -145,3 +145,38 @@ class PagedKV:
         if k.dtype != np.float32:  # an f16 arena halves memory; attention still runs in f32
             k, v = k.astype(np.float32), v.astype(np.float32)
         return k, v
+
+
+def write_all(kvs: list[PagedKV], starts: list[int], counts: list[int], layer: int,
+              k: np.ndarray, v: np.ndarray) -> None:
+    """One scatter for a whole step: k, v (sum(counts), n_kv, hd) into every sequence's blocks."""
+    arena = kvs[0].arena
+    bs = arena.block_size
+    blocks, slots = [], []
+    for kv, start, n in zip(kvs, starts, counts):
+        if start + n > kv.capacity:
+            raise ContextOverflow(f"write past the reserved {kv.capacity} positions")
+        pos = np.arange(start, start + n)
+        blocks.append(np.asarray(kv.blocks)[pos // bs])
+        slots.append(pos % bs)
+    b, s = np.concatenate(blocks), np.concatenate(slots)
+    arena.k[layer][:, b, s] = k.transpose(1, 0, 2)
+    arena.v[layer][:, b, s] = v.transpose(1, 0, 2)
+
+
+def gather_all(kvs: list[PagedKV], ends: list[int], layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values of several sequences in one gather: (B, n_kv, T, hd), T = the longest;
+    positions past a sequence's end hold stale data for the caller to mask."""
+    arena = kvs[0].arena
+    bs = arena.block_size
+    nb = max(-(-e // bs) for e in ends)
+    table = np.zeros((len(kvs), nb), dtype=np.int64)
+    for i, (kv, e) in enumerate(zip(kvs, ends)):
+        own = kv.blocks[:-(-e // bs)]
+        table[i, :len(own)] = own
+    n_kv, hd = arena.k.shape[1], arena.k.shape[-1]
+    k = arena.k[layer][:, table].reshape(n_kv, len(kvs), nb * bs, hd).transpose(1, 0, 2, 3)
+    v = arena.v[layer][:, table].reshape(n_kv, len(kvs), nb * bs, hd).transpose(1, 0, 2, 3)
+    if k.dtype != np.float32:
+        k, v = k.astype(np.float32), v.astype(np.float32)
+    return k, v

@@ -17,6 +17,7 @@ import numpy as np
 from backends.base import Backend, TensorData
 from engine.errors import ModelFormatError
 from engine.memory.kv_cache import SequenceKV
+from engine.memory.paged import PagedKV, gather_all, write_all
 from engine.model.gguf_file import ModelConfig, ModelFile
 
 
@@ -76,6 +77,32 @@ class Segment:
     logits: str = "last"  # "last" (generation), "all" (scoring) or "none" (a prompt chunk before its end)
 
 
+@dataclass
+class _BatchedKV:
+    """How a step's segments share the paged arena: one scatter, one gather for the decoders."""
+
+    kvs: list
+    starts: list[int]
+    counts: list[int]
+    decoders: list[int]  # segments decoding one token: attention batched across them
+    decoder_set: set[int]
+    decode_rows: np.ndarray
+    decode_ends: list[int]
+
+    @classmethod
+    def plan(cls, segments: Sequence[Segment], bounds: np.ndarray, backend: Backend) -> "_BatchedKV | None":
+        kvs = [s.kv for s in segments]
+        if not all(isinstance(kv, PagedKV) and kv.arena is kvs[0].arena for kv in kvs):
+            return None
+        # batch-invariant plans keep per-sequence attention: its grid does not depend on batch mates
+        decoders = [] if backend.batch_invariant else [i for i, s in enumerate(segments) if len(s.tokens) == 1]
+        if len(decoders) < 2:
+            decoders = []
+        return cls(kvs, [s.start for s in segments], [len(s.tokens) for s in segments], decoders, set(decoders),
+                   np.array([bounds[i] for i in decoders], dtype=np.int64),
+                   [segments[i].start + 1 for i in decoders])
+
+
 class Transformer:
     def __init__(self, config: ModelConfig, weights: Weights, backend: Backend):
         self.config = config
@@ -102,6 +129,7 @@ class Transformer:
         positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens)) for s in segments])
         bounds = np.cumsum([0] + [len(s.tokens) for s in segments])
 
+        batched = _BatchedKV.plan(segments, bounds, be) if xp is np else None
         x = be.embedding(w.embedding, tokens)  # (n_tokens, dim)
         for layer, lw in enumerate(w.layers):
             # attention: qkv projections for all new tokens in one GEMM
@@ -112,8 +140,17 @@ class Transformer:
             v = qkv[:, q_dim + kv_dim:].reshape(-1, c.n_kv_heads, c.head_dim)
             # each sequence attends over its own cache
             attn = xp.empty((len(tokens), q_dim), dtype=np.float32)
-            for s, lo, hi in zip(segments, bounds[:-1], bounds[1:]):
-                s.kv.write(layer, s.start, k[lo:hi], v[lo:hi])
+            if batched is not None:  # one scatter for every new token, one gather for all decoders
+                write_all(batched.kvs, batched.starts, batched.counts, layer, k, v)
+                if batched.decoders:
+                    rows = batched.decode_rows
+                    k_dec, v_dec = gather_all([segments[i].kv for i in batched.decoders], batched.decode_ends, layer)
+                    attn[rows] = be.decode_attention(q[rows], k_dec, v_dec, np.asarray(batched.decode_ends))
+            for i, (s, lo, hi) in enumerate(zip(segments, bounds[:-1], bounds[1:])):
+                if batched is not None and i in batched.decoder_set:
+                    continue
+                if batched is None:
+                    s.kv.write(layer, s.start, k[lo:hi], v[lo:hi])
                 k_all, v_all = s.kv.read(layer, s.start + hi - lo)  # (n_kv_heads, t, head_dim)
                 attn[lo:hi] = be.attention(q[lo:hi], k_all, v_all, positions[lo:hi])
             x = x + be.linear(attn, lw.wo)

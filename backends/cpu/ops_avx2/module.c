@@ -1,0 +1,746 @@
+/* Python glue of backends.cpu._ops_avx2 (CPython C API, buffer protocol, no numpy headers).
+ *
+ * Compiled for the baseline instruction set: importing the module and calling
+ * have_avx2() is safe on any CPU; every other function refuses to run without AVX2.
+ * Each kernel call releases the GIL for its whole computation.
+ *
+ *   have_avx2() -> bool               CPU (and OS) support AVX2, FMA and F16C
+ *   set_spin_us(us)                   how long idle pool workers spin before sleeping
+ *   park()                            idle pool workers sleep now (before OpenBLAS takes the cores)
+ *   matrix(parts, k) -> capsule       parts: [(buffer, ggml_type, rows[, x8])], each (rows, k) in blocks
+ *   x8_bytes / repack_x8              the 8-row interleaved layout of Q4_0/Q4_1/Q8_0 (ops_avx2.h)
+ *   release_pages(buffer)             drop a read-only file mapping's pages from the resident set
+ *   dequantize_ids(matrix, ids, out)  rows by index (embedding lookups through the output head)
+ *   matmul(x, matrix, out, threads)   out[:, :rows] = x @ W.T, x (n, k) float32, out (n, >= rows)
+ *   dequantize(matrix, row0, row1, out, threads)   out[:(row1-row0)*k] = W[row0:row1] as float32
+ *   quantize_q8_0(x, out, threads)    float32 (n,) -> Q8_0 blocks (n / 32 * 34 bytes)
+ *   quantize_act(x, q, d, s, isum, threads)   the activation quantization matmul applies
+ *   rms_norm(x, w, eps, out)          decoder-layer ops (ops.c); out is a new C-contiguous array
+ *   rope(x, cos, sin, positions, neox, out)
+ *   silu_mul(gate_up, out, threads)
+ *   attention(q, k, v, positions, out, threads)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#include "ops_avx2.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define OPS_X86 1
+#else
+#define OPS_X86 0
+#endif
+
+int ops_cpu_has_avx2(void)
+{
+#if OPS_X86 && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+int ops_part_supported(int qtype)
+{
+    return qtype == QT_Q4_0 || qtype == QT_Q4_1 || qtype == QT_Q8_0 || qtype == QT_Q4_K || qtype == QT_Q6_K;
+}
+
+int64_t ops_row_bytes(int qtype, int64_t k)
+{
+    switch (qtype) {
+    case QT_Q4_0: return k % QK ? -1 : k / QK * 18;
+    case QT_Q4_1: return k % QK ? -1 : k / QK * 20;
+    case QT_Q8_0: return k % QK ? -1 : k / QK * 34;
+    case QT_Q4_K: return k % QK_K ? -1 : k / QK_K * 144;
+    case QT_Q6_K: return k % QK_K ? -1 : k / QK_K * 210;
+    default: return -1;
+    }
+}
+
+static int g_have_avx2 = -1;
+
+static int require_avx2(void)
+{
+    if (g_have_avx2 < 0)
+        g_have_avx2 = ops_cpu_has_avx2();
+    if (!g_have_avx2) {
+        PyErr_SetString(PyExc_RuntimeError, "ops_avx2: this CPU lacks AVX2/FMA/F16C");
+        return 0;
+    }
+    return 1;
+}
+
+/* ---- the weight matrix capsule: a QMatrix plus the buffers it points into ---- */
+
+typedef struct {
+    QMatrix m;
+    Py_buffer views[8];
+    int nviews;
+} MatrixObj;
+
+static const char *MATRIX_NAME = "ops_avx2.QMatrix";
+
+static void matrix_free(PyObject *capsule)
+{
+    MatrixObj *obj = (MatrixObj *)PyCapsule_GetPointer(capsule, MATRIX_NAME);
+    if (!obj)
+        return;
+    for (int i = 0; i < obj->nviews; i++)
+        PyBuffer_Release(&obj->views[i]);
+    free(obj);
+}
+
+static PyObject *py_matrix(PyObject *self, PyObject *args)
+{
+    PyObject *parts;
+    long long k;
+    if (!PyArg_ParseTuple(args, "OL", &parts, &k))
+        return NULL;
+    PyObject *seq = PySequence_Fast(parts, "parts must be a sequence of (buffer, type, rows)");
+    if (!seq)
+        return NULL;
+    const Py_ssize_t np = PySequence_Fast_GET_SIZE(seq);
+    if (np < 1 || np > 8) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "a matrix has 1..8 parts, got %zd", np);
+        return NULL;
+    }
+    MatrixObj *obj = calloc(1, sizeof(MatrixObj));
+    if (!obj) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    obj->m.k = k;
+    for (Py_ssize_t i = 0; i < np; i++) {
+        PyObject *buf;
+        int qtype, x8 = 0;
+        long long rows;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OiL|p", &buf, &qtype, &rows, &x8))
+            goto fail;
+        const int64_t rb = ops_row_bytes(qtype, k);
+        /* the legacy types have kernels in the x8 layout only, the K-quants in the file's order only */
+        if (!ops_part_supported(qtype) || rb < 0 || rows < 1 || x8 != ops_x8_supported(qtype)) {
+            PyErr_Format(PyExc_ValueError, "part %zd: type %d%s with %lld rows of %lld weights has no kernel",
+                         i, qtype, x8 ? " (x8)" : "", rows, k);
+            goto fail;
+        }
+        if (PyObject_GetBuffer(buf, &obj->views[i], PyBUF_C_CONTIGUOUS) < 0)
+            goto fail;
+        obj->nviews++;
+        const int64_t expect = x8 ? ops_x8_bytes(qtype, rows, k) : rows * rb;
+        if (obj->views[i].len != expect) {
+            PyErr_Format(PyExc_ValueError, "part %zd: %zd bytes, expected %lld", i, obj->views[i].len,
+                         (long long)expect);
+            goto fail;
+        }
+        obj->m.parts[i] = (QPart){(const uint8_t *)obj->views[i].buf, qtype, x8, rows, rb};
+        obj->m.rows += rows;
+    }
+    obj->m.nparts = (int)np;
+    Py_DECREF(seq);
+    PyObject *capsule = PyCapsule_New(obj, MATRIX_NAME, matrix_free);
+    if (!capsule) {
+        for (int i = 0; i < obj->nviews; i++)
+            PyBuffer_Release(&obj->views[i]);
+        free(obj);
+    }
+    return capsule;
+fail:
+    for (int i = 0; i < obj->nviews; i++)
+        PyBuffer_Release(&obj->views[i]);
+    free(obj);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* ---- buffer helpers ---- */
+
+static int is_format(const Py_buffer *v, char code)
+{
+    const char *f = v->format ? v->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    return f[0] == code && f[1] == '\0';
+}
+
+/* A C-contiguous float32 buffer of ndim 1 or 2; *rows, *cols describe it as 2-D. */
+static int get_f32(PyObject *obj, Py_buffer *v, int writable, const char *what, int64_t *rows, int64_t *cols)
+{
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return 0;
+    if (!is_format(v, 'f') || v->itemsize != 4 || v->ndim < 1 || v->ndim > 2) {
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous float32 array of 1 or 2 dimensions", what);
+        PyBuffer_Release(v);
+        return 0;
+    }
+    *rows = v->ndim == 2 ? v->shape[0] : 1;
+    *cols = v->ndim == 2 ? v->shape[1] : v->shape[0];
+    return 1;
+}
+
+static MatrixObj *get_matrix(PyObject *capsule)
+{
+    return (MatrixObj *)PyCapsule_GetPointer(capsule, MATRIX_NAME);
+}
+
+static int alloc_act(QAct *a, int64_t n, int64_t k)
+{
+    a->n = n;
+    a->k = k;
+    a->nb = k / QK;
+    /* one allocation: q, then d, s, isum (4-byte aligned since k is a multiple of 32) */
+    char *mem = malloc((size_t)(n * k + 3 * n * a->nb * 4));
+    if (!mem)
+        return 0;
+    a->q = (int8_t *)mem;
+    a->d = (float *)(mem + n * k);
+    a->s = a->d + n * a->nb;
+    a->isum = (int32_t *)(a->s + n * a->nb);
+    return 1;
+}
+
+/* ---- kernels ---- */
+
+static PyObject *py_matmul(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *mo, *oo;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOi", &xo, &mo, &oo, &threads))
+        return NULL;
+    if (!require_avx2())
+        return NULL;
+    MatrixObj *m = get_matrix(mo);
+    if (!m)
+        return NULL;
+    Py_buffer xv, ov;
+    int64_t n, k, on, ldo;
+    if (!get_f32(xo, &xv, 0, "x", &n, &k))
+        return NULL;
+    if (!get_f32(oo, &ov, 1, "out", &on, &ldo)) {
+        PyBuffer_Release(&xv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    QAct a;
+    if (k != m->m.k || on != n || ldo < m->m.rows) {
+        PyErr_Format(PyExc_ValueError, "matmul: x (%lld, %lld), W (%lld, %lld), out (%lld, %lld) do not fit",
+                     (long long)n, (long long)k, (long long)m->m.rows, (long long)m->m.k, (long long)on,
+                     (long long)ldo);
+    } else if (!alloc_act(&a, n, k)) {
+        PyErr_NoMemory();
+    } else {
+#if OPS_X86
+        Py_BEGIN_ALLOW_THREADS
+        ops_quantize_act((const float *)xv.buf, k, &a, threads);
+        ops_matmul(&m->m, &a, (float *)ov.buf, ldo, threads);
+        Py_END_ALLOW_THREADS
+#endif
+        free(a.q);
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&xv);
+    PyBuffer_Release(&ov);
+    return result;
+}
+
+static PyObject *py_quantize_act(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *qo, *d_o, *so, *io;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOi", &xo, &qo, &d_o, &so, &io, &threads))
+        return NULL;
+    if (!require_avx2())
+        return NULL;
+    Py_buffer xv, qv, dv, sv, iv;
+    int64_t n, k, r, c;
+    if (!get_f32(xo, &xv, 0, "x", &n, &k))
+        return NULL;
+    PyObject *result = NULL;
+    int got = 0;
+    if (PyObject_GetBuffer(qo, &qv, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        goto done;
+    got = 1;
+    if (!get_f32(d_o, &dv, 1, "d", &r, &c))
+        goto done;
+    got = 2;
+    if (!get_f32(so, &sv, 1, "s", &r, &c))
+        goto done;
+    got = 3;
+    if (PyObject_GetBuffer(io, &iv, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        goto done;
+    got = 4;
+    if (k % QK || qv.len != n * k || dv.len != n * (k / QK) * 4 || sv.len != dv.len || iv.len != dv.len) {
+        PyErr_SetString(PyExc_ValueError, "quantize_act: buffer sizes do not match x");
+        goto done;
+    }
+    QAct a = {n, k, k / QK, (int8_t *)qv.buf, (float *)dv.buf, (float *)sv.buf, (int32_t *)iv.buf};
+#if OPS_X86
+    Py_BEGIN_ALLOW_THREADS
+    ops_quantize_act((const float *)xv.buf, k, &a, threads);
+    Py_END_ALLOW_THREADS
+#endif
+    result = Py_NewRef(Py_None);
+done:
+    if (got >= 4) PyBuffer_Release(&iv);
+    if (got >= 3) PyBuffer_Release(&sv);
+    if (got >= 2) PyBuffer_Release(&dv);
+    if (got >= 1) PyBuffer_Release(&qv);
+    PyBuffer_Release(&xv);
+    return result;
+}
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args)
+{
+    PyObject *mo, *oo;
+    long long row0, row1;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OLLOi", &mo, &row0, &row1, &oo, &threads))
+        return NULL;
+    if (!require_avx2())
+        return NULL;
+    MatrixObj *m = get_matrix(mo);
+    if (!m)
+        return NULL;
+    Py_buffer ov;
+    int64_t r, c;
+    if (!get_f32(oo, &ov, 1, "out", &r, &c))
+        return NULL;
+    PyObject *result = NULL;
+    if (row0 < 0 || row1 > m->m.rows || row0 > row1 || r * c < (row1 - row0) * m->m.k) {
+        PyErr_Format(PyExc_ValueError, "dequantize: rows %lld..%lld of %lld into %lld floats", row0, row1,
+                     (long long)m->m.rows, (long long)(r * c));
+    } else {
+#if OPS_X86
+        Py_BEGIN_ALLOW_THREADS
+        ops_dequantize(&m->m, row0, row1, (float *)ov.buf, threads);
+        Py_END_ALLOW_THREADS
+#endif
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&ov);
+    return result;
+}
+
+static PyObject *py_quantize_q8_0(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *oo;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOi", &xo, &oo, &threads))
+        return NULL;
+    if (!require_avx2())
+        return NULL;
+    Py_buffer xv, ov;
+    int64_t r, c;
+    if (!get_f32(xo, &xv, 0, "x", &r, &c))
+        return NULL;
+    if (PyObject_GetBuffer(oo, &ov, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&xv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    const int64_t n = r * c;
+    if (n % QK || ov.len != n / QK * 34) {
+        PyErr_Format(PyExc_ValueError, "quantize_q8_0: %lld floats into %zd bytes", (long long)n, ov.len);
+    } else {
+#if OPS_X86
+        Py_BEGIN_ALLOW_THREADS
+        ops_quantize_q8_0((const float *)xv.buf, n, (uint8_t *)ov.buf, threads);
+        Py_END_ALLOW_THREADS
+#endif
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&xv);
+    PyBuffer_Release(&ov);
+    return result;
+}
+
+/* ---- decoder-layer ops: strided float32 views ---- */
+
+typedef struct {
+    Py_buffer v;
+    float *p;
+    Py_ssize_t shape[4];
+    Py_ssize_t strides[4]; /* in floats */
+} F32View;
+
+/* A float32 view of `ndim` dimensions whose last axis is contiguous. */
+static int get_view(PyObject *o, F32View *a, int ndim, int writable, const char *what)
+{
+    if (PyObject_GetBuffer(o, &a->v, PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return 0;
+    int ok = is_format(&a->v, 'f') && a->v.itemsize == 4 && a->v.ndim == ndim;
+    for (int i = 0; ok && i < ndim; i++) {
+        a->shape[i] = a->v.shape[i];
+        a->strides[i] = a->v.strides[i] / 4;
+        ok = a->v.strides[i] % 4 == 0 && a->v.strides[i] >= 0;
+    }
+    if (ok && a->shape[ndim - 1] > 1 && a->strides[ndim - 1] != 1)
+        ok = 0;
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "%s must be a float32 array of %d dimensions, last axis contiguous", what, ndim);
+        PyBuffer_Release(&a->v);
+        return 0;
+    }
+    a->p = (float *)a->v.buf;
+    return 1;
+}
+
+/* (n,) int64 positions, each in [0, limit) */
+static int get_positions(PyObject *o, Py_buffer *v, Py_ssize_t n, int64_t limit)
+{
+    if (PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return 0;
+    if (!(is_format(v, 'q') || is_format(v, 'l')) || v->itemsize != 8 || v->len != n * 8) {
+        PyErr_Format(PyExc_TypeError, "positions must be %zd int64 values", n);
+        PyBuffer_Release(v);
+        return 0;
+    }
+    const int64_t *p = (const int64_t *)v->buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (p[i] < 0 || p[i] >= limit) {
+            PyErr_Format(PyExc_ValueError, "position %lld is outside 0..%lld", (long long)p[i], (long long)limit - 1);
+            PyBuffer_Release(v);
+            return 0;
+        }
+    return 1;
+}
+
+static int contiguous(const F32View *a, int ndim)
+{
+    Py_ssize_t expect = 1;
+    for (int i = ndim - 1; i >= 0; i--) {
+        if (a->shape[i] > 1 && a->strides[i] != expect)
+            return 0;
+        expect *= a->shape[i];
+    }
+    return 1;
+}
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *wo, *oo;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOfO", &xo, &wo, &eps, &oo) || !require_avx2())
+        return NULL;
+    F32View x, w, o;
+    if (!get_view(xo, &x, 2, 0, "x"))
+        return NULL;
+    if (!get_view(wo, &w, 1, 0, "w")) {
+        PyBuffer_Release(&x.v);
+        return NULL;
+    }
+    if (!get_view(oo, &o, 2, 1, "out")) {
+        PyBuffer_Release(&x.v);
+        PyBuffer_Release(&w.v);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (w.shape[0] != x.shape[1] || o.shape[0] != x.shape[0] || o.shape[1] != x.shape[1] || !contiguous(&o, 2)) {
+        PyErr_SetString(PyExc_ValueError, "rms_norm: x (n, d), w (d,), out (n, d) contiguous");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        ops_rms_norm(x.p, x.strides[0], w.p, x.shape[0], x.shape[1], eps, o.p);
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&x.v);
+    PyBuffer_Release(&w.v);
+    PyBuffer_Release(&o.v);
+    return result;
+}
+
+static PyObject *py_rope(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *co, *so, *po, *oo;
+    int neox;
+    if (!PyArg_ParseTuple(args, "OOOOpO", &xo, &co, &so, &po, &neox, &oo) || !require_avx2())
+        return NULL;
+    F32View x, c, s, o;
+    Py_buffer pv;
+    int got = 0;
+    PyObject *result = NULL;
+    if (!get_view(xo, &x, 3, 0, "x"))
+        goto done;
+    got = 1;
+    if (!get_view(co, &c, 2, 0, "cos"))
+        goto done;
+    got = 2;
+    if (!get_view(so, &s, 2, 0, "sin"))
+        goto done;
+    got = 3;
+    if (!get_view(oo, &o, 3, 1, "out"))
+        goto done;
+    got = 4;
+    if (!contiguous(&c, 2) || !contiguous(&s, 2) || c.shape[0] != s.shape[0] || c.shape[1] != s.shape[1] ||
+        2 * c.shape[1] > x.shape[2] || !contiguous(&o, 3) || o.shape[0] != x.shape[0] ||
+        o.shape[1] != x.shape[1] || o.shape[2] != x.shape[2]) {
+        PyErr_SetString(PyExc_ValueError, "rope: x (n, heads, hd), cos/sin (positions, <= hd/2), out like x");
+        goto done;
+    }
+    if (!get_positions(po, &pv, x.shape[0], c.shape[0]))
+        goto done;
+    got = 5;
+    Py_BEGIN_ALLOW_THREADS
+    ops_rope(x.p, x.strides[0], x.strides[1], x.shape[0], x.shape[1], x.shape[2], c.p, s.p, c.shape[1],
+             (const int64_t *)pv.buf, neox, o.p);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (got >= 5) PyBuffer_Release(&pv);
+    if (got >= 4) PyBuffer_Release(&o.v);
+    if (got >= 3) PyBuffer_Release(&s.v);
+    if (got >= 2) PyBuffer_Release(&c.v);
+    if (got >= 1) PyBuffer_Release(&x.v);
+    return result;
+}
+
+static PyObject *py_silu_mul(PyObject *self, PyObject *args)
+{
+    PyObject *go, *oo;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOi", &go, &oo, &threads) || !require_avx2())
+        return NULL;
+    F32View g, o;
+    if (!get_view(go, &g, 2, 0, "gate_up"))
+        return NULL;
+    if (!get_view(oo, &o, 2, 1, "out")) {
+        PyBuffer_Release(&g.v);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (g.shape[1] % 2 || o.shape[0] != g.shape[0] || o.shape[1] != g.shape[1] / 2 || !contiguous(&o, 2)) {
+        PyErr_SetString(PyExc_ValueError, "silu_mul: gate_up (n, 2f), out (n, f) contiguous");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        ops_silu_mul(g.p, g.strides[0], g.shape[0], g.shape[1] / 2, o.p, threads);
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&g.v);
+    PyBuffer_Release(&o.v);
+    return result;
+}
+
+static PyObject *py_attention(PyObject *self, PyObject *args)
+{
+    PyObject *qo, *ko, *vo, *po, *oo;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOi", &qo, &ko, &vo, &po, &oo, &threads) || !require_avx2())
+        return NULL;
+    F32View q, k, v, o;
+    Py_buffer pv;
+    int got = 0;
+    PyObject *result = NULL;
+    if (!get_view(qo, &q, 3, 0, "q"))
+        goto done;
+    got = 1;
+    if (!get_view(ko, &k, 3, 0, "k"))
+        goto done;
+    got = 2;
+    if (!get_view(vo, &v, 3, 0, "v"))
+        goto done;
+    got = 3;
+    if (!get_view(oo, &o, 2, 1, "out"))
+        goto done;
+    got = 4;
+    const Py_ssize_t n = q.shape[0], heads = q.shape[1], hd = q.shape[2], n_kv = k.shape[0], t = k.shape[1];
+    if (!contiguous(&q, 3) || !contiguous(&o, 2) || n_kv < 1 || heads % n_kv || k.shape[2] != hd ||
+        v.shape[0] != n_kv || v.shape[1] != t || v.shape[2] != hd || (t > 1 && (k.strides[1] != hd || v.strides[1] != hd)) ||
+        o.shape[0] != n || o.shape[1] != heads * hd || t < 1) {
+        PyErr_SetString(PyExc_ValueError,
+                        "attention: q (n, heads, hd) contiguous, k/v (n_kv, t, hd) with contiguous rows, "
+                        "out (n, heads * hd)");
+        goto done;
+    }
+    if (!get_positions(po, &pv, n, INT64_MAX))
+        goto done;
+    got = 5;
+    Py_BEGIN_ALLOW_THREADS
+    ops_attention(q.p, k.p, k.strides[0], v.p, v.strides[0], (const int64_t *)pv.buf, n, heads, n_kv, t, hd, o.p,
+                  threads);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (got >= 5) PyBuffer_Release(&pv);
+    if (got >= 4) PyBuffer_Release(&o.v);
+    if (got >= 3) PyBuffer_Release(&v.v);
+    if (got >= 2) PyBuffer_Release(&k.v);
+    if (got >= 1) PyBuffer_Release(&q.v);
+    return result;
+}
+
+/* ---- x8 repacking, page release, row lookup ---- */
+
+static PyObject *py_x8_bytes(PyObject *self, PyObject *args)
+{
+    int qtype;
+    long long rows, k;
+    if (!PyArg_ParseTuple(args, "iLL", &qtype, &rows, &k))
+        return NULL;
+    if (!ops_x8_supported(qtype) || k % QK || rows < 1) {
+        PyErr_Format(PyExc_ValueError, "type %d has no x8 layout for (%lld, %lld)", qtype, rows, k);
+        return NULL;
+    }
+    return PyLong_FromLongLong(ops_x8_bytes(qtype, rows, k));
+}
+
+static PyObject *py_repack_x8(PyObject *self, PyObject *args)
+{
+    PyObject *so, *dst_o;
+    int qtype, threads;
+    long long rows, k;
+    if (!PyArg_ParseTuple(args, "OiLLOi", &so, &qtype, &rows, &k, &dst_o, &threads) || !require_avx2())
+        return NULL;
+    if (!ops_x8_supported(qtype) || k % QK || rows < 1) {
+        PyErr_Format(PyExc_ValueError, "type %d has no x8 layout for (%lld, %lld)", qtype, rows, k);
+        return NULL;
+    }
+    Py_buffer sv, dv;
+    if (PyObject_GetBuffer(so, &sv, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(dst_o, &dv, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&sv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (sv.len != rows * ops_row_bytes(qtype, k) || dv.len != ops_x8_bytes(qtype, rows, k)) {
+        PyErr_SetString(PyExc_ValueError, "repack_x8: buffer sizes do not match (rows, k)");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        ops_repack_x8(qtype, (const uint8_t *)sv.buf, rows, k, (uint8_t *)dv.buf, threads);
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&sv);
+    PyBuffer_Release(&dv);
+    return result;
+}
+
+/* Drop a read-only buffer's pages from this process's resident set (madvise MADV_DONTNEED
+ * on the whole pages inside it). Only for read-only memory-mapped files: the pages stay in
+ * the page cache and fault back in if read again. Returns the bytes released. */
+static PyObject *py_release_pages(PyObject *self, PyObject *arg)
+{
+    Py_buffer v;
+    if (PyObject_GetBuffer(arg, &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    long long released = 0;
+#if defined(__linux__)
+    if (v.readonly) {
+        const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+        const uintptr_t lo = ((uintptr_t)v.buf + page - 1) / page * page;
+        const uintptr_t hi = ((uintptr_t)v.buf + (uintptr_t)v.len) / page * page;
+        if (hi > lo && madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0)
+            released = (long long)(hi - lo);
+    }
+#endif
+    PyBuffer_Release(&v);
+    return PyLong_FromLongLong(released);
+}
+
+static PyObject *py_dequantize_ids(PyObject *self, PyObject *args)
+{
+    PyObject *mo, *io, *oo;
+    if (!PyArg_ParseTuple(args, "OOO", &mo, &io, &oo) || !require_avx2())
+        return NULL;
+    MatrixObj *m = get_matrix(mo);
+    if (!m)
+        return NULL;
+    Py_buffer iv, ov;
+    if (PyObject_GetBuffer(io, &iv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return NULL;
+    if (!(is_format(&iv, 'q') || is_format(&iv, 'l')) || iv.itemsize != 8) {
+        PyErr_SetString(PyExc_TypeError, "ids must be int64");
+        PyBuffer_Release(&iv);
+        return NULL;
+    }
+    const int64_t n = iv.len / 8, *ids = (const int64_t *)iv.buf;
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= m->m.rows) {
+            PyErr_Format(PyExc_ValueError, "row %lld is outside 0..%lld", (long long)ids[i], (long long)m->m.rows - 1);
+            PyBuffer_Release(&iv);
+            return NULL;
+        }
+    int64_t r, c;
+    if (!get_f32(oo, &ov, 1, "out", &r, &c)) {
+        PyBuffer_Release(&iv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (r * c != n * m->m.k) {
+        PyErr_SetString(PyExc_ValueError, "dequantize_ids: out must hold len(ids) rows");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        ops_dequantize_ids(&m->m, ids, n, (float *)ov.buf);
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&iv);
+    PyBuffer_Release(&ov);
+    return result;
+}
+
+static PyObject *py_park(PyObject *self, PyObject *noargs)
+{
+    ops_park();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_have_avx2(PyObject *self, PyObject *noargs)
+{
+    if (g_have_avx2 < 0)
+        g_have_avx2 = ops_cpu_has_avx2();
+    return PyBool_FromLong(g_have_avx2 && OPS_X86);
+}
+
+static PyObject *py_set_spin_us(PyObject *self, PyObject *arg)
+{
+    const long us = PyLong_AsLong(arg);
+    if (us == -1 && PyErr_Occurred())
+        return NULL;
+    if (us < 0) {
+        PyErr_SetString(PyExc_ValueError, "spin time must be >= 0");
+        return NULL;
+    }
+    ops_set_spin_us(us);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"have_avx2", py_have_avx2, METH_NOARGS, "CPU and OS support AVX2, FMA and F16C."},
+    {"set_spin_us", py_set_spin_us, METH_O, "set_spin_us(us): how long idle pool workers spin before sleeping."},
+    {"matrix", py_matrix, METH_VARARGS, "matrix(parts, k): a weight handle over [(buffer, ggml_type, rows)]."},
+    {"matmul", py_matmul, METH_VARARGS, "matmul(x, matrix, out, threads): out[:, :rows] = x @ W.T."},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(matrix, row0, row1, out, threads)."},
+    {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x, out, threads)."},
+    {"quantize_act", py_quantize_act, METH_VARARGS, "quantize_act(x, q, d, s, isum, threads)."},
+    {"x8_bytes", py_x8_bytes, METH_VARARGS, "x8_bytes(type, rows, k): bytes of the x8 layout."},
+    {"repack_x8", py_repack_x8, METH_VARARGS, "repack_x8(src, type, rows, k, dst, threads): file rows -> x8 layout."},
+    {"release_pages", py_release_pages, METH_O, "release_pages(buffer): drop a read-only mapping's pages from RSS."},
+    {"dequantize_ids", py_dequantize_ids, METH_VARARGS, "dequantize_ids(matrix, ids, out): rows by index."},
+    {"park", py_park, METH_NOARGS, "park(): idle pool workers sleep now (before an OpenBLAS call)."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, w, eps, out)."},
+    {"rope", py_rope, METH_VARARGS, "rope(x, cos, sin, positions, neox, out)."},
+    {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate_up, out, threads)."},
+    {"attention", py_attention, METH_VARARGS, "attention(q, k, v, positions, out, threads)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ops_avx2",
+    "AVX2 kernels for quantized-resident weights (see backends/cpu/quantized.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__ops_avx2(void)
+{
+    return PyModule_Create(&module);
+}

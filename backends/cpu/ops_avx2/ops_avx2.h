@@ -1,0 +1,95 @@
+/* ops_avx2: quantized matrix products and small decode ops for the CPU backend.
+ *
+ * Shared declarations of the kernel files (compiled for AVX2 + FMA + F16C through
+ * `#pragma GCC target`) and the Python glue in module.c (compiled for the baseline
+ * x86-64, so importing the module and asking `have_avx2()` is safe on any CPU).
+ */
+#ifndef OPS_AVX2_H
+#define OPS_AVX2_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* GGML type ids (ggml.h / gguf.GGMLQuantizationType) of the block formats with a kernel. */
+enum {
+    QT_Q4_0 = 2,
+    QT_Q4_1 = 3,
+    QT_Q8_0 = 8,
+    QT_Q4_K = 12,
+    QT_Q6_K = 14,
+};
+
+#define QK 32    /* weights per legacy block, and per activation block */
+#define QK_K 256 /* weights per K-quant super-block */
+
+/* The x8 layout of a legacy 32-weight type (Q4_0, Q4_1, Q8_0): the same blocks, 8 rows
+ * interleaved so that one AVX2 register holds 4 weights of each of 8 rows. Rows are padded
+ * to a multiple of 8 (zero blocks); group g (rows 8g..8g+7) is nb records, record b holding
+ * block b of the 8 rows, the same bytes as 8 file blocks:
+ *
+ *     d[8] fp16 | m[8] fp16 (Q4_1 only) | qs: chunk c = 4 bytes of each row, rows 0..7
+ *
+ * Q4_0/Q4_1: 4 chunks of the 16 nibble bytes (chunk c = qs[4c..4c+3] of rows 0..7):
+ *     chunk c & 0xF = weights 4c..4c+3, chunk c >> 4 = weights 16+4c..16+4c+3.
+ * Q8_0: 8 chunks of the 32 int8 weights (chunk c = q[4c..4c+3] of rows 0..7).
+ * Record sizes: 8 * 18 = 144, 8 * 20 = 160, 8 * 34 = 272 bytes. */
+#define X8 8
+
+/* One stored weight matrix (rows, k) in a block format, rows contiguous (x8 = 0) or
+ * interleaved by 8 (x8 = 1, row_bytes then counts the padded group's bytes / 8). */
+typedef struct {
+    const uint8_t *data;
+    int qtype;
+    int x8;
+    int64_t rows;
+    int64_t row_bytes;
+} QPart;
+
+/* W = the parts stacked along the output axis (fused q/k/v, gate/up). */
+typedef struct {
+    int64_t k;    /* input features, a multiple of 32 (256 for K-quants) */
+    int64_t rows; /* output features, the sum of the parts' rows */
+    int nparts;
+    QPart parts[8];
+} QMatrix;
+
+/* Activations quantized per 32-block, as llama.cpp's Q8_0 / Q8_1 (struct of arrays):
+ * x[i] ~= d[b] * q[i], with d = fp16(max|x| / 127), q = round-to-even(x * 127 / max|x|). */
+typedef struct {
+    int64_t n, k, nb; /* rows, features, blocks per row (k / 32) */
+    int8_t *q;        /* (n, k) */
+    float *d;         /* (n, nb) scale, rounded through fp16 as Q8_0 stores it */
+    float *s;         /* (n, nb) fp16(d * sum(q)): Q8_1's sum term, used by Q4_1 as llama.cpp does */
+    int32_t *isum;    /* (n, nb) sum(q), exact: used for K-quant mins */
+} QAct;
+
+int ops_cpu_has_avx2(void);
+int ops_part_supported(int qtype);
+int64_t ops_row_bytes(int qtype, int64_t k);
+
+/* thread pool (threadpool.c): fn(ctx, i) for i = 0..n-1 on the caller and up to nth - 1 workers */
+typedef void (*ops_task_fn)(void *ctx, int64_t i);
+void ops_parallel_for(int64_t n, int nth, ops_task_fn fn, void *ctx);
+void ops_set_spin_us(long us);
+void ops_park(void);
+
+/* kernels (AVX2) */
+void ops_quantize_act(const float *x, int64_t ldx, QAct *a, int nthreads);
+void ops_matmul(const QMatrix *w, const QAct *a, float *out, int64_t ldo, int nthreads);
+void ops_dequantize(const QMatrix *w, int64_t row0, int64_t row1, float *out, int nthreads);
+void ops_quantize_q8_0(const float *x, int64_t n, uint8_t *out, int nthreads);
+void ops_repack_x8(int qtype, const uint8_t *src, int64_t rows, int64_t k, uint8_t *dst, int nthreads);
+int64_t ops_x8_bytes(int qtype, int64_t rows, int64_t k);
+int ops_x8_supported(int qtype);
+void ops_dequantize_ids(const QMatrix *w, const int64_t *ids, int64_t n, float *out);
+
+/* decoder-layer ops (ops.c); strides are in floats */
+void ops_rms_norm(const float *x, int64_t ldx, const float *w, int64_t n, int64_t d, float eps, float *out);
+void ops_rope(const float *x, int64_t sx_row, int64_t sx_head, int64_t n, int64_t heads, int64_t hd,
+              const float *cos_t, const float *sin_t, int64_t half, const int64_t *pos, int neox, float *out);
+void ops_silu_mul(const float *gu, int64_t ld, int64_t n, int64_t f, float *out, int nthreads);
+void ops_attention(const float *q, const float *k, int64_t sk_head, const float *v, int64_t sv_head,
+                   const int64_t *pos, int64_t n, int64_t heads, int64_t n_kv, int64_t t, int64_t hd,
+                   float *out, int nthreads);
+
+#endif

@@ -1,0 +1,185 @@
+/* A small persistent thread pool: ops_parallel_for(n, fn, ctx) runs fn(ctx, i) for
+ * i = 0..n-1 on the calling thread and up to nth - 1 workers, which take indices from a
+ * shared counter.
+ *
+ * Why not OpenMP: libgomp's default wait policy lets its workers fall asleep between the
+ * ~10-100 us matmuls of a decode step and waking them cost more than the matmul; with
+ * OMP_WAIT_POLICY=ACTIVE they spin forever; and a team waits for every member, so one
+ * worker descheduled by another process (a shared 2-core machine) stalls the call for a
+ * scheduler tick (4 ms measured). Here:
+ *  - a worker spins for a bounded time (`spin_us`, default 2000) after its last task, then
+ *    sleeps on a condition variable: a decode step keeps it hot, an idle server does not
+ *    burn a core; ops_park() sends it to sleep at once, before an OpenBLAS GEMM that wants
+ *    both cores;
+ *  - joining is optional: the caller takes indices too, and when none are left it closes
+ *    the task and waits only for workers that joined before the close. A worker that wakes
+ *    late finds the task closed and never touches it.
+ *
+ * State: `state` packs the task generation (high 32 bits), a closed bit and the number of
+ * workers that joined. A worker joins with a CAS that succeeds only on the open task of the
+ * generation it woke for; the caller closes with fetch_or, which returns the final count.
+ */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+#include "ops_avx2.h"
+
+#define MAX_THREADS 64
+#define CLOSED (1ull << 31)
+#define COUNT_MASK (CLOSED - 1)
+
+static struct {
+    pthread_mutex_t mu; /* with cv: sleeping workers */
+    pthread_cond_t cv;
+    int nworkers;
+    atomic_ullong state;  /* gen << 32 | CLOSED | joined */
+    atomic_int finished;  /* joined workers done with the current task */
+    atomic_int sleepers;
+    atomic_llong next;    /* next index to run */
+    atomic_llong spin_ns;
+    atomic_int park;      /* set: idle workers sleep now instead of spinning */
+    int64_t n;
+    unsigned max_join; /* workers allowed to join: nth - 1 */
+    ops_task_fn fn;
+    void *ctx;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, CLOSED, 0, 0, 0, 2000000, 0, 0, 0, 0, 0};
+
+/* Serializes tasks (calls come without the GIL) and worker starts. */
+static pthread_mutex_t task_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void run_indices(void)
+{
+    for (;;) {
+        const int64_t i = atomic_fetch_add_explicit(&pool.next, 1, memory_order_relaxed);
+        if (i >= pool.n)
+            return;
+        pool.fn(pool.ctx, i);
+    }
+}
+
+static void *worker(void *arg)
+{
+    unsigned seen = (unsigned)(uintptr_t)arg; /* the generation current when started */
+    for (;;) {
+        const int64_t deadline = now_ns() + atomic_load_explicit(&pool.spin_ns, memory_order_relaxed);
+        unsigned long long st;
+        for (int i = 0; (unsigned)((st = atomic_load(&pool.state)) >> 32) == seen; i++) {
+            CPU_RELAX();
+            if ((i & 255) == 255 && (now_ns() > deadline || atomic_load_explicit(&pool.park, memory_order_relaxed))) {
+                pthread_mutex_lock(&pool.mu);
+                atomic_fetch_add(&pool.sleepers, 1);
+                while ((unsigned)((st = atomic_load(&pool.state)) >> 32) == seen)
+                    pthread_cond_wait(&pool.cv, &pool.mu);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.mu);
+                break;
+            }
+        }
+        seen = (unsigned)(st >> 32);
+        /* join the task of generation `seen` if it is still open */
+        while (!(st & CLOSED) && (unsigned)(st >> 32) == seen && (st & COUNT_MASK) < pool.max_join) {
+            if (atomic_compare_exchange_weak(&pool.state, &st, st + 1)) {
+                run_indices();
+                atomic_fetch_add(&pool.finished, 1);
+                break;
+            }
+        }
+    }
+    return NULL;
+}
+
+/* After fork() the child has only the forking thread: forget the workers. */
+static void reset_after_fork(void)
+{
+    pool.nworkers = 0;
+    atomic_store(&pool.sleepers, 0);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pthread_mutex_init(&task_mu, NULL);
+}
+
+/* Called with task_mu held. */
+static void ensure_workers(int n)
+{
+    static int atfork_done = 0;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, reset_after_fork);
+        atfork_done = 1;
+    }
+    while (pool.nworkers < n && pool.nworkers < MAX_THREADS - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const uintptr_t gen = (uintptr_t)(atomic_load(&pool.state) >> 32);
+        const int rc = pthread_create(&t, &attr, worker, (void *)gen);
+        pthread_attr_destroy(&attr);
+        if (rc != 0)
+            break;
+        pool.nworkers++;
+    }
+}
+
+/* Before handing both cores to another thread pool (OpenBLAS): stop spinning now. */
+void ops_park(void)
+{
+    atomic_store(&pool.park, 1);
+}
+
+void ops_set_spin_us(long us)
+{
+    atomic_store(&pool.spin_ns, (long long)us * 1000);
+}
+
+void ops_parallel_for(int64_t n, int nth, ops_task_fn fn, void *ctx)
+{
+    if (nth <= 1 || n <= 1) {
+        for (int64_t i = 0; i < n; i++)
+            fn(ctx, i);
+        return;
+    }
+    pthread_mutex_lock(&task_mu);
+    ensure_workers(nth - 1);
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.n = n;
+    pool.max_join = (unsigned)(nth - 1);
+    atomic_store(&pool.next, 0);
+    atomic_store(&pool.finished, 0);
+    atomic_store(&pool.park, 0);
+    /* publish: a new generation, open, nobody joined (the seq_cst store orders the fields) */
+    const unsigned long long gen = (atomic_load(&pool.state) >> 32) + 1;
+    atomic_store(&pool.state, (gen & 0xFFFFFFFFull) << 32);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    run_indices();
+    /* nothing left to take: close, then wait only for the workers that joined */
+    const int joined = (int)(atomic_fetch_or(&pool.state, CLOSED) & COUNT_MASK);
+    for (int i = 0; atomic_load(&pool.finished) < joined; i++) {
+        if (i < 4096)
+            CPU_RELAX();
+        else
+            sched_yield(); /* a joined worker was preempted: let it run */
+    }
+    pthread_mutex_unlock(&task_mu);
+}

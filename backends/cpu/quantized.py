@@ -1,0 +1,350 @@
+"""Quantized-resident weights on the CPU: the `native` and `q8_0` weight formats.
+
+A `QuantizedLinear` holds W as GGML blocks -- the file's own (`native`) or requantized to
+Q8_0 at load (`q8_0`), Q4_0/Q4_1/Q8_0 repacked 8 rows interleaved for the kernels, K-quants
+read from the file mapping -- and `QuantizedMatmul` computes `x @ W.T` by one of two
+declared paths:
+
+- **quantized dot** (batch below the GEMM threshold): the `ops_avx2` C kernels quantize
+  each activation row per 32-block to int8 (llama.cpp's Q8_0 / Q8_1) and take integer dot
+  products against the weight blocks. Reads ~4.5 bits a weight: decode is no longer
+  bound by streaming float32 weights. Numerics: those of llama.cpp (int8 activations).
+- **dequantize-into-GEMM** (batch at or above the threshold, and every batch without the
+  extension): a tile of W is dequantized to float32 scratch and multiplied with
+  OpenBLAS. The activations stay float32, so the numerics are those of f32 weights (the
+  hf_f32 reference).
+
+The threshold is a declared rule: `gemm_threshold` (rows) when the plan gives one, else the
+measured default of the weight's kernel layout, `DEFAULT_GEMM_THRESHOLDS`.
+
+The kernels need the C extension built at install (`setup.py`) and a CPU with AVX2,
+FMA and F16C; otherwise `kernels="auto"` falls back to numpy (every batch
+dequantize-into-GEMM) with a logged warning. docs/03_quantized_cpu.md has the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from backends.base import TensorData
+from engine.errors import InvalidArgument
+from engine.model.quants import dequantize, quant_type
+
+log = logging.getLogger(__name__)
+
+# Block types the quantized-dot kernels read directly. A `native` tensor of another block
+# type is requantized to Q8_0 at load; float tensors (F32/F16/BF16) stay dense float32.
+KERNEL_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+# Repacked to the x8 layout (8 rows interleaved) for the int8 kernels; K-quants are read in
+# the file's order.
+X8_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
+
+# Batches of at least this many rows take dequantize-into-GEMM, by kernel layout, when the
+# backend is given no gemm_threshold. Measured on 2 AVX2 cores (docs/03_quantized_cpu.md):
+# the x8 kernels (Q4_0/Q4_1/Q8_0) beat dequantize + OpenBLAS at every batch size (97 against
+# 44-67 GMAC/s at 128-512 rows), so never; the K-quant row kernels level off at ~30-40
+# GMAC/s and OpenBLAS overtakes them from ~32 rows.
+DEFAULT_GEMM_THRESHOLDS: dict[str, int | None] = {"x8": None, "rows": 32}
+
+# Weights dequantized per GEMM tile: 8 MB of float32 scratch, so the 28M-weight output
+# head of a 135M model never becomes a 113 MB temporary.
+GEMM_TILE_WEIGHTS = 1 << 21
+
+KERNELS = ("auto", "avx2", "numpy")
+
+
+def _load_extension() -> tuple[Any, str]:
+    """The `_ops_avx2` module if it is built and this CPU can run it; else (None, why not)."""
+    try:
+        from backends.cpu import _ops_avx2  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"the C extension backends.cpu._ops_avx2 is not built ({exc})"
+    if not _ops_avx2.have_avx2():
+        return None, "this CPU lacks AVX2/FMA/F16C"
+    return _ops_avx2, ""
+
+
+_EXTENSION, _WHY_NOT = _load_extension()
+_fallback_warned = False
+
+
+def _warn_fallback_once() -> None:
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        log.warning("CPU backend on the numpy fallback (quantized weights: dequantize-into-GEMM at every batch, "
+                    "much slower decode): %s", _WHY_NOT)
+
+
+def extension_status() -> str:
+    """One line for logs and `bench`: which kernels this process can use."""
+    if _EXTENSION is None:
+        return f"numpy fallback: {_WHY_NOT}"
+    return "avx2 kernels"
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class BlockPart:
+    """One stored (rows, n_in) matrix in a block format.
+
+    layout "rows": the file's order, (rows, row_bytes) uint8. layout "x8": the same blocks with
+    8 rows interleaved (ops_avx2.h), flat uint8, rows padded to a multiple of 8; the int8
+    kernels read it 8 rows per register (Q4_0, Q4_1, Q8_0).
+    """
+
+    blocks: np.ndarray
+    qtype: T
+    rows: int
+    layout: str = "rows"
+
+
+@dataclass
+class QuantizedLinear:
+    """W (n_out, n_in) as block parts stacked along the output axis (fused q/k/v, gate/up).
+
+    `matrix` is the C extension's handle over the same bytes (None on the numpy path).
+    """
+
+    parts: tuple[BlockPart, ...]
+    n_in: int
+    n_out: int
+    matrix: Any = None
+
+    @property
+    def layout(self) -> str:
+        """The kernel family: "x8" when every part is interleaved, else "rows"."""
+        return "x8" if all(p.layout == "x8" for p in self.parts) else "rows"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.blocks.nbytes for p in self.parts)
+
+    @property
+    def qtypes(self) -> tuple[str, ...]:
+        return tuple(p.qtype.name for p in self.parts)
+
+
+@dataclass
+class BlockTable:
+    """An embedding table kept in the file's blocks; rows are dequantized when looked up.
+
+    With a tied output head, lookups read the head's resident copy (`head`), so the file's
+    pages for the table are never touched again after loading.
+    """
+
+    blocks: np.ndarray  # (vocab, row_bytes) uint8
+    qtype: T
+    shape: tuple[int, int]
+    head: QuantizedLinear | None = None
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        head = self.head
+        if head is not None and head.matrix is not None and head.parts[0].qtype == self.qtype:
+            out = np.empty((len(ids), self.shape[1]), dtype=np.float32)
+            _EXTENSION.dequantize_ids(head.matrix, np.ascontiguousarray(ids, dtype=np.int64), out)
+            return out
+        return dequantize(self.blocks[ids], self.qtype, (len(ids), self.shape[1]))
+
+
+# --- requantization to Q8_0 -------------------------------------------------
+
+def _as_blocks(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
+    """The tensor's bytes as (rows, row_bytes) uint8, without a copy."""
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(rows, -1)
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """float32 (rows, k) -> Q8_0 blocks (rows, k / 32 * 34): llama.cpp's reference rounding."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, k = x.shape
+    out = np.empty((rows, k // 32 * 34), dtype=np.uint8)
+    if _EXTENSION is not None:
+        _EXTENSION.quantize_q8_0(x, out, default_threads())
+        return out
+    from gguf.quants import quantize
+    return quantize(x, T.Q8_0).reshape(rows, -1)
+
+
+def _requantize_q8_0(t: TensorData) -> BlockPart:
+    """Any tensor -> Q8_0 rows, a block of rows at a time (float32 temporaries stay small)."""
+    rows, k = t.shape
+    src = _as_blocks(t.raw, t.qtype, t.shape)
+    out = np.empty((rows, k // 32 * 34), dtype=np.uint8)
+    step = max(1, GEMM_TILE_WEIGHTS // k)
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        out[lo:hi] = quantize_q8_0(dequantize(src[lo:hi], t.qtype, (hi - lo, k)))
+    return BlockPart(out, T.Q8_0, rows)
+
+
+def _check_shape(t: TensorData) -> None:
+    if len(t.shape) != 2 or t.shape[1] % 32:
+        raise InvalidArgument(f"a quantized-resident weight needs (rows, k) with k a multiple of 32, "
+                              f"got {t.shape}", field="weights")
+
+
+_warned_requant: set[str] = set()
+
+
+def block_part(t: TensorData, fmt: str) -> BlockPart:
+    """One weight tensor in weight format `fmt` ("native" or "q8_0") as blocks a kernel reads."""
+    _check_shape(t)
+    qtype = T(t.qtype)
+    if fmt == "native" and qtype in KERNEL_TYPES and t.shape[1] % quant_type(qtype).block_size == 0:
+        return BlockPart(_as_blocks(t.raw, qtype, t.shape), qtype, t.shape[0])
+    if qtype == T.Q8_0:  # already what q8_0 asks for: keep the file's bytes
+        return BlockPart(_as_blocks(t.raw, qtype, t.shape), qtype, t.shape[0])
+    if fmt == "native" and qtype.name not in _warned_requant:
+        _warned_requant.add(qtype.name)
+        log.warning("native weights: %s has no quantized kernel; requantizing those tensors to Q8_0", qtype.name)
+    return _requantize_q8_0(t)
+
+
+# --- the matmul -------------------------------------------------------------
+
+class QuantizedMatmul:
+    """`x @ W.T` for block-format weights, on the path the declared rule picks.
+
+    kernels: "avx2" (require the C extension), "numpy" (never use it) or "auto" (use it when
+    built and the CPU has AVX2, else numpy with a warning). gemm_threshold: a batch of at least
+    this many rows is dequantized into float32 tiles and multiplied with OpenBLAS, a smaller
+    one takes the int8 kernels; None (the default) uses DEFAULT_GEMM_THRESHOLDS for the
+    weight's kernel layout. threads: the kernels' thread-pool size.
+    """
+
+    def __init__(self, kernels: str = "auto", gemm_threshold: int | None = None, threads: int | None = None):
+        if kernels not in KERNELS:
+            raise InvalidArgument(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}", field="kernels")
+        if kernels == "avx2" and _EXTENSION is None:
+            raise InvalidArgument(f"kernels 'avx2' unavailable: {_WHY_NOT}", field="kernels")
+        if kernels == "auto" and _EXTENSION is None:
+            _warn_fallback_once()
+        self.ops = None if kernels == "numpy" else _EXTENSION
+        self.kernels = "avx2" if self.ops is not None else "numpy"
+        self.gemm_threshold = gemm_threshold
+        self.threads = threads or default_threads()
+        self._scratch = np.empty(0, dtype=np.float32)
+
+    @property
+    def gemm_threshold(self) -> int | None:
+        return self._gemm_threshold
+
+    @gemm_threshold.setter
+    def gemm_threshold(self, rows: int | None) -> None:
+        if rows is not None and rows < 1:
+            raise InvalidArgument(f"gemm_threshold {rows} must be at least 1 (or None: the measured "
+                                  f"defaults {DEFAULT_GEMM_THRESHOLDS})", field="gemm_threshold")
+        self._gemm_threshold = rows
+
+    def threshold(self, w: QuantizedLinear) -> int | None:
+        """Rows from which a batch against w takes dequantize-into-GEMM (None: never)."""
+        return self._gemm_threshold if self._gemm_threshold is not None else DEFAULT_GEMM_THRESHOLDS[w.layout]
+
+    def handle(self, parts: Sequence[BlockPart], n_in: int) -> QuantizedLinear:
+        """The weight handle for parts in the file's row order.
+
+        With the kernels, Q4_0/Q4_1/Q8_0 parts are repacked into the x8 layout (a copy of the
+        same bytes) and the source pages of a read-only file mapping are released from the
+        resident set at once, so resident memory stays one copy of the weights.
+        """
+        if self.ops is not None:
+            parts = [self._repack(p, n_in) if p.qtype in X8_TYPES else p for p in parts]
+        parts = tuple(parts)
+        w = QuantizedLinear(parts, n_in, sum(p.rows for p in parts))
+        if self.ops is not None:
+            w.matrix = self.ops.matrix([(p.blocks, int(p.qtype), p.rows, p.layout == "x8") for p in parts], n_in)
+        return w
+
+    # Rows repacked at a time: the file pages of a chunk are released before the next is
+    # read, so loading never holds much more than one copy of a tensor.
+    REPACK_ROWS = 2048
+
+    def _repack(self, part: BlockPart, n_in: int) -> BlockPart:
+        qtype = int(part.qtype)
+        out = np.empty(self.ops.x8_bytes(qtype, part.rows, n_in), dtype=np.uint8)
+        group_bytes = self.ops.x8_bytes(qtype, 8, n_in)
+        for lo in range(0, part.rows, self.REPACK_ROWS):  # a multiple of 8: chunks start on a group
+            hi = min(part.rows, lo + self.REPACK_ROWS)
+            src = part.blocks[lo:hi]
+            dst = out[lo // 8 * group_bytes:-(-hi // 8) * group_bytes]
+            self.ops.repack_x8(src, qtype, hi - lo, n_in, dst, self.threads)
+            self.ops.release_pages(src)  # read-only mappings only; a no-op on owned arrays
+        return BlockPart(out, part.qtype, part.rows, "x8")
+
+    def path(self, n: int, w: QuantizedLinear) -> str:
+        """The path a batch of n rows against w takes: "quantized_dot" or "dequant_gemm"."""
+        if self.ops is None:
+            return "dequant_gemm"
+        limit = self.threshold(w)
+        return "quantized_dot" if limit is None or n < limit else "dequant_gemm"
+
+    def linear(self, x: np.ndarray, w: QuantizedLinear) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], w.n_out), dtype=np.float32)
+        if self.path(x.shape[0], w) == "quantized_dot":
+            self.ops.matmul(x, w.matrix, out, self.threads)
+        else:
+            self._dequant_gemm(x, w, out)
+        return out
+
+    def dequantize_rows(self, w: QuantizedLinear, lo: int, hi: int, out: np.ndarray) -> None:
+        """W[lo:hi] as float32 into out (hi - lo, n_in)."""
+        if self.ops is not None:
+            self.ops.dequantize(w.matrix, lo, hi, out, self.threads)
+            return
+        assert all(p.layout == "rows" for p in w.parts), "x8 parts are read by the extension only"
+        start = 0
+        for p in w.parts:  # the parts overlapping [lo, hi), each through engine.model.quants (file order)
+            a, b = max(lo, start), min(hi, start + p.rows)
+            if a < b:
+                out[a - lo:b - lo] = dequantize(p.blocks[a - start:b - start], p.qtype, (b - a, w.n_in))
+            start += p.rows
+
+    def _dequant_gemm(self, x: np.ndarray, w: QuantizedLinear, out: np.ndarray) -> None:
+        tile_rows = max(8, GEMM_TILE_WEIGHTS // w.n_in // 8 * 8)  # whole x8 groups
+        if self._scratch.size < min(tile_rows, w.n_out) * w.n_in:
+            self._scratch = np.empty(min(tile_rows, w.n_out) * w.n_in, dtype=np.float32)
+        for lo in range(0, w.n_out, tile_rows):
+            hi = min(w.n_out, lo + tile_rows)
+            tile = self._scratch[:(hi - lo) * w.n_in].reshape(hi - lo, w.n_in)
+            self.dequantize_rows(w, lo, hi, tile)
+            if self.ops is not None:
+                self.ops.park()  # the pool's spinning worker would take a core from OpenBLAS
+            np.matmul(x, tile.T, out=out[:, lo:hi])
+
+
+# --- numpy references (tests, docs) -------------------------------------------
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What the kernels do to an activation row, in numpy: (q int8, d, s, isum) per 32-block.
+
+    d = fp16(max|x| / 127), q = round-half-even(x * 127 / max|x|), s = fp16(max|x| / 127 * sum(q))
+    (llama.cpp's Q8_1, whose s the Q4_1 kernel uses for the min term), isum = sum(q).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n, k = x.shape
+    blocks = x.reshape(n, k // 32, 32)
+    amax = np.abs(blocks).max(axis=-1)
+    dd = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inv[..., None]).astype(np.int8)
+    isum = q.sum(axis=-1, dtype=np.int32)
+    d = dd.astype(np.float16).astype(np.float32)
+    s = (dd * isum.astype(np.float32)).astype(np.float16).astype(np.float32)
+    return q.reshape(n, k), d, s, isum

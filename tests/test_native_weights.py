@@ -1,0 +1,307 @@
+"""The `native` and `q8_0` weight formats through the whole forward pass.
+
+A synthetic 1-layer model whose tensors use every kernel type (plus one without a kernel)
+checks loading, the no-copy promise and both matmul paths against f32 weights; the
+default model checks numerics against the reference (slow): the int8 quantized-dot path
+against llama.cpp (which also quantizes activations), the dequantize-into-GEMM path and
+`q8_0` against hf_f32. docs/03_quantized_cpu.md records the tolerances.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter
+from gguf.quants import quantize as gguf_quantize
+
+from backends.cpu import quantized as qz
+from backends.cpu.quantized import BlockTable, QuantizedLinear
+from engine.model.quants import dequantize
+from engine.runtime.generate import LoadedModel, decode_one_token, prefill, score
+
+needs_ext = pytest.mark.skipif(qz._EXTENSION is None, reason=f"ops_avx2 unavailable: {qz._WHY_NOT}")
+
+# tensor -> stored type in the synthetic model: every kernel type, and F32 (stays float)
+TINY_TYPES = {
+    "token_embd.weight": T.Q8_0,
+    "blk.0.attn_q.weight": T.Q4_0,
+    "blk.0.attn_k.weight": T.Q4_1,
+    "blk.0.attn_v.weight": T.Q8_0,
+    "blk.0.attn_output.weight": T.Q4_1,
+    "blk.0.ffn_gate.weight": T.Q4_K,
+    "blk.0.ffn_up.weight": T.Q6_K,
+    "blk.0.ffn_down.weight": T.Q4_K,
+    "output.weight": T.F32,
+}
+
+
+def _k_blocks(qtype: T, rows: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Random K-quant blocks with small finite super-scales (gguf has no K-quant quantizer)."""
+    size = 144 if qtype == T.Q4_K else 210
+    blocks = rng.integers(0, 256, (rows * k // 256, size), dtype=np.uint8)
+    for offset in ((0, 2) if qtype == T.Q4_K else (208,)):
+        blocks[:, offset:offset + 2] = rng.uniform(2e-4, 2e-3, len(blocks)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    """A 1-layer llama (dim 256, 4 heads of 64, 2 kv heads, ffn 512, vocab 8) in mixed block types."""
+    dim, ffn, vocab = 256, 512, 8
+    path = tmp_path_factory.mktemp("native") / "tiny-mixed.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(["a", "b", "c", "d", "ab", "cd", "<s>", "</s>"])
+    w.add_token_types([1, 1, 1, 1, 1, 1, 3, 3])
+    w.add_token_merges(["a b", "c d"])
+    w.add_bos_token_id(6)
+    w.add_eos_token_id(7)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (vocab, dim), "blk.0.attn_q.weight": (dim, dim),
+              "blk.0.attn_k.weight": (dim // 2, dim), "blk.0.attn_v.weight": (dim // 2, dim),
+              "blk.0.attn_output.weight": (dim, dim), "blk.0.ffn_gate.weight": (ffn, dim),
+              "blk.0.ffn_up.weight": (ffn, dim), "blk.0.ffn_down.weight": (dim, ffn),
+              "output.weight": (vocab, dim)}
+    for name in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"):
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
+    for name, shape in shapes.items():
+        qtype = TINY_TYPES[name]
+        if qtype == T.F32:
+            w.add_tensor(name, rng.standard_normal(shape).astype(np.float32) * 0.1)
+            continue
+        if qtype in (T.Q4_K, T.Q6_K):
+            raw = _k_blocks(qtype, *shape, rng)
+        else:
+            raw = gguf_quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, qtype)
+        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+IDS = [6, 0, 1, 4, 2, 3, 5, 0, 0, 2, 1, 3, 4, 5, 1, 2, 0, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tiny_path):
+    model = LoadedModel(tiny_path, weights="f32")
+    yield model
+    model.close()
+
+
+def _load(path, weights, **backend):
+    model = LoadedModel(path, weights=weights)
+    for key, value in backend.items():
+        setattr(model.backend, key, value)
+    return model
+
+
+@needs_ext
+def test_native_keeps_the_files_blocks(tiny_path):
+    """Every block tensor resident once, in its own type: the legacy types repacked into the x8
+    layout (the same bytes, 8 rows interleaved), the K-quants read from the file mapping."""
+    model = LoadedModel(tiny_path, weights="native")
+    try:
+        layer = model.weights.layers[0]
+        assert isinstance(layer.wqkv, QuantizedLinear)
+        assert layer.wqkv.qtypes == ("Q4_0", "Q4_1", "Q8_0")
+        assert [p.layout for p in layer.wqkv.parts] == ["x8"] * 3
+        assert layer.w_gate_up.qtypes == ("Q4_K", "Q6_K")
+        for part, name in zip(layer.w_gate_up.parts, ("ffn_gate", "ffn_up")):
+            assert part.layout == "rows" and np.shares_memory(part.blocks, model.file.raw(f"blk.0.{name}.weight"))
+        for w, names in [(layer.wqkv, ("attn_q", "attn_k", "attn_v")), (layer.wo, ("attn_output",)),
+                         (layer.w_gate_up, ("ffn_gate", "ffn_up")), (layer.w_down, ("ffn_down",))]:
+            files = [f"blk.0.{n}.weight" for n in names]
+            assert w.nbytes == sum(model.file.tensors[f].n_bytes for f in files)  # no padding, no requantization
+            dense = np.concatenate([dequantize(model.file.raw(f), model.file.tensors[f].type, model.file.tensors[f].shape)
+                                    for f in files])
+            got = np.empty_like(dense)
+            model.backend.quantized.dequantize_rows(w, 0, w.n_out, got)
+            np.testing.assert_array_equal(got, dense)
+        assert isinstance(model.weights.embedding, BlockTable)  # looked up by row, never dequantized whole
+        assert isinstance(model.weights.output, np.ndarray)  # an F32 head stays float
+    finally:
+        model.close()
+
+
+@needs_ext
+@pytest.mark.parametrize("weights", ["native", "q8_0"])
+def test_gemm_path_matches_f32_weights(tiny_path, tiny_f32, weights):
+    """Dequantize-into-GEMM keeps float activations: f32 numerics (q8_0 adds its requantization)."""
+    model = _load(tiny_path, weights, gemm_threshold=1)
+    try:
+        got, want = score(model, IDS), score(tiny_f32, IDS)
+        tol = 1e-4 if weights == "native" else 2e-2
+        np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
+    finally:
+        model.close()
+
+
+@needs_ext
+def test_int8_path_close_to_f32_weights_and_decode_equals_one_pass(tiny_path, tiny_f32):
+    model = _load(tiny_path, "native", gemm_threshold=1 << 30)  # every batch on the int8 kernels (K-quants too)
+    try:
+        full, want = score(model, IDS), score(tiny_f32, IDS)
+        np.testing.assert_allclose(full, want, atol=5e-2 * np.abs(want).max())  # random weights: int8 error ~3%
+        # prefill + token-by-token decode through the cache: the same per-row arithmetic
+        kv = model.transformer.new_kv(len(IDS))
+        steps = [prefill(model, kv, IDS[:5])] + [decode_one_token(model, kv, t) for t in IDS[5:]]
+        np.testing.assert_allclose(np.stack(steps), full[4:], atol=1e-5 * np.abs(full).max())
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.F16, T.Q4_1])
+def test_types_without_a_kernel_are_requantized_to_q8_0(qtype):
+    """`native` requantizes a block type without a kernel (Q5_0 here) to Q8_0; `q8_0` does so
+    for every type; the result is Q8_0 of the dequantized weights."""
+    from backends.base import TensorData
+    from engine.model.quants import dequantize
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 64)).astype(np.float32)
+    raw = x.astype(np.float16) if qtype == T.F16 else gguf_quantize(x, qtype)
+    tensor = TensorData(raw, qtype, (6, 64))
+    fmt = "native" if qtype == T.Q5_0 else "q8_0"
+    part = qz.block_part(tensor, fmt)
+    assert part.qtype == T.Q8_0 and part.rows == 6
+    dense = dequantize(raw, qtype, (6, 64))
+    np.testing.assert_array_equal(part.blocks, gguf_quantize(dense, T.Q8_0).reshape(6, -1))
+
+
+def test_numpy_fallback_matches_f32_weights(tiny_path, tiny_f32, monkeypatch):
+    monkeypatch.setattr(qz, "_EXTENSION", None)  # as if the extension were not built
+    model = LoadedModel(tiny_path, weights="native")
+    try:
+        assert model.backend.quantized.kernels == "numpy"
+        assert all(p.layout == "rows" for p in model.weights.layers[0].wqkv.parts)
+        want = score(tiny_f32, IDS)
+        np.testing.assert_allclose(score(model, IDS), want, atol=1e-4 * np.abs(want).max())
+    finally:
+        model.close()
+
+
+def test_unknown_weight_format_is_refused(tiny_path):
+    from engine.errors import InvalidArgument
+    with pytest.raises(InvalidArgument, match="weight format 'q2'"):
+        LoadedModel(tiny_path, weights="q2")
+
+
+# --- the default model against the reference ------------------------------------------
+
+TOP1_AGREEMENT = 0.99  # of all teacher-forced positions, over every reference prompt
+# The int8 path against llama.cpp (docs/03_quantized_cpu.md): with activations quantized to int8
+# the model is discontinuous -- a float-rounding difference anywhere (a block's products summed
+# in another order, llama.cpp's fp16 KV cache) flips a few roundings and moves logits by up to ~1
+# -- so no implementation short of llama.cpp's exact float order reaches 99% against it: exact
+# f32 math agrees on 97.7% of positions, and so does the int8 path. What is asserted instead:
+# the same agreement, and every disagreement a near-tie in llama.cpp's own logits.
+LLAMA_CPP_TOP1 = 0.97
+LLAMA_CPP_NEAR_TIE = 0.5  # a disagreement must be a near-tie in llama.cpp's own logits
+LLAMA_CPP_LOGIT_TOLERANCE = 1.5  # top-20 logits (observed 1.26; exact f32 math: 1.34)
+HF_LOGIT_TOLERANCE = 0.05  # top-20 logits, GEMM path vs hf_f32 (as tests/test_model.py for f32)
+# q8_0 requantizes the Q4_1 weights (an 8-bit grid over the 4-bit values) with float activations
+Q8_0_TOP1 = 0.96
+Q8_0_NEAR_TIE = 0.5
+Q8_0_LOGIT_TOLERANCE = 1.0  # observed 0.85
+
+
+@pytest.fixture(scope="module")
+def native_model(model_path):
+    model = LoadedModel(model_path, weights="native")
+    yield model
+    model.close()
+
+
+def _teacher_forced(model, cases, ref_name):
+    """(top-1 agreement, worst top-20 logit error, reference gaps at the disagreements)."""
+    agree = total = 0
+    worst = 0.0
+    gaps = []
+    for case in cases:
+        ref = case[ref_name]
+        logits = score(model, case["prompt_ids"] + ref["greedy"])
+        top_ids, top_logits = np.array(ref["top_ids"]), np.array(ref["top_logits"])
+        ours = logits.argmax(axis=1)
+        agree += int((ours == top_ids[:, 0]).sum())
+        total += len(top_ids)
+        for i in np.flatnonzero(ours != top_ids[:, 0]):
+            hit = np.flatnonzero(top_ids[i] == ours[i])  # our token's place in the reference top-20
+            gaps.append(float(top_logits[i, 0] - top_logits[i, hit[0]]) if len(hit) else np.inf)
+        err = np.abs(np.take_along_axis(logits, top_ids, axis=1) - top_logits).max()
+        worst = max(worst, float(err))
+    return agree / total, worst, gaps
+
+
+@pytest.fixture
+def int8_everywhere(native_model):
+    assert native_model.backend.gemm_threshold is None  # the default: int8 for Q4_1/Q8_0 at every batch
+    yield native_model
+
+
+@pytest.fixture
+def gemm_everywhere(native_model):
+    native_model.backend.gemm_threshold = 1  # every batch dequantize-into-GEMM: float activations
+    yield native_model
+    native_model.backend.gemm_threshold = None
+
+
+@pytest.mark.slow
+@needs_ext
+def test_native_int8_path_matches_llama_cpp(int8_everywhere, generation_reference):
+    agreement, worst, gaps = _teacher_forced(int8_everywhere, generation_reference, "llama_cpp")
+    print(f"native int8 path vs llama_cpp: top-1 {agreement:.4f}, worst top-20 logit error {worst:.3f}, "
+          f"reference gaps at disagreements {np.round(gaps, 3).tolist()}")
+    assert agreement >= LLAMA_CPP_TOP1
+    assert max(gaps, default=0.0) < LLAMA_CPP_NEAR_TIE
+    assert worst < LLAMA_CPP_LOGIT_TOLERANCE
+
+
+@pytest.mark.slow
+@needs_ext
+def test_native_gemm_path_matches_hf_f32(gemm_everywhere, generation_reference):
+    agreement, worst, _ = _teacher_forced(gemm_everywhere, generation_reference, "hf_f32")
+    print(f"native GEMM path vs hf_f32: top-1 {agreement:.4f}, worst top-20 logit error {worst:.4f}")
+    assert agreement == 1.0
+    assert worst < HF_LOGIT_TOLERANCE
+
+
+@pytest.mark.slow
+@needs_ext
+def test_q8_0_matches_hf_f32(model_path, generation_reference):
+    model = LoadedModel(model_path, weights="q8_0")
+    model.backend.gemm_threshold = 1  # float activations: the hf_f32 reference
+    try:
+        layer = model.weights.layers[0]
+        assert layer.wqkv.qtypes == ("Q8_0",) * 3 and model.weights.output.qtypes == ("Q8_0",)
+        agreement, worst, gaps = _teacher_forced(model, generation_reference, "hf_f32")
+    finally:
+        model.close()
+    print(f"q8_0 GEMM path vs hf_f32: top-1 {agreement:.4f}, worst top-20 logit error {worst:.4f}, "
+          f"reference gaps at disagreements {np.round(gaps, 3).tolist()}")
+    assert agreement >= Q8_0_TOP1
+    assert max(gaps, default=0.0) < Q8_0_NEAR_TIE
+    assert worst < Q8_0_LOGIT_TOLERANCE
+
+
+@pytest.mark.slow
+@needs_ext
+def test_native_weights_are_the_files_bytes(native_model):
+    """Resident weights = the file's tensors, byte for byte in size: no padding, no requantization,
+    and the embedding lookups read the head's copy."""
+    file = native_model.file
+    names = [n for n, t in file.tensors.items() if t.type.name in ("Q4_1", "Q8_0")]
+    handles = [w for layer in native_model.weights.layers
+               for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)] + [native_model.weights.output]
+    assert sum(w.nbytes for w in handles) == sum(file.tensors[n].n_bytes for n in names)
+    assert native_model.weights.embedding.head is native_model.weights.output

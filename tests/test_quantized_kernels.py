@@ -1,0 +1,296 @@
+"""The quantized-resident kernels against dequantize-then-matmul (engine/model/quants.py).
+
+Every kernel type, awkward shapes (1 row, non-power-of-two rows, many blocks, batch 1 and
+batch > 1, fused parts of mixed types), both matmul paths, the numpy fallback, and the C
+decoder-layer ops against the numpy code they replace.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf.quants import quantize as gguf_quantize
+
+from backends.cpu import quantized as qz
+from backends.cpu.backend import CpuBackend
+from backends.cpu.quantized import BlockPart, QuantizedMatmul, quantize_activations
+from engine.errors import InvalidArgument
+from engine.model.quants import dequantize, quant_type
+
+ops = qz._EXTENSION
+needs_ext = pytest.mark.skipif(ops is None, reason=f"ops_avx2 unavailable: {qz._WHY_NOT}")
+
+TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
+# (rows, k, batch): one row, odd row counts (tile remainders), many blocks, batch 1..>4
+SHAPES = [(1, 256, 1), (7, 512, 3), (37, 768, 5), (64, 1536, 1), (130, 256, 16), (5, 2048, 2), (19, 256, 9)]
+
+
+def random_blocks(qtype: T, rows: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """(rows, row_bytes) uint8 of valid blocks: gguf's quantizer where it has one, else random
+    bytes with finite fp16 super-scales."""
+    if qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
+        x = rng.standard_normal((rows, k)).astype(np.float32) * rng.uniform(0.01, 2.0, (rows, 1)).astype(np.float32)
+        return gguf_quantize(x, qtype).reshape(rows, -1)
+    qt = quant_type(qtype)
+    blocks = rng.integers(0, 256, (rows * k // qt.block_size, qt.type_size), dtype=np.uint8)
+
+    def f16(offset: int, lo: float, hi: float) -> None:
+        blocks[:, offset:offset + 2] = rng.uniform(lo, hi, len(blocks)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+    if qtype == T.Q4_K:
+        f16(0, 1e-4, 1e-2)  # d
+        f16(2, 1e-4, 1e-2)  # dmin
+    else:  # Q6_K
+        f16(208, -1e-2, 1e-2)
+    return blocks.reshape(rows, -1)
+
+
+def int8_reference(x: np.ndarray, parts: list[BlockPart]) -> np.ndarray:
+    """What the quantized-dot kernels compute, in float64 numpy: the activations quantized
+    exactly as the kernel does, times the dequantized weights; Q4_1's min term uses the
+    Q8_1 sum s (as llama.cpp) instead of d * sum(q)."""
+    n, k = x.shape
+    q, d, s, isum = quantize_activations(x)
+    xq = (q.reshape(n, -1, 32).astype(np.float64) * d[..., None]).reshape(n, k)
+    cols = []
+    for p in parts:
+        w = dequantize(p.blocks, p.qtype, (p.rows, k)).astype(np.float64)
+        y = xq @ w.T
+        if p.qtype == T.Q4_1:
+            m = p.blocks.reshape(p.rows, -1, 20)[:, :, 2:4].copy().view(np.float16)[..., 0]  # (rows, blocks)
+            y += (s.astype(np.float64) - d.astype(np.float64) * isum) @ m.astype(np.float64).T
+        cols.append(y)
+    return np.concatenate(cols, axis=1)
+
+
+def _close(got: np.ndarray, want: np.ndarray, rtol: float, scale: float | None = None) -> None:
+    """max |got - want| within rtol of `scale` (default: the largest |want|)."""
+    scale = (np.abs(want).max() if scale is None else scale) + 1e-30
+    err = np.abs(got - want).max() / scale
+    assert err < rtol, f"max error {err:.2e} of the scale (limit {rtol:.0e})"
+
+
+def _float_close(got: np.ndarray, x: np.ndarray, w: np.ndarray, rtol: float) -> None:
+    """Against x @ w.T, relative to sum |x_i w_i| (outputs can cancel to near zero)."""
+    _close(got, x @ w.T, rtol, scale=(np.abs(x) @ np.abs(w).T).max())
+
+
+@needs_ext
+def test_activation_quantization_matches_numpy_reference():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 512)).astype(np.float32) * 3
+    x[2, :32] = 0.0  # an all-zero block: scale 0, no division
+    x[3, 40] = 1e4  # an outlier dominating its block
+    q = np.empty((6, 512), np.int8)
+    d, s = np.empty((6, 16), np.float32), np.empty((6, 16), np.float32)
+    isum = np.empty((6, 16), np.int32)
+    ops.quantize_act(x, q, d, s, isum, 2)
+    rq, rd, rs, ri = quantize_activations(x)
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(s, rs)
+    np.testing.assert_array_equal(isum, ri)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_is_bit_exact(qtype):
+    rng = np.random.default_rng(2)
+    qm = QuantizedMatmul("avx2")
+    for rows, k, _ in SHAPES:
+        blocks = random_blocks(qtype, rows, k, rng)
+        w = qm.handle([BlockPart(blocks, qtype, rows)], k)
+        out = np.empty((rows, k), np.float32)
+        qm.dequantize_rows(w, 0, rows, out)
+        np.testing.assert_array_equal(out, dequantize(blocks, qtype, (rows, k)))
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_quantized_dot_matches_dequantize_then_matmul(qtype):
+    rng = np.random.default_rng(3)
+    qm = QuantizedMatmul("avx2", gemm_threshold=1 << 30)  # always the int8 kernels
+    for rows, k, n in SHAPES:
+        blocks = random_blocks(qtype, rows, k, rng)
+        part = BlockPart(blocks, qtype, rows)
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        got = qm.linear(x, qm.handle([part], k))
+        assert got.shape == (n, rows) and got.dtype == np.float32
+        # exact up to float32 summation order against the same quantized activations
+        _close(got, int8_reference(x, [part]), 1e-5)
+        # and within the int8 activation error of the float product
+        _float_close(got, x, dequantize(blocks, qtype, (rows, k)), 5e-3)
+
+
+@needs_ext
+def test_fused_parts_of_mixed_types():
+    """q/k/v-style fusion: parts of different types stacked along the output axis."""
+    rng = np.random.default_rng(4)
+    k = 512
+    parts = [BlockPart(random_blocks(t, r, k, rng), t, r)
+             for t, r in [(T.Q4_K, 33), (T.Q6_K, 16), (T.Q4_1, 5), (T.Q8_0, 17), (T.Q4_0, 1)]]
+    qm = QuantizedMatmul("avx2", gemm_threshold=1 << 30)
+    w = qm.handle(parts, k)
+    dense = np.concatenate([dequantize(p.blocks, p.qtype, (p.rows, k)) for p in parts])
+    for n in (1, 4, 6):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        got = qm.linear(x, w)
+        _close(got, int8_reference(x, parts), 1e-5)
+        _float_close(got, x, dense, 5e-3)
+    # the GEMM path dequantizes across part boundaries (tiles never align with parts)
+    qm.gemm_threshold = 1
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    _float_close(qm.linear(x, w), x, dense, 1e-6)
+
+
+@needs_ext
+def test_thread_count_does_not_change_results():
+    """Each output is computed by exactly one thread: results are bit-identical at any count."""
+    rng = np.random.default_rng(5)
+    part = BlockPart(random_blocks(T.Q4_1, 300, 1536, rng), T.Q4_1, 300)
+    x = rng.standard_normal((3, 1536)).astype(np.float32)
+    outs = []
+    for threads in (1, 2, 5):
+        qm = QuantizedMatmul("avx2", gemm_threshold=1 << 30, threads=threads)
+        outs.append([qm.linear(x, qm.handle([part], 1536)) for _ in range(20)])
+    for run in outs[1:]:
+        for a, b in zip(outs[0], run):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "numpy"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_gemm_path_and_fallback_match_float_matmul(kernels, qtype):
+    """Batches at the GEMM threshold, and every batch on the numpy fallback, use float
+    activations: dequantize-then-matmul up to float32 rounding."""
+    if kernels == "auto" and ops is None:
+        pytest.skip("no extension")
+    rng = np.random.default_rng(6)
+    qm = QuantizedMatmul(kernels, gemm_threshold=4)
+    for rows, k, n in SHAPES:
+        blocks = random_blocks(qtype, rows, k, rng)
+        x = rng.standard_normal((max(n, 4) if kernels == "auto" else n, k)).astype(np.float32)
+        w = qm.handle([BlockPart(blocks, qtype, rows)], k)
+        assert qm.path(len(x), w) == "dequant_gemm"
+        got = qm.linear(x, w)
+        _float_close(got, x, dequantize(blocks, qtype, (rows, k)), 1e-6)
+
+
+def test_gemm_tiles_cover_a_large_matrix(monkeypatch):
+    monkeypatch.setattr(qz, "GEMM_TILE_WEIGHTS", 3 * 256)  # 3-row tiles over 10 rows in 2 parts
+    rng = np.random.default_rng(7)
+    parts = [BlockPart(random_blocks(T.Q8_0, r, 256, rng), T.Q8_0, r) for r in (4, 6)]
+    qm = QuantizedMatmul("numpy")
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    dense = np.concatenate([dequantize(p.blocks, p.qtype, (p.rows, 256)) for p in parts])
+    _float_close(qm.linear(x, qm.handle(parts, 256)), x, dense, 1e-6)
+
+
+def test_path_rule_is_declared():
+    rng = np.random.default_rng(13)
+    legacy = BlockPart(random_blocks(T.Q4_1, 8, 64, rng), T.Q4_1, 8)
+    kquant = BlockPart(random_blocks(T.Q6_K, 8, 256, rng), T.Q6_K, 8)
+    qm = QuantizedMatmul("numpy")
+    assert qm.path(1, qm.handle([legacy], 64)) == "dequant_gemm"  # no kernels: always GEMM
+    if ops is not None:
+        qm = QuantizedMatmul("avx2")  # the measured defaults, by kernel layout
+        x8, rows = qm.handle([legacy], 64), qm.handle([kquant], 256)
+        assert (x8.layout, rows.layout) == ("x8", "rows")
+        assert qz.DEFAULT_GEMM_THRESHOLDS == {"x8": None, "rows": 32}
+        assert [qm.path(n, x8) for n in (1, 512)] == ["quantized_dot"] * 2
+        assert [qm.path(n, rows) for n in (31, 32)] == ["quantized_dot", "dequant_gemm"]
+        qm.gemm_threshold = 8  # a plan's rule applies to every weight
+        assert [qm.path(n, w) for n in (7, 8) for w in (x8, rows)] == ["quantized_dot"] * 2 + ["dequant_gemm"] * 2
+    assert CpuBackend(gemm_threshold=3).gemm_threshold == 3
+    assert CpuBackend().gemm_threshold is None
+    with pytest.raises(InvalidArgument):
+        QuantizedMatmul("sse9")
+    with pytest.raises(InvalidArgument):
+        QuantizedMatmul("numpy", gemm_threshold=0)
+
+
+@needs_ext
+def test_quantize_q8_0_matches_gguf():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((9, 320)).astype(np.float32)
+    x[0, :32] = 0.0
+    x[1, 5] = -50.0
+    np.testing.assert_array_equal(qz.quantize_q8_0(x), gguf_quantize(x, T.Q8_0).reshape(9, -1))
+
+
+@needs_ext
+def test_bad_inputs_raise_clear_errors():
+    rng = np.random.default_rng(9)
+    blocks = random_blocks(T.Q4_K, 4, 256, rng)
+    with pytest.raises(ValueError, match="no kernel"):
+        ops.matrix([(blocks, int(T.Q5_0), 4)], 256)
+    with pytest.raises(ValueError, match="no kernel"):  # legacy types only in the x8 layout
+        ops.matrix([(random_blocks(T.Q4_0, 4, 256, rng), int(T.Q4_0), 4)], 256)
+    with pytest.raises(ValueError, match="bytes"):
+        ops.matrix([(blocks[:3], int(T.Q4_K), 4)], 256)
+    m = ops.matrix([(blocks, int(T.Q4_K), 4)], 256)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.matmul(np.zeros((1, 32), np.float32), m, np.zeros((1, 4), np.float32), 1)
+    with pytest.raises(TypeError):
+        ops.matmul(np.zeros((1, 256), np.float64), m, np.zeros((1, 4), np.float32), 1)
+    with pytest.raises(ValueError):
+        ops.dequantize(m, 0, 5, np.zeros(5 * 256, np.float32), 1)
+    with pytest.raises(ValueError, match="outside"):
+        ops.dequantize_ids(m, np.array([4]), np.zeros((1, 256), np.float32))
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0], ids=lambda t: t.name)
+def test_x8_layout_round_trips_and_pads(qtype):
+    """Repacking interleaves whole blocks of 8 rows; a partial last group is zero-padded and
+    every row reads back (by range and by index) exactly as the file's blocks dequantize."""
+    rng = np.random.default_rng(12)
+    qm = QuantizedMatmul("avx2")
+    qm.REPACK_ROWS = 16  # several repack chunks per tensor
+    for rows in (8, 13, 1, 37):
+        blocks = random_blocks(qtype, rows, 96, rng)
+        w = qm.handle([BlockPart(blocks, qtype, rows)], 96)
+        part = w.parts[0]
+        assert part.layout == "x8" and part.blocks.nbytes == -(-rows // 8) * 8 * blocks.shape[1]
+        want = dequantize(blocks, qtype, (rows, 96))
+        got = np.empty((rows, 96), np.float32)
+        qm.dequantize_rows(w, 0, rows, got)
+        np.testing.assert_array_equal(got, want)
+        ids = rng.integers(0, rows, 5)
+        by_id = np.empty((5, 96), np.float32)
+        ops.dequantize_ids(w.matrix, ids, by_id)
+        np.testing.assert_array_equal(by_id, want[ids])
+
+
+# --- decoder-layer ops: C against the numpy code -------------------------------------
+
+@needs_ext
+def test_c_layer_ops_match_numpy():
+    rng = np.random.default_rng(10)
+    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    x = rng.standard_normal((5, 576)).astype(np.float32)
+    w = rng.standard_normal(576).astype(np.float32)
+    np.testing.assert_allclose(c.rms_norm(x, w, 1e-5), py.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    gate_up = rng.standard_normal((3, 1000)).astype(np.float32) * 6
+    np.testing.assert_allclose(c.silu_mul(gate_up), py.silu_mul(gate_up), rtol=1e-5, atol=1e-6)
+    qkv = rng.standard_normal((4, 960)).astype(np.float32)
+    positions = np.array([0, 1, 100, 4000])
+    for style, rope_dim in [("interleaved", 64), ("neox", 64), ("neox", 32), ("interleaved", 40)]:
+        for b in (c, py):
+            b.configure_rope(rope_dim, 10000.0, style, 4096)
+        q = qkv[:, :576].reshape(-1, 9, 64)  # a strided view, as the forward pass hands it
+        np.testing.assert_allclose(c.rope(q, positions), py.rope(q, positions), rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("n,t", [(1, 1), (1, 9), (1, 300), (3, 130), (17, 17), (200, 200), (5, 1100)])
+def test_c_attention_matches_numpy(n, t):
+    rng = np.random.default_rng(11)
+    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    cache = rng.standard_normal((2, 3, 1200, 64)).astype(np.float32)  # (k|v, n_kv, capacity, hd)
+    k, v = cache[0, :, :t], cache[1, :, :t]  # strided views, as the KV cache hands them
+    q = rng.standard_normal((n, 9, 64)).astype(np.float32) * 2
+    positions = np.arange(t - n, t)
+    np.testing.assert_allclose(c.attention(q, k, v, positions), py.attention(q, k, v, positions),
+                               rtol=1e-4, atol=2e-5)
