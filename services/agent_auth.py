@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 
+from services.handlers import deny_handler
+
 from engine.control.suggestions import AgentPolicy
 from services.auth import OPEN_SERVICES
 
@@ -46,22 +48,6 @@ class AgentAuthInterceptor(grpc.ServerInterceptor):
         if details.method in AGENT_METHODS or details.method.startswith(OPEN_SERVICES):
             return continuation(details)
         handler = continuation(details)
-        if handler is None:
-            return None
         message = (f"agent {agent.id!r} may not call {details.method}: an agent token opens only "
                    f"{', '.join(sorted(m.removeprefix(_SERVICE) for m in AGENT_METHODS))}")
-
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
-
-        def deny_stream(request: Any, context: grpc.ServicerContext) -> Any:
-            deny(request, context)
-            yield  # pragma: no cover - abort raises
-
-        if handler.unary_unary:
-            return handler._replace(unary_unary=deny)
-        if handler.unary_stream:
-            return handler._replace(unary_stream=deny_stream)
-        if handler.stream_unary:
-            return handler._replace(stream_unary=deny)
-        return handler._replace(stream_stream=deny_stream)
+        return deny_handler(handler, grpc.StatusCode.PERMISSION_DENIED, message)

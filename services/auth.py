@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterable
 
 import grpc
 
+from services.handlers import deny_handler
+
 # Probes (Kubernetes, load balancers) and tooling (grpcurl list) work without a token.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
@@ -30,22 +32,5 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         if details.method.startswith(OPEN_SERVICES) or self.identity(details.invocation_metadata or ()):
             return continuation(details)
-        handler = continuation(details)
-        if handler is None:
-            return None
-
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token "
-                                                           "(send metadata 'authorization: Bearer <token>')")
-
-        def deny_stream(request: Any, context: grpc.ServicerContext) -> Any:
-            deny(request, context)
-            yield  # pragma: no cover - abort raises
-
-        if handler.unary_unary:
-            return handler._replace(unary_unary=deny)
-        if handler.unary_stream:
-            return handler._replace(unary_stream=deny_stream)
-        if handler.stream_unary:
-            return handler._replace(stream_unary=deny)
-        return handler._replace(stream_stream=deny_stream)
+        return deny_handler(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')")

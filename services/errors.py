@@ -19,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from engine.errors import EngineError, InvalidArgument, ResourceExhausted
+from services.handlers import wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,6 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
     """Wraps every handler (and every streamed generator, for the whole stream)."""
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-
         def unary(behavior: Callable) -> Callable:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
@@ -86,15 +83,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                     _abort(context, exc)
             return run
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=unary(handler.unary_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=streaming(handler.unary_stream))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=streaming(handler.stream_stream))
-        return handler
+        return wrap_handler(continuation(details), unary, streaming)
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:

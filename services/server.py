@@ -25,11 +25,11 @@ from engine.control.control_plane import ControlPlane
 from engine.control.plan_store import PlanStore, SqlitePlanStore
 from engine.control.plans import PlanEnvironment
 from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
-from engine.telemetry import tracing
 from services.agent_auth import AgentAuthInterceptor
 from protos.planengine.v1 import control_plane_pb2, control_plane_pb2_grpc, plan_pb2
 from services.auth import BearerTokenInterceptor
 from services.errors import ErrorMappingInterceptor
+from services.tracing import server_interceptor
 from services.servicer import ControlPlaneServicer
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
     if config.tracer_provider is not None:
         # first: its span then covers authentication and error mapping, continues the client's
         # traceparent, and stays open for a whole Generate stream
-        interceptors.append(tracing.server_interceptor(config.tracer_provider))
+        interceptors.append(server_interceptor(config.tracer_provider))
     operators = BearerTokenInterceptor(config.auth_tokens) if config.auth_tokens else None
     agents = AgentPolicy.load(config.agent_policy) if config.agent_policy else AgentPolicy()
     if agents.agents:  # agent tokens open only the agent RPCs; other calls go on to the operator check

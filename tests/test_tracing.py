@@ -25,6 +25,7 @@ from engine.runtime.worker import Final
 from engine.telemetry import tracing
 from services.auth import BearerTokenInterceptor
 from services.errors import ErrorMappingInterceptor
+from services.tracing import server_interceptor
 
 STREAM = "/planengine.test.Echo/Stream"
 
@@ -233,7 +234,7 @@ class EchoServer:
     def __init__(self, provider, behaviour, tokens=()):
         self.provider = provider
         self.last_sent_ns = 0
-        interceptors = [tracing.server_interceptor(provider)]
+        interceptors = [server_interceptor(provider)]
         if tokens:
             interceptors.append(BearerTokenInterceptor(tokens))
         interceptors.append(ErrorMappingInterceptor())

@@ -2,7 +2,7 @@
 
 One Generate, as a trace backend shows it (docs/06_observability.md has the attributes):
 
-    /planengine.v1.ControlPlane/Generate   SERVER    gRPC instrumentation; continues the client's traceparent
+    /planengine.v1.ControlPlane/Generate   SERVER    services/tracing.py; continues the client's traceparent
     └── planengine.generate                INTERNAL  gen_ai.* and planengine.* attributes
         ├── planengine.queue               arrival → first scheduled
         ├── planengine.prefill             first scheduled → first token
@@ -26,11 +26,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -134,96 +133,6 @@ def configure_tracing(exporter: str = "auto", endpoint: str | None = None,
 def engine_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
     """The tracer for engine spans; with no provider, the global one (a no-op unless set)."""
     return trace.get_tracer(TRACER_NAME, tracer_provider=provider)
-
-
-# ---------------------------------------------------------------------------------------------
-# The gRPC server span
-
-# Codes that are the server's fault: the span status is ERROR for these only, as the RPC
-# semantic conventions say (a client's INVALID_ARGUMENT leaves it UNSET).
-_SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
-                            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
-
-
-class TracingServerInterceptor(grpc.ServerInterceptor):
-    """The standard OpenTelemetry server interceptor, plus the status codes it misses.
-
-    Put it FIRST in the server's interceptors: the span it opens then covers the
-    interceptors after it (authentication, error mapping), continues the trace context the
-    client sent in its metadata (`traceparent`), and, for a streaming method, stays open
-    until the last message is sent. opentelemetry-instrumentation-grpc records a status set
-    with `context.abort()` or `set_code()`, but not one set with `abort_with_status()`,
-    which is how `services.errors` answers domain errors; the wrapper below reads the
-    final code after the handler and records it on the server span.
-    """
-
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None):
-        from opentelemetry.instrumentation.grpc import server_interceptor as otel_server_interceptor
-        self._otel = otel_server_interceptor(tracer_provider=tracer_provider)
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        return self._otel.intercept_service(lambda d: _record_status(continuation(d)), details)
-
-
-def server_interceptor(tracer_provider: trace.TracerProvider | None = None) -> grpc.ServerInterceptor:
-    """The interceptor that makes one SERVER span per RPC, named `/package.Service/Method`."""
-    return TracingServerInterceptor(tracer_provider)
-
-
-def _record_status(handler: Any) -> Any:
-    if handler is None:
-        return None
-
-    def unary(behavior: Callable) -> Callable:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                return behavior(request, context)
-            finally:
-                _set_rpc_status(context)
-        return run
-
-    def streaming(behavior: Callable) -> Callable:
-        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            cut_short = False
-            try:
-                yield from behavior(request, context)
-            except GeneratorExit:  # grpc stopped pulling: the client cancelled or the deadline passed
-                cut_short = True
-                raise
-            finally:
-                _set_rpc_status(context, cut_short)
-        return run
-
-    if handler.unary_unary:
-        return handler._replace(unary_unary=unary(handler.unary_unary))
-    if handler.unary_stream:
-        return handler._replace(unary_stream=streaming(handler.unary_stream))
-    if handler.stream_unary:
-        return handler._replace(stream_unary=unary(handler.stream_unary))
-    if handler.stream_stream:
-        return handler._replace(stream_stream=streaming(handler.stream_stream))
-    return handler
-
-
-def _set_rpc_status(context: grpc.ServicerContext, cut_short: bool = False) -> None:
-    code = context.code() if hasattr(context, "code") else None
-    if (code is None or code == grpc.StatusCode.OK) and cut_short:
-        # grpc sets no code on the server side when the call ends under it
-        remaining = context.time_remaining()
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-            else grpc.StatusCode.CANCELLED
-    if code is None or code == grpc.StatusCode.OK:
-        return
-    # the server span: the instrumentation's context wrapper holds it (it is also the current
-    # span while the handler runs, which is the fallback should that private name change)
-    span = getattr(context, "_active_span", None) or trace.get_current_span()
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code in _SERVER_FAULTS:
-        details = context.details() or b""
-        if isinstance(details, bytes):  # grpc keeps them encoded
-            details = details.decode("utf-8", "replace")
-        span.set_status(Status(StatusCode.ERROR, f"{code}:{details}"))
-
 
 # ---------------------------------------------------------------------------------------------
 # Engine spans
