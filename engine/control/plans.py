@@ -356,6 +356,8 @@ def normalize(plan: ExecutionPlan, env: PlanEnvironment | None = None,
     if kv.num_blocks == 0:
         tokens = min(defaults.kv_tokens_per_sequence, context or math.inf)
         blocks = b.max_batch_size * -(-tokens // kv.block_size)
+        if context:  # at least one sequence of the full context, which validation requires
+            blocks = max(blocks, -(-context // kv.block_size))
         if model is not None and env is not None and kv.dtype in KV_DTYPE_BYTES:
             per_block = kv.block_size * model.kv_bytes_per_token(KV_DTYPE_BYTES[kv.dtype])
             blocks = min(blocks, max(1, env.max_kv_bytes // per_block))
