@@ -30,7 +30,8 @@ def _add_model_arg(p: argparse.ArgumentParser, positional: bool = False) -> None
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     _add_model_arg(p)
     p.add_argument("--backend", default="cpu", help="numeric backend (default: cpu)")
-    p.add_argument("--weights", default="f32", help="in-memory weight format (default: f32)")
+    p.add_argument("--weights", default="f32",
+                   help="f32 (default) | native (the file's blocks, int8 AVX2 kernels) | q8_0")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
 
 

@@ -48,20 +48,11 @@ def random_blocks(qtype: T, rows: int, k: int, rng: np.random.Generator) -> np.n
 
 def int8_reference(x: np.ndarray, parts: list[BlockPart]) -> np.ndarray:
     """What the quantized-dot kernels compute, in float64 numpy: the activations quantized
-    exactly as the kernel does, times the dequantized weights; Q4_1's min term uses the
-    Q8_1 sum s (as llama.cpp) instead of d * sum(q)."""
+    exactly as the kernels do, times the dequantized weights."""
     n, k = x.shape
-    q, d, s, isum = quantize_activations(x)
+    q, d, _, _ = quantize_activations(x)
     xq = (q.reshape(n, -1, 32).astype(np.float64) * d[..., None]).reshape(n, k)
-    cols = []
-    for p in parts:
-        w = dequantize(p.blocks, p.qtype, (p.rows, k)).astype(np.float64)
-        y = xq @ w.T
-        if p.qtype == T.Q4_1:
-            m = p.blocks.reshape(p.rows, -1, 20)[:, :, 2:4].copy().view(np.float16)[..., 0]  # (rows, blocks)
-            y += (s.astype(np.float64) - d.astype(np.float64) * isum) @ m.astype(np.float64).T
-        cols.append(y)
-    return np.concatenate(cols, axis=1)
+    return np.concatenate([xq @ dequantize(p.blocks, p.qtype, (p.rows, k)).astype(np.float64).T for p in parts], axis=1)
 
 
 def _close(got: np.ndarray, want: np.ndarray, rtol: float, scale: float | None = None) -> None:
@@ -157,6 +148,21 @@ def test_thread_count_does_not_change_results():
     for run in outs[1:]:
         for a, b in zip(outs[0], run):
             np.testing.assert_array_equal(a, b)
+
+
+@needs_ext
+def test_int8_rows_do_not_depend_on_batch_mates():
+    """A row's result is the same bits alone or in any batch (the plan's batch_invariant mode
+    relies on it), and batch_invariant keeps even large batches off OpenBLAS."""
+    rng = np.random.default_rng(14)
+    qm = QuantizedMatmul("avx2", gemm_threshold=2)
+    for qtype in (T.Q4_1, T.Q6_K):
+        w = qm.handle([BlockPart(random_blocks(qtype, 40, 512, rng), qtype, 40)], 512)
+        x = rng.standard_normal((7, 512)).astype(np.float32)
+        assert qm.path(7, w) == "dequant_gemm" and qm.path(7, w, batch_invariant=True) == "quantized_dot"
+        batch = qm.linear(x, w, batch_invariant=True)
+        for i in range(len(x)):
+            np.testing.assert_array_equal(qm.linear(x[i:i + 1], w, batch_invariant=True)[0], batch[i])
 
 
 @pytest.mark.parametrize("kernels", ["auto", "numpy"])
@@ -294,3 +300,17 @@ def test_c_attention_matches_numpy(n, t):
     positions = np.arange(t - n, t)
     np.testing.assert_allclose(c.attention(q, k, v, positions), py.attention(q, k, v, positions),
                                rtol=1e-4, atol=2e-5)
+
+
+@needs_ext
+def test_c_decode_attention_matches_numpy_and_single_sequence():
+    rng = np.random.default_rng(15)
+    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    q = rng.standard_normal((5, 9, 64)).astype(np.float32)
+    k, v = rng.standard_normal((2, 5, 3, 300, 64)).astype(np.float32)
+    lengths = np.array([1, 7, 300, 130, 33])
+    got = c.decode_attention(q, k, v, lengths)
+    np.testing.assert_allclose(got, py.decode_attention(q, k, v, lengths), rtol=1e-4, atol=2e-5)
+    for b, n in enumerate(lengths):  # one task per (sequence, head): the same bits as alone
+        alone = c.attention(q[b:b + 1], k[b, :, :n], v[b, :, :n], np.array([n - 1]))
+        np.testing.assert_array_equal(alone[0], got[b])

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 
 from backends.base import Backend, TensorData
 from backends.cpu import invariant
-from backends.cpu.quantized import FLOAT_TYPES, BlockTable, QuantizedLinear, QuantizedMatmul, block_part
+from backends.cpu.quantized import FLOAT_TYPES, BlockTable, QuantizedLinear, QuantizedMatmul, as_blocks, block_part
 from engine.model.quants import dequantize
 
 
@@ -67,7 +67,14 @@ class CpuBackend(Backend):
         for p in parts:
             wt[:, col:col + p.shape[0]] = dequantize(p.raw, p.qtype, p.shape).T
             col += p.shape[0]
+            self._release(p.raw)
         return wt
+
+    def _release(self, raw: np.ndarray) -> None:
+        """Drop a file tensor's pages from the resident set once it has been copied (read-only
+        mappings only): resident memory holds the weights once, in the format asked for."""
+        if self._ops is not None:
+            self._ops.release_pages(raw)
 
     def load_vector(self, tensor: TensorData) -> Any:
         return dequantize(tensor.raw, tensor.qtype, tensor.shape)
@@ -77,20 +84,22 @@ class CpuBackend(Backend):
         fmt = fmt or self._format
         qtype = T(tensor.qtype)
         if fmt == "f32" or qtype in FLOAT_TYPES:
-            return dequantize(tensor.raw, tensor.qtype, tensor.shape)
+            table = dequantize(tensor.raw, tensor.qtype, tensor.shape)
+            self._release(tensor.raw)
+            return table
         if fmt == "q8_0" and qtype != T.Q8_0:
             part = block_part(tensor, "q8_0")
             return BlockTable(part.blocks, T.Q8_0, tensor.shape)
-        return BlockTable(np.ascontiguousarray(tensor.raw).view(np.uint8).reshape(tensor.shape[0], -1),
-                          qtype, tensor.shape)
+        return BlockTable(as_blocks(tensor.raw, tensor.shape[0]), qtype, tensor.shape)
 
     def tied_output(self, table: Any) -> Any:
         if isinstance(table, BlockTable):
             # the head reads the table's own blocks (requantized to Q8_0 if it has no kernel),
             # and lookups then go through the head's resident copy
-            table.head = self.quantized.handle(
+            head = self.quantized.handle(
                 [block_part(TensorData(table.blocks, table.qtype, table.shape), "native")], table.shape[1])
-            return table.head
+            table.attach_head(head)
+            return head
         # A transposed view, no copy: `x @ E.T` on the (vocab, dim) table measured as fast as a
         # contiguous (dim, vocab) copy at batch 1 and 1.5x faster at batch 512.
         return table.T
@@ -102,7 +111,7 @@ class CpuBackend(Backend):
 
     def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         if isinstance(w, QuantizedLinear):
-            return self.quantized.linear(x, w)
+            return self.quantized.linear(x, w, batch_invariant=self.batch_invariant)
         if self.batch_invariant:
             return invariant.tiled_matmul(x, w)
         return x @ w
@@ -155,7 +164,7 @@ class CpuBackend(Backend):
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
         if self.batch_invariant and self._ops is None:
             return invariant.attend(q, k, v, q_positions, q.shape[1] // k.shape[0])
-        if self._ops is not None and _c_ready(q) and _c_ready(k) and _c_ready(v) and k.shape[1] > 0:
+        if self._ops is not None and _c_ready(q) and _rows_ready(k) and _rows_ready(v) and k.shape[1] > 0:
             out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)
             self._ops.attention(np.ascontiguousarray(q), k, v, _positions(q_positions), out, self.quantized.threads)
             return out
@@ -170,6 +179,11 @@ class CpuBackend(Backend):
         return out
 
     def decode_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        if self._ops is not None and _c_ready(q) and _rows_ready(k) and _rows_ready(v):
+            # one task per (sequence, head), each over its own keys only: batch-invariant as is
+            out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)
+            self._ops.decode_attention(np.ascontiguousarray(q), k, v, _positions(lengths), out, self.quantized.threads)
+            return out
         if self.batch_invariant:  # its row tiles would mix sequences: per sequence, on the fixed grid
             return super().decode_attention(q, k, v, lengths)
         # every decoding sequence at once: (B, n_kv, group, T) scores, padding masked per sequence
@@ -217,6 +231,11 @@ class CpuBackend(Backend):
 def _c_ready(a: np.ndarray) -> bool:
     """float32 with a contiguous last axis and no negative strides: what the C ops take."""
     return a.dtype == np.float32 and a.strides[-1] == 4 and min(a.strides) >= 0
+
+
+def _rows_ready(a: np.ndarray) -> bool:
+    """Keys or values for the C attention: contiguous (.., t, head_dim) rows."""
+    return _c_ready(a) and (a.shape[-2] <= 1 or a.strides[-2] == 4 * a.shape[-1])
 
 
 def _positions(p: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from backends.base import TensorData
+from backends.cpu import invariant
 from engine.errors import InvalidArgument
 from engine.model.quants import dequantize, quant_type
 
@@ -146,25 +147,29 @@ class BlockTable:
     pages for the table are never touched again after loading.
     """
 
-    blocks: np.ndarray  # (vocab, row_bytes) uint8
+    blocks: np.ndarray | None  # (vocab, row_bytes) uint8; None once `head` serves the lookups
     qtype: T
     shape: tuple[int, int]
     head: QuantizedLinear | None = None
 
+    def attach_head(self, head: QuantizedLinear) -> None:
+        """Serve lookups from the output head's resident copy when it holds the same blocks."""
+        if head.matrix is not None and head.parts[0].qtype == self.qtype:
+            self.head = head
+            self.blocks = None  # one resident copy of the table
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        head = self.head
-        if head is not None and head.matrix is not None and head.parts[0].qtype == self.qtype:
+        if self.head is not None:
             out = np.empty((len(ids), self.shape[1]), dtype=np.float32)
-            _EXTENSION.dequantize_ids(head.matrix, np.ascontiguousarray(ids, dtype=np.int64), out)
+            _EXTENSION.dequantize_ids(self.head.matrix, np.ascontiguousarray(ids, dtype=np.int64), out)
             return out
         return dequantize(self.blocks[ids], self.qtype, (len(ids), self.shape[1]))
 
 
 # --- requantization to Q8_0 -------------------------------------------------
 
-def _as_blocks(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
-    """The tensor's bytes as (rows, row_bytes) uint8, without a copy."""
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+def as_blocks(raw: np.ndarray, rows: int) -> np.ndarray:
+    """A tensor's bytes as (rows, row_bytes) uint8, without a copy."""
     return np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(rows, -1)
 
 
@@ -172,23 +177,25 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     """float32 (rows, k) -> Q8_0 blocks (rows, k / 32 * 34): llama.cpp's reference rounding."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, k = x.shape
+    if _EXTENSION is None:
+        from gguf.quants import quantize
+        return quantize(x, T.Q8_0).reshape(rows, -1)
     out = np.empty((rows, k // 32 * 34), dtype=np.uint8)
-    if _EXTENSION is not None:
-        _EXTENSION.quantize_q8_0(x, out, default_threads())
-        return out
-    from gguf.quants import quantize
-    return quantize(x, T.Q8_0).reshape(rows, -1)
+    _EXTENSION.quantize_q8_0(x, out, default_threads())
+    return out
 
 
 def _requantize_q8_0(t: TensorData) -> BlockPart:
     """Any tensor -> Q8_0 rows, a block of rows at a time (float32 temporaries stay small)."""
     rows, k = t.shape
-    src = _as_blocks(t.raw, t.qtype, t.shape)
+    src = as_blocks(t.raw, rows)
     out = np.empty((rows, k // 32 * 34), dtype=np.uint8)
     step = max(1, GEMM_TILE_WEIGHTS // k)
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
         out[lo:hi] = quantize_q8_0(dequantize(src[lo:hi], t.qtype, (hi - lo, k)))
+        if _EXTENSION is not None:
+            _EXTENSION.release_pages(src[lo:hi])  # the file's pages are not needed again
     return BlockPart(out, T.Q8_0, rows)
 
 
@@ -206,9 +213,9 @@ def block_part(t: TensorData, fmt: str) -> BlockPart:
     _check_shape(t)
     qtype = T(t.qtype)
     if fmt == "native" and qtype in KERNEL_TYPES and t.shape[1] % quant_type(qtype).block_size == 0:
-        return BlockPart(_as_blocks(t.raw, qtype, t.shape), qtype, t.shape[0])
+        return BlockPart(as_blocks(t.raw, t.shape[0]), qtype, t.shape[0])
     if qtype == T.Q8_0:  # already what q8_0 asks for: keep the file's bytes
-        return BlockPart(_as_blocks(t.raw, qtype, t.shape), qtype, t.shape[0])
+        return BlockPart(as_blocks(t.raw, t.shape[0]), qtype, t.shape[0])
     if fmt == "native" and qtype.name not in _warned_requant:
         _warned_requant.add(qtype.name)
         log.warning("native weights: %s has no quantized kernel; requantizing those tensors to Q8_0", qtype.name)
@@ -286,20 +293,24 @@ class QuantizedMatmul:
             self.ops.release_pages(src)  # read-only mappings only; a no-op on owned arrays
         return BlockPart(out, part.qtype, part.rows, "x8")
 
-    def path(self, n: int, w: QuantizedLinear) -> str:
-        """The path a batch of n rows against w takes: "quantized_dot" or "dequant_gemm"."""
+    def path(self, n: int, w: QuantizedLinear, batch_invariant: bool = False) -> str:
+        """The path a batch of n rows against w takes: "quantized_dot" or "dequant_gemm".
+
+        batch_invariant (the plan's determinism): the int8 kernels compute every row alike
+        whatever its batch mates, OpenBLAS does not, so they take every batch size.
+        """
         if self.ops is None:
             return "dequant_gemm"
         limit = self.threshold(w)
-        return "quantized_dot" if limit is None or n < limit else "dequant_gemm"
+        return "quantized_dot" if batch_invariant or limit is None or n < limit else "dequant_gemm"
 
-    def linear(self, x: np.ndarray, w: QuantizedLinear) -> np.ndarray:
+    def linear(self, x: np.ndarray, w: QuantizedLinear, batch_invariant: bool = False) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], w.n_out), dtype=np.float32)
-        if self.path(x.shape[0], w) == "quantized_dot":
+        if self.path(x.shape[0], w, batch_invariant) == "quantized_dot":
             self.ops.matmul(x, w.matrix, out, self.threads)
         else:
-            self._dequant_gemm(x, w, out)
+            self._dequant_gemm(x, w, out, batch_invariant)
         return out
 
     def dequantize_rows(self, w: QuantizedLinear, lo: int, hi: int, out: np.ndarray) -> None:
@@ -315,7 +326,7 @@ class QuantizedMatmul:
                 out[a - lo:b - lo] = dequantize(p.blocks[a - start:b - start], p.qtype, (b - a, w.n_in))
             start += p.rows
 
-    def _dequant_gemm(self, x: np.ndarray, w: QuantizedLinear, out: np.ndarray) -> None:
+    def _dequant_gemm(self, x: np.ndarray, w: QuantizedLinear, out: np.ndarray, batch_invariant: bool) -> None:
         tile_rows = max(8, GEMM_TILE_WEIGHTS // w.n_in // 8 * 8)  # whole x8 groups
         if self._scratch.size < min(tile_rows, w.n_out) * w.n_in:
             self._scratch = np.empty(min(tile_rows, w.n_out) * w.n_in, dtype=np.float32)
@@ -325,7 +336,10 @@ class QuantizedMatmul:
             self.dequantize_rows(w, lo, hi, tile)
             if self.ops is not None:
                 self.ops.park()  # the pool's spinning worker would take a core from OpenBLAS
-            np.matmul(x, tile.T, out=out[:, lo:hi])
+            if batch_invariant:  # the numpy fallback: OpenBLAS on fixed row tiles
+                out[:, lo:hi] = invariant.tiled_matmul(x, tile.T)
+            else:
+                np.matmul(x, tile.T, out=out[:, lo:hi])
 
 
 # --- numpy references (tests, docs) -------------------------------------------
@@ -333,8 +347,8 @@ class QuantizedMatmul:
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What the kernels do to an activation row, in numpy: (q int8, d, s, isum) per 32-block.
 
-    d = fp16(max|x| / 127), q = round-half-even(x * 127 / max|x|), s = fp16(max|x| / 127 * sum(q))
-    (llama.cpp's Q8_1, whose s the Q4_1 kernel uses for the min term), isum = sum(q).
+    d = fp16(max|x| / 127), q = round-half-even(x * 127 / max|x|) (llama.cpp's Q8_0 / Q8_1),
+    isum = sum(q), s = d * isum (the Q4_1 min term's block sum; Q8_1 rounds it to fp16).
     """
     x = np.asarray(x, dtype=np.float32)
     n, k = x.shape
@@ -346,5 +360,4 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     q = np.rint(blocks * inv[..., None]).astype(np.int8)
     isum = q.sum(axis=-1, dtype=np.int32)
     d = dd.astype(np.float16).astype(np.float32)
-    s = (dd * isum.astype(np.float32)).astype(np.float16).astype(np.float32)
-    return q.reshape(n, k), d, s, isum
+    return q.reshape(n, k), d, d * isum.astype(np.float32), isum

@@ -19,6 +19,7 @@
  *   rope(x, cos, sin, positions, neox, out)
  *   silu_mul(gate_up, out, threads)
  *   attention(q, k, v, positions, out, threads)
+ *   decode_attention(q, k, v, lengths, out, threads)   B sequences, one query each
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -578,6 +579,70 @@ done:
     return result;
 }
 
+static PyObject *py_decode_attention(PyObject *self, PyObject *args)
+{
+    PyObject *qo, *ko, *vo, *lo, *oo;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOi", &qo, &ko, &vo, &lo, &oo, &threads) || !require_avx2())
+        return NULL;
+    F32View q, k, v, o;
+    Py_buffer lv;
+    int got = 0;
+    PyObject *result = NULL;
+    if (!get_view(qo, &q, 3, 0, "q"))
+        goto done;
+    got = 1;
+    if (!get_view(ko, &k, 4, 0, "k"))
+        goto done;
+    got = 2;
+    if (!get_view(vo, &v, 4, 0, "v"))
+        goto done;
+    got = 3;
+    if (!get_view(oo, &o, 2, 1, "out"))
+        goto done;
+    got = 4;
+    const Py_ssize_t b = q.shape[0], heads = q.shape[1], hd = q.shape[2], n_kv = k.shape[1], t = k.shape[2];
+    if (!contiguous(&q, 3) || !contiguous(&o, 2) || k.shape[0] != b || n_kv < 1 || heads % n_kv ||
+        k.shape[3] != hd || v.shape[0] != b || v.shape[1] != n_kv || v.shape[2] != t || v.shape[3] != hd ||
+        (t > 1 && (k.strides[2] != hd || v.strides[2] != hd)) || o.shape[0] != b || o.shape[1] != heads * hd || t < 1) {
+        PyErr_SetString(PyExc_ValueError,
+                        "decode_attention: q (B, heads, hd) contiguous, k/v (B, n_kv, T, hd) with contiguous rows, "
+                        "out (B, heads * hd)");
+        goto done;
+    }
+    /* lengths (B,) in 1..T, passed on as the last visible position */
+    if (!get_positions(lo, &lv, b, t + 1))
+        goto done;
+    got = 5;
+    int64_t *last = malloc((size_t)(b > 0 ? b : 1) * sizeof(int64_t));
+    if (!last) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < b; i++) {
+        last[i] = ((const int64_t *)lv.buf)[i] - 1;
+        ok &= last[i] >= 0;
+    }
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: every length must be at least 1");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        ops_decode_attention(q.p, k.p, k.strides[0], k.strides[1], v.p, v.strides[0], v.strides[1], last, b, heads,
+                             n_kv, t, hd, o.p, threads);
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    free(last);
+done:
+    if (got >= 5) PyBuffer_Release(&lv);
+    if (got >= 4) PyBuffer_Release(&o.v);
+    if (got >= 3) PyBuffer_Release(&v.v);
+    if (got >= 2) PyBuffer_Release(&k.v);
+    if (got >= 1) PyBuffer_Release(&q.v);
+    return result;
+}
+
 /* ---- x8 repacking, page release, row lookup ---- */
 
 static PyObject *py_x8_bytes(PyObject *self, PyObject *args)
@@ -732,6 +797,7 @@ static PyMethodDef methods[] = {
     {"rope", py_rope, METH_VARARGS, "rope(x, cos, sin, positions, neox, out)."},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate_up, out, threads)."},
     {"attention", py_attention, METH_VARARGS, "attention(q, k, v, positions, out, threads)."},
+    {"decode_attention", py_decode_attention, METH_VARARGS, "decode_attention(q, k, v, lengths, out, threads)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -143,9 +143,10 @@ void ops_silu_mul(const float *gu, int64_t ld, int64_t n, int64_t f, float *out,
 
 typedef struct {
     const float *q;     /* (n, heads, hd) contiguous */
-    const float *k, *v; /* (n_kv, t, hd), rows contiguous */
-    int64_t sk_head, sv_head;
-    const int64_t *pos;
+    const float *k, *v; /* (n_kv, t, hd) per sequence, rows contiguous */
+    int64_t sk_seq, sv_seq;   /* between sequences: 0 when every query row reads one sequence */
+    int64_t sk_head, sv_head; /* between kv heads */
+    const int64_t *pos; /* (n,) the position of each query row: it sees keys 0..pos */
     int64_t n, heads, n_kv, t, hd;
     float *out; /* (n, heads * hd) */
 } AttnCtx;
@@ -169,7 +170,7 @@ static void attn_task(void *p, int64_t task)
     const int64_t g = h / (c->heads / c->n_kv);
     const int64_t nk = c->pos[i] + 1 < c->t ? c->pos[i] + 1 : c->t; /* keys 0..pos */
     const float *q = c->q + (i * c->heads + h) * hd;
-    const float *k = c->k + g * c->sk_head, *v = c->v + g * c->sv_head;
+    const float *k = c->k + i * c->sk_seq + g * c->sk_head, *v = c->v + i * c->sv_seq + g * c->sv_head;
     float *o = c->out + (i * c->heads + h) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
 
@@ -255,9 +256,20 @@ void ops_attention(const float *q, const float *k, int64_t sk_head, const float 
                    const int64_t *pos, int64_t n, int64_t heads, int64_t n_kv, int64_t t, int64_t hd,
                    float *out, int nthreads)
 {
-    AttnCtx c = {q, k, v, sk_head, sv_head, pos, n, heads, n_kv, t, hd, out};
+    AttnCtx c = {q, k, v, 0, 0, sk_head, sv_head, pos, n, heads, n_kv, t, hd, out};
     const int64_t work = n * heads * t * hd;
     ops_parallel_for(n * heads, work >= (1 << 16) ? nthreads : 1, attn_task, &c);
+}
+
+/* B sequences decoding one token each: query row b reads sequence b's keys 0..lengths[b]-1.
+ * The same task as above, so a row's result does not depend on its batch mates. */
+void ops_decode_attention(const float *q, const float *k, int64_t sk_seq, int64_t sk_head, const float *v,
+                          int64_t sv_seq, int64_t sv_head, const int64_t *last, int64_t b, int64_t heads,
+                          int64_t n_kv, int64_t t, int64_t hd, float *out, int nthreads)
+{
+    AttnCtx c = {q, k, v, sk_seq, sv_seq, sk_head, sv_head, last, b, heads, n_kv, t, hd, out};
+    const int64_t work = b * heads * t * hd;
+    ops_parallel_for(b * heads, work >= (1 << 16) ? nthreads : 1, attn_task, &c);
 }
 
 #endif /* x86-64 */

@@ -35,8 +35,8 @@ enum {
  * Record sizes: 8 * 18 = 144, 8 * 20 = 160, 8 * 34 = 272 bytes. */
 #define X8 8
 
-/* One stored weight matrix (rows, k) in a block format, rows contiguous (x8 = 0) or
- * interleaved by 8 (x8 = 1, row_bytes then counts the padded group's bytes / 8). */
+/* One stored weight matrix (rows, k) in a block format, rows in the file's order (x8 = 0)
+ * or interleaved by 8 (x8 = 1); row_bytes is a file row's size either way. */
 typedef struct {
     const uint8_t *data;
     int qtype;
@@ -59,7 +59,8 @@ typedef struct {
     int64_t n, k, nb; /* rows, features, blocks per row (k / 32) */
     int8_t *q;        /* (n, k) */
     float *d;         /* (n, nb) scale, rounded through fp16 as Q8_0 stores it */
-    float *s;         /* (n, nb) fp16(d * sum(q)): Q8_1's sum term, used by Q4_1 as llama.cpp does */
+    float *s;         /* (n, nb) d * sum(q): the block sum for Q4_1's min term (llama.cpp's Q8_1
+                       * rounds it to fp16, a 2e-3 relative error in Q4_1 outputs not copied here) */
     int32_t *isum;    /* (n, nb) sum(q), exact: used for K-quant mins */
 } QAct;
 
@@ -91,5 +92,8 @@ void ops_silu_mul(const float *gu, int64_t ld, int64_t n, int64_t f, float *out,
 void ops_attention(const float *q, const float *k, int64_t sk_head, const float *v, int64_t sv_head,
                    const int64_t *pos, int64_t n, int64_t heads, int64_t n_kv, int64_t t, int64_t hd,
                    float *out, int nthreads);
+void ops_decode_attention(const float *q, const float *k, int64_t sk_seq, int64_t sk_head, const float *v,
+                          int64_t sv_seq, int64_t sv_head, const int64_t *last, int64_t b, int64_t heads,
+                          int64_t n_kv, int64_t t, int64_t hd, float *out, int nthreads);
 
 #endif

@@ -9,11 +9,13 @@
  * rows per register, one output row per lane. Q4_K and Q6_K are read in the file's order,
  * one row at a time. Every kernel computes its rows against up to C = 4 activation rows at
  * once, so a weight block is loaded and unpacked once per 4 tokens of a small batch.
- * Threads (threadpool.c) take tiles of 16 output rows from a shared counter; each writes
- * its own outputs, no reduction, so results do not depend on the thread count.
+ * Threads (threadpool.c) take tiles of ROW_TILE output rows from a shared counter; each
+ * writes its own outputs, no reduction, so results depend neither on the thread count nor
+ * on a row's batch mates.
  *
- * Only this file and dequant.c are compiled for AVX2 (the pragma below), so the
- * module imports on any x86-64 and the Python layer asks ops_cpu_has_avx2() first.
+ * The kernel files (this one, dequant.c, ops.c) are compiled for AVX2 by the pragma below,
+ * module.c for the baseline, so the module imports on any x86-64 and the Python layer
+ * asks have_avx2() first.
  */
 #if defined(__x86_64__) || defined(_M_X64)
 
@@ -26,7 +28,8 @@
 #include "ops_avx2.h"
 #include "simd.h"
 
-/* ---- activation quantization (Q8_0 / Q8_1, llama.cpp's AVX2 quantize_row_q8_1) ---- */
+/* ---- activation quantization (llama.cpp's AVX2 quantize_row_q8_1: Q8_0's rounding, plus
+ * the block sum, kept in float32 where Q8_1 rounds it to fp16) ---- */
 
 static void quantize_act_row(const float *x, int64_t nb, int8_t *q, float *d, float *s, int32_t *isum)
 {
@@ -57,7 +60,7 @@ static void quantize_act_row(const float *x, int64_t nb, int8_t *q, float *d, fl
         i0 = _mm256_permutevar8x32_epi32(i0, perm);
         _mm256_storeu_si256((__m256i *)(q + 32 * b), i0);
         d[b] = fp16_round(dd);
-        s[b] = fp16_round(dd * (float)sum);
+        s[b] = d[b] * (float)sum;
         isum[b] = sum;
     }
 }
