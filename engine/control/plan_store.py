@@ -245,8 +245,17 @@ _MIGRATIONS: list[list[str]] = [
 _ACTIVE_ROW = "SELECT seq, plan_id, version FROM activations WHERE undone = 0 ORDER BY seq DESC LIMIT 1"
 
 
-def _label(plan: ExecutionPlan | None) -> str:
+def label(plan: ExecutionPlan | None) -> str:
     return f"{plan.id}@{plan.version}" if plan is not None else "none"
+
+
+def parse_stored(body: bytes, stored_hash: str) -> ExecutionPlan:
+    """A stored plan, its hash re-verified: a damaged row is reported, never served."""
+    plan = ExecutionPlan.FromString(body)
+    if plan.hash != stored_hash or plan_hash(plan) != stored_hash:
+        # only a damaged database or a foreign writer can get here
+        raise EngineError(f"stored plan {label(plan)} is corrupt: its content does not match hash {stored_hash}")
+    return plan
 
 
 class SqlitePlanStore(PlanStore):
@@ -261,13 +270,7 @@ class SqlitePlanStore(PlanStore):
 
     # ----------------------------------------------------------------- reads
 
-    @staticmethod
-    def _parse(body: bytes, stored_hash: str) -> ExecutionPlan:
-        plan = ExecutionPlan.FromString(body)
-        if plan.hash != stored_hash or plan_hash(plan) != stored_hash:
-            # only a damaged file or a foreign writer can get here
-            raise EngineError(f"stored plan {_label(plan)} is corrupt: its content does not match hash {stored_hash}")
-        return plan
+    _parse = staticmethod(parse_stored)
 
     def _get(self, conn: sqlite3.Connection, plan_id: str, version: int) -> ExecutionPlan:
         if version:
@@ -333,7 +336,7 @@ class SqlitePlanStore(PlanStore):
         if previous is not None and (previous.id, previous.version) == (plan.id, plan.version):
             return plan, previous
         conn.execute("INSERT INTO activations (plan_id, version) VALUES (?, ?)", (plan.id, plan.version))
-        self._event(conn, "activate", plan, actor, f"previous: {_label(previous)}")
+        self._event(conn, "activate", plan, actor, f"previous: {label(previous)}")
         return plan, previous
 
     def submit(self, plan: ExecutionPlan, actor: str = "", activate: bool = False) -> ExecutionPlan:
@@ -374,7 +377,7 @@ class SqlitePlanStore(PlanStore):
             raise FailedPrecondition("no plan is active, so there is nothing to roll back")
         seq, previous = current
         if plan_id and not version and plan_id != previous.id:
-            raise FailedPrecondition(f"plan {plan_id!r} is not the active plan ({_label(previous)})")
+            raise FailedPrecondition(f"plan {plan_id!r} is not the active plan ({label(previous)})")
         # The activation before the current one, and the one before it of the same plan id.
         earlier = "SELECT plan_id, version FROM activations WHERE undone = 0 AND seq < ?{} ORDER BY seq DESC LIMIT 1"
         before = conn.execute(earlier.format(""), (seq,)).fetchone()
@@ -382,12 +385,12 @@ class SqlitePlanStore(PlanStore):
         if not version:
             row = before_same if plan_id else before
             if row is None:
-                raise FailedPrecondition(f"{_label(previous)} has no earlier activation"
+                raise FailedPrecondition(f"{label(previous)} has no earlier activation"
                                          f"{' of ' + repr(plan_id) if plan_id else ''} to roll back to")
             return seq, previous, self._get(conn, *row), True
         target = self._get(conn, plan_id or previous.id, version)
         if (target.id, target.version) == (previous.id, previous.version):
-            raise FailedPrecondition(f"{_label(target)} is already the active plan")
+            raise FailedPrecondition(f"{label(target)} is already the active plan")
         # Naming the plan that rollback() or rollback(id) would pick is the same as calling it.
         undo = (target.id, target.version) in {tuple(r) for r in (before, before_same) if r is not None}
         return seq, previous, target, undo
@@ -412,7 +415,7 @@ class SqlitePlanStore(PlanStore):
             top = conn.execute(_ACTIVE_ROW).fetchone()
             if top is None or (top[1], top[2]) != (target.id, target.version):
                 conn.execute("INSERT INTO activations (plan_id, version) VALUES (?, ?)", (target.id, target.version))
-            self._event(conn, "rollback", target, actor, f"from {_label(previous)}")
+            self._event(conn, "rollback", target, actor, f"from {label(previous)}")
         return target, previous
 
     def close(self) -> None:
@@ -436,7 +439,7 @@ class SqlitePlanStore(PlanStore):
             previous = current[1] if current else None
             if previous is None or (previous.id, previous.version) != (plan.id, base_version):
                 exc = FailedPrecondition(f"stale: {plan.id}@{base_version} is no longer the active plan "
-                                         f"({_label(previous)} is); re-read it and retry")
+                                         f"({label(previous)} is); re-read it and retry")
                 exc.current_id, exc.current_version = (previous.id, previous.version) if previous else ("", 0)
                 raise exc
             # as in submit(): the newest version again if the content is unchanged, else a new one

@@ -41,7 +41,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from engine.control.plan_store import ACTIONS, PlanEvent, PlanStore
+from engine.control.plan_store import ACTIONS, PlanEvent, PlanStore, label, parse_stored
 from engine.control.plans import ExecutionPlan, plan_hash
 from engine.control.suggestions import _SELECT as _SUGGESTION_SELECT  # plain SQL, the same in both databases
 from engine.control.suggestions import (
@@ -53,7 +53,7 @@ from engine.control.suggestions import (
     _record,
     patch_json,
 )
-from engine.errors import EngineError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from engine.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 __all__ = ["ActiveWatch", "PostgresDatabase", "PostgresPlanStore", "PostgresSuggestionLog", "is_postgres_url",
            "stale"]
@@ -70,15 +70,11 @@ def is_postgres_url(target: object) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
-def _label(plan: ExecutionPlan | None) -> str:
-    return f"{plan.id}@{plan.version}" if plan is not None else "none"
-
-
 def stale(plan_id: str, base_version: int, current: ExecutionPlan | None) -> FailedPrecondition:
     """The error of a lost compare-and-swap: `current_id` / `current_version` say what is
     active now ("" / 0 when nothing is), so the caller can re-read and retry."""
     exc = FailedPrecondition(f"stale: {plan_id}@{base_version} is no longer the active plan "
-                             f"({_label(current)} is); re-read it and retry")
+                             f"({label(current)} is); re-read it and retry")
     exc.current_id, exc.current_version = (current.id, current.version) if current else ("", 0)
     return exc
 
@@ -230,12 +226,7 @@ class PostgresPlanStore(PlanStore):
 
     # ----------------------------------------------------------------- reads
 
-    @staticmethod
-    def _parse(body: bytes, stored_hash: str) -> ExecutionPlan:
-        plan = ExecutionPlan.FromString(body)
-        if plan.hash != stored_hash or plan_hash(plan) != stored_hash:
-            raise EngineError(f"stored plan {_label(plan)} is corrupt: its content does not match hash {stored_hash}")
-        return plan
+    _parse = staticmethod(parse_stored)
 
     def _get(self, conn: psycopg.Connection, plan_id: str, version: int) -> ExecutionPlan:
         if version:
@@ -323,7 +314,7 @@ class PostgresPlanStore(PlanStore):
         if previous is not None and (previous.id, previous.version) == (plan.id, plan.version):
             return plan, previous
         conn.execute("INSERT INTO activations (plan_id, version) VALUES (%s, %s)", (plan.id, plan.version))
-        self._event(conn, at, "activate", plan, actor, f"previous: {_label(previous)}")
+        self._event(conn, at, "activate", plan, actor, f"previous: {label(previous)}")
         changed()
         return plan, previous
 
@@ -390,7 +381,7 @@ class PostgresPlanStore(PlanStore):
             raise FailedPrecondition("no plan is active, so there is nothing to roll back")
         seq, previous = current
         if plan_id and not version and plan_id != previous.id:
-            raise FailedPrecondition(f"plan {plan_id!r} is not the active plan ({_label(previous)})")
+            raise FailedPrecondition(f"plan {plan_id!r} is not the active plan ({label(previous)})")
         # The activation before the current one, and the one before it of the same plan id.
         earlier = ("SELECT plan_id, version FROM activations WHERE NOT undone AND seq < %s{} "
                    "ORDER BY seq DESC LIMIT 1")
@@ -399,12 +390,12 @@ class PostgresPlanStore(PlanStore):
         if not version:
             row = before_same if plan_id else before
             if row is None:
-                raise FailedPrecondition(f"{_label(previous)} has no earlier activation"
+                raise FailedPrecondition(f"{label(previous)} has no earlier activation"
                                          f"{' of ' + repr(plan_id) if plan_id else ''} to roll back to")
             return seq, previous, self._get(conn, *row), True
         target = self._get(conn, plan_id or previous.id, version)
         if (target.id, target.version) == (previous.id, previous.version):
-            raise FailedPrecondition(f"{_label(target)} is already the active plan")
+            raise FailedPrecondition(f"{label(target)} is already the active plan")
         # Naming the plan that rollback() or rollback(id) would pick is the same as calling it.
         undo = (target.id, target.version) in {tuple(r) for r in (before, before_same) if r is not None}
         return seq, previous, target, undo
@@ -421,7 +412,7 @@ class PostgresPlanStore(PlanStore):
             top = conn.execute(_ACTIVE_ROW).fetchone()
             if top is None or (top[1], top[2]) != (target.id, target.version):
                 conn.execute("INSERT INTO activations (plan_id, version) VALUES (%s, %s)", (target.id, target.version))
-            self._event(conn, at, "rollback", target, actor, f"from {_label(previous)}")
+            self._event(conn, at, "rollback", target, actor, f"from {label(previous)}")
             changed()
         return target, previous
 
@@ -511,7 +502,7 @@ class ActiveWatch:
             self.callback(plan)
         except Exception:  # not delivered: called again next round
             log.exception("plan store: applying the active plan %s failed; retrying in %g s",
-                          _label(plan), self.poll_interval_s)
+                          label(plan), self.poll_interval_s)
         else:
             self.delivered = generation
 

@@ -58,7 +58,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.internal import type_checkers
 
-from engine.control.plan_store import PlanStore, SqliteDatabase
+from engine.control.plan_store import PlanStore, SqliteDatabase, label
 from engine.control.plans import (
     IDENTITY_FIELDS,
     MAX_DESCRIPTION_LENGTH,
@@ -621,7 +621,7 @@ class SuggestionReviewer:
         active = self.control.store.active()
         if active is None or active.id != s.plan_id:
             raise _Rejected("stale", f"stale: plan {s.plan_id!r} is not the active plan "
-                                     f"({_label(active)}); suggest against the active one")
+                                     f"({label(active)}); suggest against the active one")
         if s.base_version != active.version:
             raise _Rejected("stale", f"stale: base version {s.base_version} is not the active version "
                                      f"{active.version} of plan {active.id!r}; rebase on version {active.version}",
@@ -638,14 +638,14 @@ class SuggestionReviewer:
                             active.version) from None
         digest = plan_hash(plan)
         if digest == active.hash:
-            raise _Rejected("no_change", f"no change: the patch leaves {_label(active)} as it is", active.version)
+            raise _Rejected("no_change", f"no change: the patch leaves {label(active)} as it is", active.version)
 
         if mode == "dry_run":
             preview = self._preview(plan, digest)
-            return self._verdict(s, "dry_run", f"dry run: would create {_label(preview)} (#{digest[:12]}); "
+            return self._verdict(s, "dry_run", f"dry run: would create {label(preview)} (#{digest[:12]}); "
                                  "nothing applied", audit_id, plan=preview, current_version=active.version)
         if mode == "review":
-            return self._verdict(s, "pending_review", f"pending review: valid against {_label(active)}; an operator "
+            return self._verdict(s, "pending_review", f"pending review: valid against {label(active)}; an operator "
                                  f"approves or rejects suggestion {audit_id}", audit_id, plan=plan,
                                  current_version=active.version)
         try:  # compare-and-swap: another replica sharing the store may have changed the plan since
@@ -656,8 +656,8 @@ class SuggestionReviewer:
             current = self.control.store.active()
             raise _Rejected("activation_failed", f"activation failed: {exc}",
                             current.version if current is not None and current.id == s.plan_id else 0) from None
-        return self._verdict(s, "accepted", f"accepted: {_label(stored)} (#{stored.hash[:12]}) is active, "
-                             f"was {_label(active)}", audit_id, plan=stored, current_version=stored.version)
+        return self._verdict(s, "accepted", f"accepted: {label(stored)} (#{stored.hash[:12]}) is active, "
+                             f"was {label(active)}", audit_id, plan=stored, current_version=stored.version)
 
     def _preview(self, plan: ExecutionPlan, digest: str) -> ExecutionPlan:
         """The version a submit would create (the newest one when it has this content)."""
@@ -710,7 +710,3 @@ class SuggestionReviewer:
         if decision and decision not in DECISIONS:
             raise InvalidArgument(f"decision {decision!r} is not one of {', '.join(DECISIONS)}", field="decision")
         return self.log.list(agent_id, decision, plan_id, limit or 100)
-
-
-def _label(plan: ExecutionPlan | None) -> str:
-    return f"{plan.id}@{plan.version}" if plan is not None else "none"
