@@ -35,6 +35,10 @@ class FailedPrecondition(EngineError):
 class ResourceExhausted(EngineError):
     code = "RESOURCE_EXHAUSTED"
 
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # when a retry may succeed; None: not by waiting
+
 
 class Unavailable(EngineError):
     code = "UNAVAILABLE"

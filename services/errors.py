@@ -3,14 +3,13 @@
 Every servicer method runs inside `ErrorMappingInterceptor`; a servicer never
 builds a status itself. An `EngineError` maps by its `code`; an `InvalidPlan`
 or an `InvalidArgument` naming a field carries a `google.rpc.BadRequest` with one
-field violation each; `ResourceExhausted` carries a `google.rpc.RetryInfo`.
+field violation each; `ResourceExhausted` carries a `google.rpc.RetryInfo` when waiting can help (`retry_after_s`).
 Anything else is a bug: logged with its traceback, answered INTERNAL.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Callable, Iterator
 
 import grpc
@@ -42,9 +41,8 @@ def to_status(exc: EngineError) -> status_pb2.Status:
         detail.Pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]))
         status.details.append(detail)
-    if isinstance(exc, ResourceExhausted):
-        match = re.search(r"retry in ([\d.]+) s", str(exc))
-        seconds = float(match.group(1)) if match else 1.0
+    if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
+        seconds = exc.retry_after_s
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
             seconds=int(seconds), nanos=int((seconds % 1) * 1e9))))

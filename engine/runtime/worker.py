@@ -176,12 +176,13 @@ class EngineWorker:
             if spec.request_id in self._waiting or spec.request_id in self._running:
                 raise InvalidArgument(f"request id {spec.request_id!r} is already in use", field="request_id")
             if len(self._waiting) >= limits.max_queue:
+                wait = self._retry_hint_s()
                 raise ResourceExhausted(f"the queue is full ({len(self._waiting)} waiting, plan max_queue "
-                                        f"{limits.max_queue}); retry in {self._retry_hint_s():.1f} s")
+                                        f"{limits.max_queue}); retry in {wait:.1f} s", retry_after_s=wait)
             positions = len(spec.prompt_ids) + stream.budget
             if -(-positions // self.arena.block_size) > self.arena.num_blocks:
                 raise ResourceExhausted(f"the request needs {positions} cache positions; the plan's KV arena holds "
-                                        f"{self.arena.num_blocks * self.arena.block_size}; retry in 0 s with fewer")
+                                        f"{self.arena.num_blocks * self.arena.block_size}: ask for fewer tokens")
             handle = RequestHandle(spec.request_id, self)
             self._waiting[spec.request_id] = _Sequence(spec, stream, PagedKV(self.arena, positions), handle)
             self._lock.notify()
