@@ -97,6 +97,24 @@ class Backend(ABC):
         return np.concatenate([self.attention(q[b:b + 1], k[b, :, :lengths[b]], v[b, :, :lengths[b]],
                                               np.array([lengths[b] - 1])) for b in range(len(q))])
 
+    def paged_decode_attention(self, q: np.ndarray, k_pages: np.ndarray, v_pages: np.ndarray, table: np.ndarray,
+                               lengths: np.ndarray) -> np.ndarray:
+        """`decode_attention` over a paged KV arena, read through block tables.
+
+        k_pages, v_pages: one layer of the arena, (n_kv_heads, num_blocks, block_size, head_dim);
+        table: (B, nb) int64, sequence b's positions 0..lengths[b]-1 live in blocks
+        table[b, 0], table[b, 1], ... (entries past its length are padding). This default
+        gathers the blocks into (B, n_kv_heads, nb * block_size, head_dim) and calls
+        `decode_attention`; backends override it to read the arena in place.
+        """
+        n_kv, _, bs, hd = k_pages.shape
+        b, nb = table.shape
+        k = k_pages[:, table].reshape(n_kv, b, nb * bs, hd).transpose(1, 0, 2, 3)
+        v = v_pages[:, table].reshape(n_kv, b, nb * bs, hd).transpose(1, 0, 2, 3)
+        if k.dtype != np.float32:  # an f16 arena halves memory; attention still runs in f32
+            k, v = k.astype(np.float32), v.astype(np.float32)
+        return self.decode_attention(q, k, v, lengths)
+
     @abstractmethod
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
         """SwiGLU (arXiv:2002.05202): silu(gate) * up of (n, 2f) packed [gate | up] → (n, f)."""
@@ -129,9 +147,9 @@ class ProfiledBackend:
     """Wraps a backend and times each op; costs nothing when not used."""
 
     # Op name in the profile for each backend method.
-    OPS = {"linear": "matmul", "attention": "attention", "decode_attention": "attention", "rms_norm": "norm",
-           "rope": "rope",
-           "silu_mul": "activation", "embedding": "embedding"}
+    OPS = {"linear": "matmul", "attention": "attention", "decode_attention": "attention",
+           "paged_decode_attention": "attention", "rms_norm": "norm", "rope": "rope", "silu_mul": "activation",
+           "embedding": "embedding"}
 
     def __init__(self, inner: Backend, profile: OpProfile):
         self._inner = inner

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from backends.cpu.backend import CpuBackend
 from engine.errors import ContextOverflow
-from engine.memory.paged import BlockArena, PagedKV
+from engine.memory.paged import BlockArena, PagedKV, PagedStep
 
 
 def arena(num_blocks=8, bs=4, dtype=np.float32):
@@ -71,3 +72,39 @@ def test_f16_arena_reads_f32():
     got, _ = s.read(0, 5)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, k.transpose(1, 0, 2), atol=2e-3)
+
+
+def test_paged_step_writes_every_token_and_tables_the_decoders():
+    """One step: a prompt chunk and two decoders (one fragmented) written by one scatter; the
+    decoders' block tables read back each sequence's own keys, what `read` returns."""
+    a = arena(num_blocks=8, bs=4)
+    prompt, d1, d2 = PagedKV(a, 64), PagedKV(a, 64), PagedKV(a, 64)
+    fill_seq(d1, 4, 5)  # block 0, full
+    fill_seq(d2, 2, 6)  # block 1
+    assert prompt.reserve(3) and d1.reserve(5) and d2.reserve(3)  # d1 grows into block 3: fragmented
+    assert d1.blocks == [0, 3]
+    rng = np.random.default_rng(7)
+    k, v = rng.standard_normal((2, 5, 3, 5)).astype(np.float32)  # 3 prompt tokens, then one per decoder
+    step = PagedStep([prompt, d1, d2], [0, 4, 2], [3, 1, 1], decoders=[1, 2])
+    step.write(1, k, v)
+    np.testing.assert_array_equal(step.lengths, [5, 3])
+    assert step.table.shape == (2, 2) and list(step.table[0]) == [0, 3] and step.table[1, 0] == 1
+    np.testing.assert_array_equal(prompt.read(1, 3)[0], k[:3].transpose(1, 0, 2))
+    np.testing.assert_array_equal(d1.read(1, 5)[1][:, 4], v[3])
+    np.testing.assert_array_equal(d2.read(1, 3)[0][:, 2], k[4])
+    # the backend contract's default (gather) and the C kernel agree with plain attention
+    be = CpuBackend(kernels="numpy")
+    q = rng.standard_normal((2, 6, 5)).astype(np.float32)
+    got = be.paged_decode_attention(q, *step.pages(1), step.table, step.lengths)
+    for row, (kv, n) in enumerate([(d1, 5), (d2, 3)]):
+        kk, vv = kv.read(1, n)
+        np.testing.assert_allclose(got[row], be.attention(q[row:row + 1], kk, vv, np.array([n - 1]))[0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_paged_step_refuses_unreserved_writes():
+    a = arena()
+    s = PagedKV(a, 64)
+    assert s.reserve(4)
+    with pytest.raises(ContextOverflow):
+        PagedStep([s], [3], [2], decoders=[])

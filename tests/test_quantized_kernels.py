@@ -314,3 +314,44 @@ def test_c_decode_attention_matches_numpy_and_single_sequence():
     for b, n in enumerate(lengths):  # one task per (sequence, head): the same bits as alone
         alone = c.attention(q[b:b + 1], k[b, :, :n], v[b, :, :n], np.array([n - 1]))
         np.testing.assert_array_equal(alone[0], got[b])
+
+
+@needs_ext
+def test_c_paged_decode_attention_reads_blocks_in_place():
+    """Through block tables (fragmented, out of order, padded): the same bits as each sequence
+    attending alone over its gathered keys, and the numpy gather fallback within rounding."""
+    rng = np.random.default_rng(16)
+    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    n_kv, blocks, bs, hd = 3, 40, 16, 64
+    k_pages, v_pages = rng.standard_normal((2, n_kv, blocks, bs, hd)).astype(np.float32)
+    tables = [[7, 3, 30, 1], [0], [12, 13, 14, 15, 16, 17, 18, 19], [39, 2]]
+    lengths = np.array([64, 5, 113, 17])
+    table = np.zeros((4, 8), dtype=np.int64)
+    for i, t in enumerate(tables):
+        table[i, :len(t)] = t
+    q = rng.standard_normal((4, 9, hd)).astype(np.float32)
+    got = c.paged_decode_attention(q, k_pages, v_pages, table, lengths)
+    np.testing.assert_allclose(got, py.paged_decode_attention(q, k_pages, v_pages, table, lengths),
+                               rtol=1e-4, atol=2e-5)
+    for b, n in enumerate(lengths):
+        k = k_pages[:, tables[b]].reshape(n_kv, -1, hd)[:, :n]
+        v = v_pages[:, tables[b]].reshape(n_kv, -1, hd)[:, :n]
+        np.testing.assert_array_equal(c.attention(q[b:b + 1], k, v, np.array([n - 1]))[0], got[b])
+
+
+@needs_ext
+def test_c_paged_decode_attention_refuses_bad_tables():
+    c = CpuBackend()
+    k_pages = np.zeros((3, 4, 16, 64), dtype=np.float32)
+    q = np.zeros((1, 9, 64), dtype=np.float32)
+    out = np.empty((1, 9 * 64), dtype=np.float32)
+    ops = c._ops
+    with pytest.raises(ValueError, match="outside"):  # a block the arena does not have
+        ops.decode_attention(q, k_pages, k_pages, np.array([1]), out, 1, np.array([[4]], dtype=np.int64))
+    with pytest.raises(ValueError, match="outside"):  # a length past the table's blocks
+        ops.decode_attention(q, k_pages, k_pages, np.array([17]), out, 1, np.array([[0]], dtype=np.int64))
+    with pytest.raises(ValueError, match="table"):
+        ops.decode_attention(q, k_pages, k_pages, np.array([1]), out, 1, np.array([0], dtype=np.int64))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ops.decode_attention(q, k_pages[:, :, :12].copy(), k_pages[:, :, :12].copy(), np.array([1]), out, 1,
+                             np.array([[0]], dtype=np.int64))

@@ -112,6 +112,8 @@ class CpuBackend(Backend):
     def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         if isinstance(w, QuantizedLinear):
             return self.quantized.linear(x, w, batch_invariant=self.batch_invariant)
+        if self._ops is not None:
+            self._ops.park()  # the C pool's spinning worker would take a core from OpenBLAS
         if self.batch_invariant:
             return invariant.tiled_matmul(x, w)
         return x @ w
@@ -199,6 +201,17 @@ class CpuBackend(Backend):
         np.exp(scores, out=scores)
         scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
         return np.matmul(scores, v).reshape(b, n_heads * hd)  # (B, n_kv, group, hd) -> (B, H * hd)
+
+    def paged_decode_attention(self, q: np.ndarray, k_pages: np.ndarray, v_pages: np.ndarray, table: np.ndarray,
+                               lengths: np.ndarray) -> np.ndarray:
+        if (self._ops is not None and _c_ready(q) and k_pages.dtype == np.float32 and k_pages.flags.c_contiguous
+                and v_pages.flags.c_contiguous and k_pages.shape[2] % 8 == 0):
+            # the same per-(sequence, head) task as decode_attention, reading blocks in place
+            out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)
+            self._ops.decode_attention(np.ascontiguousarray(q), k_pages, v_pages, _positions(lengths), out,
+                                       self.quantized.threads, np.ascontiguousarray(table, dtype=np.int64))
+            return out
+        return super().paged_decode_attention(q, k_pages, v_pages, table, lengths)
 
     @staticmethod
     def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray, group: int) -> np.ndarray:

@@ -147,36 +147,38 @@ class PagedKV:
         return k, v
 
 
-def write_all(kvs: list[PagedKV], starts: list[int], counts: list[int], layer: int,
-              k: np.ndarray, v: np.ndarray) -> None:
-    """One scatter for a whole step: k, v (sum(counts), n_kv, hd) into every sequence's blocks."""
-    arena = kvs[0].arena
-    bs = arena.block_size
-    blocks, slots = [], []
-    for kv, start, n in zip(kvs, starts, counts):
-        if start + n > kv.capacity:
-            raise ContextOverflow(f"write past the reserved {kv.capacity} positions")
-        pos = np.arange(start, start + n)
-        blocks.append(np.asarray(kv.blocks)[pos // bs])
-        slots.append(pos % bs)
-    b, s = np.concatenate(blocks), np.concatenate(slots)
-    arena.k[layer][:, b, s] = k.transpose(1, 0, 2)
-    arena.v[layer][:, b, s] = v.transpose(1, 0, 2)
+class PagedStep:
+    """One forward step's use of the arena, worked out once and used by every layer: where
+    each new token's key and value go, and the block tables of the sequences decoding one
+    token (their attention reads the arena through these tables, see
+    `Backend.paged_decode_attention`)."""
 
+    def __init__(self, kvs: list[PagedKV], starts: list[int], counts: list[int], decoders: list[int]):
+        self.arena = arena = kvs[0].arena
+        bs = arena.block_size
+        blocks, slots = [], []
+        for kv, start, n in zip(kvs, starts, counts):
+            if kv.arena is not arena:
+                raise ValueError("a step's sequences must share one arena")
+            if start + n > kv.capacity:
+                raise ContextOverflow(f"write past the reserved {kv.capacity} positions")
+            pos = np.arange(start, start + n)
+            blocks.append(np.asarray(kv.blocks, dtype=np.int64)[pos // bs])
+            slots.append(pos % bs)
+        self._blocks, self._slots = np.concatenate(blocks), np.concatenate(slots)
+        # decoders: (B, nb) block tables padded with block 0 (never read: lengths bound the keys)
+        self.lengths = np.array([starts[i] + counts[i] for i in decoders], dtype=np.int64)
+        nb = int(max(-(-self.lengths // bs))) if decoders else 0
+        self.table = np.zeros((len(decoders), nb), dtype=np.int64)
+        for row, i in enumerate(decoders):
+            own = kvs[i].blocks[:-(-int(self.lengths[row]) // bs)]
+            self.table[row, :len(own)] = own
 
-def gather_all(kvs: list[PagedKV], ends: list[int], layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and values of several sequences in one gather: (B, n_kv, T, hd), T = the longest;
-    positions past a sequence's end hold stale data for the caller to mask."""
-    arena = kvs[0].arena
-    bs = arena.block_size
-    nb = max(-(-e // bs) for e in ends)
-    table = np.zeros((len(kvs), nb), dtype=np.int64)
-    for i, (kv, e) in enumerate(zip(kvs, ends)):
-        own = kv.blocks[:-(-e // bs)]
-        table[i, :len(own)] = own
-    n_kv, hd = arena.k.shape[1], arena.k.shape[-1]
-    k = arena.k[layer][:, table].reshape(n_kv, len(kvs), nb * bs, hd).transpose(1, 0, 2, 3)
-    v = arena.v[layer][:, table].reshape(n_kv, len(kvs), nb * bs, hd).transpose(1, 0, 2, 3)
-    if k.dtype != np.float32:
-        k, v = k.astype(np.float32), v.astype(np.float32)
-    return k, v
+    def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v (sum(counts), n_kv, hd) of every new token into its sequence's blocks: one scatter."""
+        self.arena.k[layer][:, self._blocks, self._slots] = k.transpose(1, 0, 2)
+        self.arena.v[layer][:, self._blocks, self._slots] = v.transpose(1, 0, 2)
+
+    def pages(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """One layer of the arena: keys and values, (n_kv, num_blocks, block_size, hd) each."""
+        return self.arena.k[layer], self.arena.v[layer]

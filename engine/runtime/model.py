@@ -17,7 +17,7 @@ import numpy as np
 from backends.base import Backend, TensorData
 from engine.errors import ModelFormatError
 from engine.memory.kv_cache import SequenceKV
-from engine.memory.paged import PagedKV, gather_all, write_all
+from engine.memory.paged import PagedKV, PagedStep
 from engine.model.gguf_file import ModelConfig, ModelFile
 
 
@@ -77,30 +77,18 @@ class Segment:
     logits: str = "last"  # "last" (generation), "all" (scoring) or "none" (a prompt chunk before its end)
 
 
-@dataclass
-class _BatchedKV:
-    """How a step's segments share the paged arena: one scatter, one gather for the decoders."""
+def _paged_step(segments: Sequence[Segment]) -> PagedStep | None:
+    """The step's one scatter and the decoders' block tables, when every segment pages one arena.
 
-    kvs: list
-    starts: list[int]
-    counts: list[int]
-    decoders: list[int]  # segments decoding one token: attention batched across them
-    decoder_set: set[int]
-    decode_rows: np.ndarray
-    decode_ends: list[int]
-
-    @classmethod
-    def plan(cls, segments: Sequence[Segment], bounds: np.ndarray, backend: Backend) -> "_BatchedKV | None":
-        kvs = [s.kv for s in segments]
-        if not all(isinstance(kv, PagedKV) and kv.arena is kvs[0].arena for kv in kvs):
-            return None
-        # batch-invariant plans keep per-sequence attention: its grid does not depend on batch mates
-        decoders = [] if backend.batch_invariant else [i for i, s in enumerate(segments) if len(s.tokens) == 1]
-        if len(decoders) < 2:
-            decoders = []
-        return cls(kvs, [s.start for s in segments], [len(s.tokens) for s in segments], decoders, set(decoders),
-                   np.array([bounds[i] for i in decoders], dtype=np.int64),
-                   [segments[i].start + 1 for i in decoders])
+    Sequences decoding one token (two or more) get their attention in one batched call over
+    the arena; under a batch-invariant plan that is still each sequence's own computation
+    (the backend contract's `decode_attention` guarantee)."""
+    kvs = [s.kv for s in segments]
+    if not all(isinstance(kv, PagedKV) and kv.arena is kvs[0].arena for kv in kvs):
+        return None
+    decoders = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
+    return PagedStep(kvs, [s.start for s in segments], [len(s.tokens) for s in segments],
+                     decoders if len(decoders) >= 2 else [])
 
 
 class Transformer:
@@ -129,7 +117,12 @@ class Transformer:
         positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens)) for s in segments])
         bounds = np.cumsum([0] + [len(s.tokens) for s in segments])
 
-        batched = _BatchedKV.plan(segments, bounds, be) if xp is np else None
+        paged = _paged_step(segments) if xp is np else None
+        decoders = paged.lengths.size if paged is not None else 0
+        dec_rows = bounds[:-1][[len(s.tokens) == 1 for s in segments]] if decoders else None
+        # the rest attend one by one: prompt chunks, and a lone decoder
+        singles = [(s, lo, hi) for s, lo, hi in zip(segments, bounds[:-1], bounds[1:])
+                   if not (decoders and hi - lo == 1)]
         x = be.embedding(w.embedding, tokens)  # (n_tokens, dim)
         for layer, lw in enumerate(w.layers):
             # attention: qkv projections for all new tokens in one GEMM
@@ -140,16 +133,13 @@ class Transformer:
             v = qkv[:, q_dim + kv_dim:].reshape(-1, c.n_kv_heads, c.head_dim)
             # each sequence attends over its own cache
             attn = xp.empty((len(tokens), q_dim), dtype=np.float32)
-            if batched is not None:  # one scatter for every new token, one gather for all decoders
-                write_all(batched.kvs, batched.starts, batched.counts, layer, k, v)
-                if batched.decoders:
-                    rows = batched.decode_rows
-                    k_dec, v_dec = gather_all([segments[i].kv for i in batched.decoders], batched.decode_ends, layer)
-                    attn[rows] = be.decode_attention(q[rows], k_dec, v_dec, np.asarray(batched.decode_ends))
-            for i, (s, lo, hi) in enumerate(zip(segments, bounds[:-1], bounds[1:])):
-                if batched is not None and i in batched.decoder_set:
-                    continue
-                if batched is None:
+            if paged is not None:  # one scatter for every new token; the decoders' attention in one call
+                paged.write(layer, k, v)
+                if decoders:
+                    attn[dec_rows] = be.paged_decode_attention(q[dec_rows], *paged.pages(layer), paged.table,
+                                                               paged.lengths)
+            for s, lo, hi in singles:
+                if paged is None:
                     s.kv.write(layer, s.start, k[lo:hi], v[lo:hi])
                 k_all, v_all = s.kv.read(layer, s.start + hi - lo)  # (n_kv_heads, t, head_dim)
                 attn[lo:hi] = be.attention(q[lo:hi], k_all, v_all, positions[lo:hi])

@@ -19,7 +19,8 @@
  *   rope(x, cos, sin, positions, neox, out)
  *   silu_mul(gate_up, out, threads)
  *   attention(q, k, v, positions, out, threads)
- *   decode_attention(q, k, v, lengths, out, threads)   B sequences, one query each
+ *   decode_attention(q, k, v, lengths, out, threads[, table])   B sequences, one query each;
+ *                                     with a block table, k/v are a layer of the paged arena
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -579,16 +580,22 @@ done:
     return result;
 }
 
+/* decode_attention(q, k, v, lengths, out, threads[, table]): B sequences, one query each.
+ * Without a table k/v are (B, n_kv, T, hd), sequence b's keys in positions 0..lengths[b]-1.
+ * With one, k/v are a layer of the paged arena, (n_kv, blocks, block, hd) contiguous, and
+ * table (B, nb) int64 lists each sequence's blocks: attention reads the arena in place. */
 static PyObject *py_decode_attention(PyObject *self, PyObject *args)
 {
-    PyObject *qo, *ko, *vo, *lo, *oo;
+    PyObject *qo, *ko, *vo, *lo, *oo, *to = Py_None;
     int threads;
-    if (!PyArg_ParseTuple(args, "OOOOOi", &qo, &ko, &vo, &lo, &oo, &threads) || !require_avx2())
+    if (!PyArg_ParseTuple(args, "OOOOOi|O", &qo, &ko, &vo, &lo, &oo, &threads, &to) || !require_avx2())
         return NULL;
+    const int paged = to != Py_None;
     F32View q, k, v, o;
-    Py_buffer lv;
+    Py_buffer lv, tv;
     int got = 0;
     PyObject *result = NULL;
+    int64_t *last = NULL;
     if (!get_view(qo, &q, 3, 0, "q"))
         goto done;
     got = 1;
@@ -601,41 +608,71 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
     if (!get_view(oo, &o, 2, 1, "out"))
         goto done;
     got = 4;
-    const Py_ssize_t b = q.shape[0], heads = q.shape[1], hd = q.shape[2], n_kv = k.shape[1], t = k.shape[2];
-    if (!contiguous(&q, 3) || !contiguous(&o, 2) || k.shape[0] != b || n_kv < 1 || heads % n_kv ||
-        k.shape[3] != hd || v.shape[0] != b || v.shape[1] != n_kv || v.shape[2] != t || v.shape[3] != hd ||
-        (t > 1 && (k.strides[2] != hd || v.strides[2] != hd)) || o.shape[0] != b || o.shape[1] != heads * hd || t < 1) {
+    const Py_ssize_t b = q.shape[0], heads = q.shape[1], hd = q.shape[2];
+    const Py_ssize_t n_kv = paged ? k.shape[0] : k.shape[1];
+    Py_ssize_t t = k.shape[2], nb = 0;
+    int ok = contiguous(&q, 3) && contiguous(&o, 2) && n_kv >= 1 && heads % n_kv == 0 && k.shape[3] == hd &&
+             o.shape[0] == b && o.shape[1] == heads * hd;
+    for (int d = 0; ok && d < 4; d++)
+        ok = v.shape[d] == k.shape[d];
+    if (ok && paged) /* whole arena layers; blocks of whole 8-key groups */
+        ok = contiguous(&k, 4) && contiguous(&v, 4) && k.shape[2] % 8 == 0 && k.shape[1] >= 1;
+    else if (ok)
+        ok = k.shape[0] == b && t >= 1 && (t == 1 || (k.strides[2] == hd && v.strides[2] == hd));
+    if (!ok) {
         PyErr_SetString(PyExc_ValueError,
-                        "decode_attention: q (B, heads, hd) contiguous, k/v (B, n_kv, T, hd) with contiguous rows, "
-                        "out (B, heads * hd)");
+                        paged ? "decode_attention: q (B, heads, hd) contiguous, k/v (n_kv, blocks, block, hd) "
+                                "contiguous with block a multiple of 8, out (B, heads * hd)"
+                              : "decode_attention: q (B, heads, hd) contiguous, k/v (B, n_kv, T, hd) with "
+                                "contiguous rows, out (B, heads * hd)");
         goto done;
+    }
+    if (paged) { /* every table entry a block of the arena */
+        if (PyObject_GetBuffer(to, &tv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+            goto done;
+        if (tv.ndim != 2 || tv.shape[0] != b || tv.shape[1] < 1) {
+            PyErr_SetString(PyExc_ValueError, "decode_attention: table must be (B, blocks per sequence)");
+            PyBuffer_Release(&tv);
+            goto done;
+        }
+        nb = tv.shape[1];
+        PyBuffer_Release(&tv);
+        if (!get_positions(to, &tv, b * nb, k.shape[1]))
+            goto done;
+        got = 5;
+        t = nb * k.shape[2];
     }
     /* lengths (B,) in 1..T, passed on as the last visible position */
     if (!get_positions(lo, &lv, b, t + 1))
         goto done;
-    got = 5;
-    int64_t *last = malloc((size_t)(b > 0 ? b : 1) * sizeof(int64_t));
+    got = 6;
+    last = malloc((size_t)(b > 0 ? b : 1) * sizeof(int64_t));
     if (!last) {
         PyErr_NoMemory();
         goto done;
     }
-    int ok = 1;
+    ok = 1;
     for (Py_ssize_t i = 0; i < b; i++) {
         last[i] = ((const int64_t *)lv.buf)[i] - 1;
         ok &= last[i] >= 0;
     }
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: every length must be at least 1");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (paged)
+        ops_paged_decode_attention(q.p, k.p, v.p, k.shape[1], k.shape[2], (const int64_t *)tv.buf, nb, last, b,
+                                   heads, n_kv, hd, o.p, threads);
+    else
         ops_decode_attention(q.p, k.p, k.strides[0], k.strides[1], v.p, v.strides[0], v.strides[1], last, b, heads,
                              n_kv, t, hd, o.p, threads);
-        Py_END_ALLOW_THREADS
-        result = Py_NewRef(Py_None);
-    }
-    free(last);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
 done:
-    if (got >= 5) PyBuffer_Release(&lv);
+    free(last);
+    if (got >= 6) PyBuffer_Release(&lv);
+    if (got >= 5 && paged) PyBuffer_Release(&tv);
     if (got >= 4) PyBuffer_Release(&o.v);
     if (got >= 3) PyBuffer_Release(&v.v);
     if (got >= 2) PyBuffer_Release(&k.v);
@@ -797,7 +834,7 @@ static PyMethodDef methods[] = {
     {"rope", py_rope, METH_VARARGS, "rope(x, cos, sin, positions, neox, out)."},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate_up, out, threads)."},
     {"attention", py_attention, METH_VARARGS, "attention(q, k, v, positions, out, threads)."},
-    {"decode_attention", py_decode_attention, METH_VARARGS, "decode_attention(q, k, v, lengths, out, threads)."},
+    {"decode_attention", py_decode_attention, METH_VARARGS, "decode_attention(q, k, v, lengths, out, threads[, table])."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -149,7 +149,20 @@ typedef struct {
     const int64_t *pos; /* (n,) the position of each query row: it sees keys 0..pos */
     int64_t n, heads, n_kv, t, hd;
     float *out; /* (n, heads * hd) */
+    /* paged keys and values (NULL: the layout above): row i's key j lives in block
+     * table[i * table_ld + j / block], at slot j % block; k and v then point at one layer of
+     * the arena, (n_kv, blocks, block, hd) contiguous, and sk_seq/sv_seq are unused */
+    const int64_t *table;
+    int64_t table_ld, block;
 } AttnCtx;
+
+/* The row of key (or value) j of query row i, kv head g's base `base` already applied. */
+static inline const float *kv_row(const AttnCtx *c, const float *base, int64_t i, int64_t j)
+{
+    if (!c->table)
+        return base + j * c->hd;
+    return base + (c->table[i * c->table_ld + j / c->block] * c->block + j % c->block) * c->hd;
+}
 
 /* 8 dot products at once: lane j of the result = sum of acc[j]'s lanes */
 static inline __m256 hsum8x8(const __m256 a[8])
@@ -170,7 +183,11 @@ static void attn_task(void *p, int64_t task)
     const int64_t g = h / (c->heads / c->n_kv);
     const int64_t nk = c->pos[i] + 1 < c->t ? c->pos[i] + 1 : c->t; /* keys 0..pos */
     const float *q = c->q + (i * c->heads + h) * hd;
-    const float *k = c->k + i * c->sk_seq + g * c->sk_head, *v = c->v + i * c->sv_seq + g * c->sv_head;
+    const float *k = c->k + g * c->sk_head, *v = c->v + g * c->sv_head;
+    if (!c->table) {
+        k += i * c->sk_seq;
+        v += i * c->sv_seq;
+    }
     float *o = c->out + (i * c->heads + h) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
 
@@ -189,18 +206,20 @@ static void attn_task(void *p, int64_t task)
             __m256 acc[8];
             for (int u = 0; u < 8; u++)
                 acc[u] = _mm256_setzero_ps();
+            const float *kj = kv_row(c, k, i, j); /* 8 consecutive rows: blocks hold a multiple of 8 */
             for (int64_t e = 0; e < hd; e += 8) {
                 const __m256 qv = _mm256_loadu_ps(q + e);
                 for (int u = 0; u < 8; u++)
-                    acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (j + u) * hd + e), acc[u]);
+                    acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + u * hd + e), acc[u]);
             }
             _mm256_storeu_ps(scores + j, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
         }
     }
     for (; j < nk; j++) {
+        const float *kj = kv_row(c, k, i, j);
         float s = 0.0f;
         for (int64_t e = 0; e < hd; e++)
-            s += q[e] * k[j * hd + e];
+            s += q[e] * kj[e];
         scores[j] = s * scale;
     }
     /* softmax */
@@ -234,17 +253,20 @@ static void attn_task(void *p, int64_t task)
             acc[e] = _mm256_setzero_ps();
         for (j = 0; j < nk; j++) {
             const __m256 pj = _mm256_set1_ps(scores[j]);
+            const float *vj = kv_row(c, v, i, j);
             for (int64_t e = 0; e < hd / 8; e++)
-                acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * hd + 8 * e), acc[e]);
+                acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * e), acc[e]);
         }
         for (int64_t e = 0; e < hd / 8; e++)
             _mm256_storeu_ps(o + 8 * e, _mm256_mul_ps(acc[e], _mm256_set1_ps(inv)));
     } else {
         for (int64_t e = 0; e < hd; e++)
             o[e] = 0.0f;
-        for (j = 0; j < nk; j++)
+        for (j = 0; j < nk; j++) {
+            const float *vj = kv_row(c, v, i, j);
             for (int64_t e = 0; e < hd; e++)
-                o[e] += scores[j] * v[j * hd + e];
+                o[e] += scores[j] * vj[e];
+        }
         for (int64_t e = 0; e < hd; e++)
             o[e] *= inv;
     }
@@ -256,7 +278,7 @@ void ops_attention(const float *q, const float *k, int64_t sk_head, const float 
                    const int64_t *pos, int64_t n, int64_t heads, int64_t n_kv, int64_t t, int64_t hd,
                    float *out, int nthreads)
 {
-    AttnCtx c = {q, k, v, 0, 0, sk_head, sv_head, pos, n, heads, n_kv, t, hd, out};
+    AttnCtx c = {q, k, v, 0, 0, sk_head, sv_head, pos, n, heads, n_kv, t, hd, out, NULL, 0, 0};
     const int64_t work = n * heads * t * hd;
     ops_parallel_for(n * heads, work >= (1 << 16) ? nthreads : 1, attn_task, &c);
 }
@@ -267,8 +289,23 @@ void ops_decode_attention(const float *q, const float *k, int64_t sk_seq, int64_
                           int64_t sv_seq, int64_t sv_head, const int64_t *last, int64_t b, int64_t heads,
                           int64_t n_kv, int64_t t, int64_t hd, float *out, int nthreads)
 {
-    AttnCtx c = {q, k, v, sk_seq, sv_seq, sk_head, sv_head, last, b, heads, n_kv, t, hd, out};
+    AttnCtx c = {q, k, v, sk_seq, sv_seq, sk_head, sv_head, last, b, heads, n_kv, t, hd, out, NULL, 0, 0};
     const int64_t work = b * heads * t * hd;
+    ops_parallel_for(b * heads, work >= (1 << 16) ? nthreads : 1, attn_task, &c);
+}
+
+/* The same through block tables, reading the paged arena in place (no gather copy):
+ * k, v one layer of the arena (n_kv, blocks, block, hd) contiguous, `block` a multiple of 8;
+ * query row b reads the blocks table[b * nb .. b * nb + nb - 1], keys 0..last[b]. */
+void ops_paged_decode_attention(const float *q, const float *k, const float *v, int64_t blocks, int64_t block,
+                                const int64_t *table, int64_t nb, const int64_t *last, int64_t b, int64_t heads,
+                                int64_t n_kv, int64_t hd, float *out, int nthreads)
+{
+    const int64_t s_head = blocks * block * hd;
+    AttnCtx c = {q, k, v, 0, 0, s_head, s_head, last, b, heads, n_kv, nb * block, hd, out, table, nb, block};
+    int64_t work = 0;
+    for (int64_t i = 0; i < b; i++)
+        work += (last[i] + 1) * heads * hd;
     ops_parallel_for(b * heads, work >= (1 << 16) ? nthreads : 1, attn_task, &c);
 }
 

@@ -95,5 +95,8 @@ void ops_attention(const float *q, const float *k, int64_t sk_head, const float 
 void ops_decode_attention(const float *q, const float *k, int64_t sk_seq, int64_t sk_head, const float *v,
                           int64_t sv_seq, int64_t sv_head, const int64_t *last, int64_t b, int64_t heads,
                           int64_t n_kv, int64_t t, int64_t hd, float *out, int nthreads);
+void ops_paged_decode_attention(const float *q, const float *k, const float *v, int64_t blocks, int64_t block,
+                                const int64_t *table, int64_t nb, const int64_t *last, int64_t b, int64_t heads,
+                                int64_t n_kv, int64_t hd, float *out, int nthreads);
 
 #endif
