@@ -21,20 +21,22 @@ from services.server import ServerConfig, create_server
 
 
 def bench_grpc(model: str, levels: list[int], prompt_len: int = 32, gen_len: int = 64,
-               weights: str = "f32") -> list[dict[str, Any]]:
+               weights: str = "f32", batch_invariant: bool = False) -> list[dict[str, Any]]:
     import json
     top = max(levels)
     plan = plan_from_json(json.dumps({
         "id": "bench", "model": model, "weights": f"WEIGHT_FORMAT_{weights.upper()}",
         "scheduler_policy": "SCHEDULER_POLICY_THROUGHPUT",
         "batching": {"max_batch_size": top, "max_batched_tokens": max(512, top), "max_queue": top},
-        "limits": {"max_tokens_per_request": gen_len}}))
+        "limits": {"max_tokens_per_request": gen_len}, "determinism": {"batch_invariant": batch_invariant}}))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         server = create_server(ServerConfig(port=0, store_path=Path(tmp) / "plans.sqlite3", initial_plan=plan,
                                             max_workers=top + 8))
         try:
             vocab = server.control.runtime.model.config.vocab_size
+            with PlanEngineClient(f"127.0.0.1:{server.port}") as client:  # warm-up: first-call costs off the table
+                list(client.generate(ids=[1] * prompt_len, max_tokens=4, ignore_eos=True))
             for n in levels:
                 rng = np.random.default_rng(n)
                 prompts = [rng.integers(0, vocab, prompt_len).tolist() for _ in range(n)]
@@ -63,7 +65,7 @@ def bench_grpc(model: str, levels: list[int], prompt_len: int = 32, gen_len: int
                 for t in threads:
                     t.join()
                 wall = time.perf_counter() - start
-                rows.append({"concurrency": n, "aggregate_tok_s": round(tokens[0] / wall, 1),
+                rows.append({"concurrency": n, "tokens": tokens[0], "aggregate_tok_s": round(tokens[0] / wall, 1),
                              "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3),
                              "ttft_p99_s": round(float(np.percentile(ttft, 99)), 3),
                              "itl_p50_s": round(float(np.percentile(itl, 50)), 4) if itl else 0.0,

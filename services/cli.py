@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc", action="store_true", help="with --concurrency: through a real server and channels")
     p.add_argument("--prompt-len", type=int, default=32, help="with --concurrency: prompt tokens per request")
     p.add_argument("--gen-len", type=int, default=64, help="with --concurrency: tokens generated per request")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="numerics that do not depend on batch mates (the plan's determinism.batch_invariant)")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -213,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from engine.model.registry import resolve
     from engine.runtime.generate import LoadedModel
-    return LoadedModel(resolve(args.model), backend=args.backend, weights=args.weights, context_length=args.ctx)
+    return LoadedModel(resolve(args.model), backend=args.backend, weights=args.weights, context_length=args.ctx,
+                       batch_invariant=getattr(args, "batch_invariant", False))
 
 
 def _prompt_ids(model, args: argparse.Namespace, chat: bool = False) -> list[int]:
@@ -476,7 +479,8 @@ def _bench_concurrency(args: argparse.Namespace) -> int:
     if args.grpc:
         from engine.model.registry import resolve
         from services.bench_grpc import bench_grpc
-        rows = bench_grpc(str(resolve(args.model)), levels, args.prompt_len, args.gen_len, weights=args.weights)
+        rows = bench_grpc(str(resolve(args.model)), levels, args.prompt_len, args.gen_len, weights=args.weights,
+                          batch_invariant=args.batch_invariant)
     else:
         from engine.runtime.bench import bench_concurrency
         model = _load(args)
@@ -484,9 +488,12 @@ def _bench_concurrency(args: argparse.Namespace) -> int:
             rows = bench_concurrency(model, levels, args.prompt_len, args.gen_len)
         finally:
             model.close()
+    setup = {"weights": args.weights, "batch_invariant": args.batch_invariant, "prompt_len": args.prompt_len,
+             "gen_len": args.gen_len}
     if args.json:
-        _print_json({"mode": "grpc" if args.grpc else "in-process", "levels": rows})
+        _print_json({"mode": "grpc" if args.grpc else "in-process", **setup, "levels": rows})
         return 0
+    print(" ".join(f"{k}={v}" for k, v in setup.items()))
     print(f"{'mode':<11} {'conc':>4} {'agg tok/s':>10} {'x level1':>8} {'ttft p50':>9} {'ttft p99':>9} "
           f"{'itl p50':>8} {'itl p99':>8}")
     for r in rows:

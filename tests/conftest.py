@@ -32,6 +32,13 @@ def loaded_model(model_path):
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A synthetic one-layer llama GGUF (tests/tiny_gguf.py): the whole engine in milliseconds."""
+    from tiny_gguf import write_tiny_gguf
+    return write_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
 def generation_reference() -> list[dict]:
     """shared/reference/smollm2-135m-q4_1/generation.json (hf_f32 and llama.cpp numerics)."""
     return json.loads((FIXTURES / "generation.json").read_text())["cases"]

@@ -35,11 +35,6 @@ def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> No
         assert needle in lines[-1], lines[-1]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
-
-
 def test_run_json_tiny_model(tiny):
     r = cli("run", "--model", str(tiny), "abcd", "-n", "4", "--json", "--ignore-eos")
     assert r.returncode == 0, r.stderr
