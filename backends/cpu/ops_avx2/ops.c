@@ -156,12 +156,20 @@ typedef struct {
     int64_t table_ld, block;
 } AttnCtx;
 
-/* The row of key (or value) j of query row i, kv head g's base `base` already applied. */
-static inline const float *kv_row(const AttnCtx *c, const float *base, int64_t i, int64_t j)
+/* Keys (or values) j0.. of query row i as one run of consecutive rows: returns the first row
+ * and sets *len (the rest of the block when paged, else every key up to nk). One division per
+ * block, none per key. Blocks hold a multiple of 8 keys, so the 8-key groups below start at
+ * the same j whether or not the keys are paged: the same bits either way. */
+static inline const float *kv_run(const AttnCtx *c, const float *base, int64_t i, int64_t j0, int64_t nk,
+                                  int64_t *len)
 {
-    if (!c->table)
-        return base + j * c->hd;
-    return base + (c->table[i * c->table_ld + j / c->block] * c->block + j % c->block) * c->hd;
+    if (!c->table) {
+        *len = nk - j0;
+        return base + j0 * c->hd;
+    }
+    const int64_t blk = j0 / c->block, off = j0 - blk * c->block;
+    *len = c->block - off < nk - j0 ? c->block - off : nk - j0;
+    return base + (c->table[i * c->table_ld + blk] * c->block + off) * c->hd;
 }
 
 /* 8 dot products at once: lane j of the result = sum of acc[j]'s lanes */
@@ -201,26 +209,28 @@ static void attn_task(void *p, int64_t task)
 
     /* scores */
     int64_t j = 0;
-    if (hd % 8 == 0) {
-        for (; j + 8 <= nk; j += 8) {
-            __m256 acc[8];
-            for (int u = 0; u < 8; u++)
-                acc[u] = _mm256_setzero_ps();
-            const float *kj = kv_row(c, k, i, j); /* 8 consecutive rows: blocks hold a multiple of 8 */
-            for (int64_t e = 0; e < hd; e += 8) {
-                const __m256 qv = _mm256_loadu_ps(q + e);
-                for (int u = 0; u < 8; u++)
-                    acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + u * hd + e), acc[u]);
+    for (int64_t len; j < nk; j += len) {
+        const float *kr = kv_run(c, k, i, j, nk, &len);
+        int64_t u = 0;
+        if (hd % 8 == 0) {
+            for (; u + 8 <= len; u += 8) {
+                __m256 acc[8];
+                for (int x = 0; x < 8; x++)
+                    acc[x] = _mm256_setzero_ps();
+                for (int64_t e = 0; e < hd; e += 8) {
+                    const __m256 qv = _mm256_loadu_ps(q + e);
+                    for (int x = 0; x < 8; x++)
+                        acc[x] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + (u + x) * hd + e), acc[x]);
+                }
+                _mm256_storeu_ps(scores + j + u, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
             }
-            _mm256_storeu_ps(scores + j, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
         }
-    }
-    for (; j < nk; j++) {
-        const float *kj = kv_row(c, k, i, j);
-        float s = 0.0f;
-        for (int64_t e = 0; e < hd; e++)
-            s += q[e] * kj[e];
-        scores[j] = s * scale;
+        for (; u < len; u++) {
+            float s = 0.0f;
+            for (int64_t e = 0; e < hd; e++)
+                s += q[e] * kr[u * hd + e];
+            scores[j + u] = s * scale;
+        }
     }
     /* softmax */
     float mx = -INFINITY;
@@ -251,21 +261,24 @@ static void attn_task(void *p, int64_t task)
         __m256 acc[32];
         for (int64_t e = 0; e < hd / 8; e++)
             acc[e] = _mm256_setzero_ps();
-        for (j = 0; j < nk; j++) {
-            const __m256 pj = _mm256_set1_ps(scores[j]);
-            const float *vj = kv_row(c, v, i, j);
-            for (int64_t e = 0; e < hd / 8; e++)
-                acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * e), acc[e]);
+        for (int64_t len, j0 = 0; j0 < nk; j0 += len) {
+            const float *vr = kv_run(c, v, i, j0, nk, &len);
+            for (int64_t u = 0; u < len; u++) {
+                const __m256 pj = _mm256_set1_ps(scores[j0 + u]);
+                for (int64_t e = 0; e < hd / 8; e++)
+                    acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + u * hd + 8 * e), acc[e]);
+            }
         }
         for (int64_t e = 0; e < hd / 8; e++)
             _mm256_storeu_ps(o + 8 * e, _mm256_mul_ps(acc[e], _mm256_set1_ps(inv)));
     } else {
         for (int64_t e = 0; e < hd; e++)
             o[e] = 0.0f;
-        for (j = 0; j < nk; j++) {
-            const float *vj = kv_row(c, v, i, j);
-            for (int64_t e = 0; e < hd; e++)
-                o[e] += scores[j] * vj[e];
+        for (int64_t len, j0 = 0; j0 < nk; j0 += len) {
+            const float *vr = kv_run(c, v, i, j0, nk, &len);
+            for (int64_t u = 0; u < len; u++)
+                for (int64_t e = 0; e < hd; e++)
+                    o[e] += scores[j0 + u] * vr[u * hd + e];
         }
         for (int64_t e = 0; e < hd; e++)
             o[e] *= inv;
