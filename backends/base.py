@@ -115,6 +115,12 @@ class Backend(ABC):
             k, v = k.astype(np.float32), v.astype(np.float32)
         return self.decode_attention(q, k, v, lengths)
 
+    def logsumexp(self, logits: np.ndarray) -> np.ndarray:
+        """log(sum(exp(row))) of each row of host logits (n, vocab), float64 (n,): the
+        normalizer of a token's log-probability. Finite rows only (the sampler validates)."""
+        top = logits.max(axis=-1, keepdims=True)
+        return top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
+
     @abstractmethod
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
         """SwiGLU (arXiv:2002.05202): silu(gate) * up of (n, 2f) packed [gate | up] → (n, f)."""
@@ -149,7 +155,7 @@ class ProfiledBackend:
     # Op name in the profile for each backend method.
     OPS = {"linear": "matmul", "attention": "attention", "decode_attention": "attention",
            "paged_decode_attention": "attention", "rms_norm": "norm", "rope": "rope", "silu_mul": "activation",
-           "embedding": "embedding"}
+           "embedding": "embedding", "logsumexp": "sampling"}
 
     def __init__(self, inner: Backend, profile: OpProfile):
         self._inner = inner

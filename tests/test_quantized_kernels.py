@@ -355,3 +355,15 @@ def test_c_paged_decode_attention_refuses_bad_tables():
     with pytest.raises(ValueError, match="multiple of 8"):
         ops.decode_attention(q, k_pages[:, :, :12].copy(), k_pages[:, :, :12].copy(), np.array([1]), out, 1,
                              np.array([[0]], dtype=np.int64))
+
+
+@needs_ext
+@pytest.mark.parametrize("d", [1, 7, 8, 1025, 49152])
+def test_c_logsumexp_matches_numpy(d):
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal((3, d)) * 6).astype(np.float32)
+    if d > 1:
+        x[1, -1] = -np.inf  # a masked token counts for nothing
+    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    np.testing.assert_allclose(c.logsumexp(x), py.logsumexp(x), rtol=1e-7, atol=1e-6)
+    np.testing.assert_array_equal(c.logsumexp(x[1:2]), c.logsumexp(x)[1:2])  # a row's value is its own

@@ -231,6 +231,11 @@ class CpuBackend(Backend):
         out = np.matmul(scores, v)  # (n_kv, n * group, hd)
         return out.reshape(n_kv, n, group, hd).transpose(1, 0, 2, 3).reshape(n, n_heads * hd)
 
+    def logsumexp(self, logits: np.ndarray) -> np.ndarray:
+        if self._ops is not None and _c_ready(logits) and logits.ndim == 2:
+            return np.array(self._ops.logsumexp(logits), dtype=np.float64)
+        return super().logsumexp(logits)
+
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
         if self._ops is not None and _c_ready(gate_up):
             out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)

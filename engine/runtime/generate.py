@@ -122,20 +122,23 @@ class TokenStream:
         self._detok = StreamDecoder(model.tokenizer)
         self._stops = StopChecker(params.stop)
         self._stop_ids = frozenset() if ignore_eos else frozenset(model.tokenizer.eot_ids)
+        self._log_z = model.backend.logsumexp
 
     def accept(self, logits: np.ndarray) -> TokenEvent | None:
         """Sample the next token from `logits`; the event to stream, or None (nothing to show).
 
         At an end-of-turn token the event carries only text held back until then (token_id None).
         """
-        token, logprob = self.sampler.sample(logits)
+        # the normalizer of the reported logprobs, from the backend (numpy's float32 exp is slow)
+        log_z = float(self._log_z(np.asarray(logits, dtype=np.float32)[None])[0])
+        token, logprob = self.sampler.sample(logits, log_z)
         if token in self._stop_ids:
             tail = self.finish("stop")
             self.text += tail
             return TokenEvent(None, tail, 0.0) if tail else None
         self.ids.append(token)
         text, stopped = self._stops.push(self._detok.push(token))
-        top = self.sampler.logprobs_top(logits, self._top_logprobs) if self._top_logprobs else []
+        top = self.sampler.logprobs_top(logits, self._top_logprobs, log_z) if self._top_logprobs else []
         if stopped:
             self.finish_reason = "stop"
         elif len(self.ids) >= self.budget:

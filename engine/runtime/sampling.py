@@ -187,6 +187,13 @@ def _log_softmax_at(logits: np.ndarray, ids: np.ndarray | int) -> np.ndarray | f
     return np.asarray(logits[ids], dtype=np.float64) - float(top) - log_total
 
 
+def _logprobs(logits: np.ndarray, ids, log_z: float | None):
+    if log_z is None:
+        return _log_softmax_at(logits, ids)
+    lp = np.asarray(logits[ids], dtype=np.float64) - log_z
+    return float(lp) if lp.ndim == 0 else lp
+
+
 def _check_logits(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, dtype=np.float32)
     if logits.ndim != 1 or logits.size == 0:
@@ -272,11 +279,12 @@ class Sampler:
         ids, weights = self._candidates(_check_logits(logits))
         return ids, weights / weights.sum(dtype=np.float64)
 
-    def sample(self, logits: np.ndarray) -> tuple[int, float]:
+    def sample(self, logits: np.ndarray, log_z: float | None = None) -> tuple[int, float]:
         """Pick the next token from ``(vocab,)`` raw model logits and record it in the history.
 
         Returns ``(token_id, logprob)``; ``logprob`` is the log-softmax of the *raw* logits
         (before penalties and temperature) at the chosen token, as vLLM reports by default.
+        ``log_z``, log(sum(exp(logits))), may come precomputed (the backend's `logsumexp`).
         """
         logits = _check_logits(logits)
         ids, weights = self._candidates(logits)
@@ -285,9 +293,9 @@ class Sampler:
         else:  # draw even from a single candidate: the RNG stream advances once per step
             token = int(ids[_pick(weights, self._rng.random())])
         self._context.append(token)
-        return token, float(_log_softmax_at(logits, token))
+        return token, _logprobs(logits, token, log_z)
 
-    def logprobs_top(self, logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    def logprobs_top(self, logits: np.ndarray, k: int, log_z: float | None = None) -> list[tuple[int, float]]:
         """The ``k`` most likely ``(token_id, logprob)`` under the raw logits, best first."""
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
@@ -295,7 +303,7 @@ class Sampler:
             return []
         logits = _check_logits(logits)
         ids = _top_ids(logits, min(k, logits.size))
-        return [(int(t), float(lp)) for t, lp in zip(ids, _log_softmax_at(logits, ids))]
+        return [(int(t), float(lp)) for t, lp in zip(ids, _logprobs(logits, ids, log_z))]
 
 
 def _partial_stop(text: str, stop: str) -> int:

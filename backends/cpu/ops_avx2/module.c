@@ -18,6 +18,7 @@
  *   rms_norm(x, w, eps, out)          decoder-layer ops (ops.c); out is a new C-contiguous array
  *   rope(x, cos, sin, positions, neox, out)
  *   silu_mul(gate_up, out, threads)
+ *   logsumexp(x) -> tuple           log(sum(exp(row))) of each row, in double (sampling's logprobs)
  *   attention(q, k, v, positions, out, threads)
  *   decode_attention(q, k, v, lengths, out, threads[, table])   B sequences, one query each;
  *                                     with a block table, k/v are a layer of the paged arena
@@ -532,6 +533,31 @@ static PyObject *py_silu_mul(PyObject *self, PyObject *args)
     return result;
 }
 
+static PyObject *py_logsumexp(PyObject *self, PyObject *args)
+{
+    PyObject *xo;
+    if (!PyArg_ParseTuple(args, "O", &xo) || !require_avx2())
+        return NULL;
+    F32View x;
+    if (!get_view(xo, &x, 2, 0, "x"))
+        return NULL;
+    PyObject *result = PyTuple_New(x.shape[0]);
+    for (Py_ssize_t i = 0; result && i < x.shape[0]; i++) {
+        double v;
+        Py_BEGIN_ALLOW_THREADS
+        v = ops_logsumexp(x.p + i * x.strides[0], x.shape[1]);
+        Py_END_ALLOW_THREADS
+        PyObject *f = PyFloat_FromDouble(v);
+        if (!f) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyTuple_SET_ITEM(result, i, f);
+    }
+    PyBuffer_Release(&x.v);
+    return result;
+}
+
 static PyObject *py_attention(PyObject *self, PyObject *args)
 {
     PyObject *qo, *ko, *vo, *po, *oo;
@@ -833,6 +859,7 @@ static PyMethodDef methods[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, w, eps, out)."},
     {"rope", py_rope, METH_VARARGS, "rope(x, cos, sin, positions, neox, out)."},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate_up, out, threads)."},
+    {"logsumexp", py_logsumexp, METH_VARARGS, "logsumexp(x) -> tuple: log(sum(exp(row))) of each row of x (n, d)."},
     {"attention", py_attention, METH_VARARGS, "attention(q, k, v, positions, out, threads)."},
     {"decode_attention", py_decode_attention, METH_VARARGS, "decode_attention(q, k, v, lengths, out, threads[, table])."},
     {NULL, NULL, 0, NULL},

@@ -106,6 +106,35 @@ void ops_rope(const float *x, int64_t sx_row, int64_t sx_head, int64_t n, int64_
     }
 }
 
+/* ---- log-sum-exp of a row of logits: the normalizer of every log-probability reported ----
+ * numpy's float32 exp runs at ~1.8 ns an element here: 90 us a 49k-token row, per sequence
+ * and step. exp8 over 8 lanes, partial sums flushed to double every 1024 elements. NaN is
+ * not detected (max_ps drops it): callers validate the logits first. */
+double ops_logsumexp(const float *x, int64_t d)
+{
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8)
+        mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + j));
+    float mx = hmax8(mv);
+    for (; j < d; j++)
+        mx = x[j] > mx ? x[j] : mx;
+    if (!isfinite(mx))
+        return mx;
+    const __m256 mxv = _mm256_set1_ps(mx);
+    double total = 0.0;
+    j = 0;
+    while (j + 8 <= d) {
+        __m256 acc = _mm256_setzero_ps();
+        for (const int64_t end = j + 1024; j + 8 <= d && j < end; j += 8)
+            acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), mxv)));
+        total += hsum8(acc);
+    }
+    for (; j < d; j++)
+        total += expf(x[j] - mx);
+    return mx + log(total);
+}
+
 /* ---- SwiGLU (arXiv:2002.05202): silu(gate) * up over (n, 2f) packed [gate | up] ---- */
 
 typedef struct {

@@ -89,6 +89,7 @@ void ops_rms_norm(const float *x, int64_t ldx, const float *w, int64_t n, int64_
 void ops_rope(const float *x, int64_t sx_row, int64_t sx_head, int64_t n, int64_t heads, int64_t hd,
               const float *cos_t, const float *sin_t, int64_t half, const int64_t *pos, int neox, float *out);
 void ops_silu_mul(const float *gu, int64_t ld, int64_t n, int64_t f, float *out, int nthreads);
+double ops_logsumexp(const float *x, int64_t d);
 void ops_attention(const float *q, const float *k, int64_t sk_head, const float *v, int64_t sv_head,
                    const int64_t *pos, int64_t n, int64_t heads, int64_t n_kv, int64_t t, int64_t hd,
                    float *out, int nthreads);
