@@ -33,9 +33,10 @@ test: setup $(VENV)/.kernels-check  ## the whole suite, as CI runs it (with the 
 test-fast: setup  ## skip the slow whole-model numerics tests (and the kernel checks if not installed)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: setup  ## prefill/decode throughput with the per-op profile, then continuous batching
+bench: setup  ## prefill/decode throughput with the per-op profile, then continuous batching (f32 and the file's own blocks)
 	$(BIN)/plan-engine bench --profile
 	$(BIN)/plan-engine bench --concurrency 1,4,16,32
+	$(BIN)/plan-engine bench --concurrency 1,4,16,32 --weights native
 
 clean:
 	rm -rf $(VENV) build *.egg-info
