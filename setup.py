@@ -8,7 +8,7 @@ headers, no OpenMP (its thread pool is plain pthreads).
 
 from setuptools import Extension, setup
 
-SOURCES = ("module", "threadpool", "qmatmul", "dequant", "ops")
+SOURCES = ("module", "threadpool", "qmatmul", "dequant", "ops", "fmatmul")
 HEADERS = ("ops_avx2", "simd")
 
 ops_avx2 = Extension(

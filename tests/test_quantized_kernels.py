@@ -12,6 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize as gguf_quantize
 
+from backends.base import TensorData
 from backends.cpu import quantized as qz
 from backends.cpu.backend import CpuBackend
 from backends.cpu.quantized import BlockPart, QuantizedMatmul, quantize_activations
@@ -367,3 +368,113 @@ def test_c_logsumexp_matches_numpy(d):
     c, py = CpuBackend(), CpuBackend(kernels="numpy")
     np.testing.assert_allclose(c.logsumexp(x), py.logsumexp(x), rtol=1e-7, atol=1e-6)
     np.testing.assert_array_equal(c.logsumexp(x[1:2]), c.logsumexp(x)[1:2])  # a row's value is its own
+
+
+# --- the float32 kernel (ops_avx2/fmatmul.c) ---------------------------------------------
+
+def _f32_weight(rng: np.random.Generator, k: int, n: int, layout: str) -> np.ndarray:
+    """A (k, n) float32 weight: "nk" the W.T view of a row-major (n, k) W (the backend's resident
+    layout, the tied head's E.T), "kn" a row-major (k, n) array."""
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    return w.T if layout == "nk" else np.ascontiguousarray(w.T)
+
+
+def _matmul_f32(x: np.ndarray, w: np.ndarray, threads: int = 2) -> np.ndarray:
+    out = np.full((x.shape[0], w.shape[1]), np.nan, np.float32)
+    ops.matmul_f32(x, w, out, threads)
+    return out
+
+
+# (m, k, n): 1 row, rows past a 6-row group (3, 17, 33), k and n off every vector width, the
+# model's shapes (576 -> 960, 1536 -> 576)
+F32_SHAPES = [(1, 576, 960), (3, 37, 19), (17, 100, 333), (33, 131, 70), (33, 1536, 577), (7, 8, 8), (2, 1, 5),
+              (5, 0, 3)]
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+@pytest.mark.parametrize("m,k,n", F32_SHAPES)
+def test_f32_kernel_matches_numpy(layout, m, k, n):
+    rng = np.random.default_rng(20)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = _f32_weight(rng, k, n, layout)
+    got = _matmul_f32(x, w)
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    # float32 sums in another order than numpy's: relative to sum |x_i w_i|
+    _close(got, want, 2e-6, scale=(np.abs(x) @ np.abs(w)).max() if k else 1.0)
+    np.testing.assert_array_equal(_matmul_f32(x, w, threads=1), got)  # each output on one thread
+
+
+@needs_ext
+def test_f32_kernel_reads_the_tied_head_in_place():
+    """The tied head: x @ E.T over the (vocab, dim) table, a transposed view, also one whose
+    rows are a slice of wider rows (row stride > k)."""
+    rng = np.random.default_rng(21)
+    table = rng.standard_normal((1003, 600)).astype(np.float32)
+    for e in (table[:, :576], table[:, 3:579]):
+        x = rng.standard_normal((9, 576)).astype(np.float32)
+        _close(_matmul_f32(x, e.T), x.astype(np.float64) @ e.T.astype(np.float64), 2e-6,
+               scale=(np.abs(x) @ np.abs(e).T).max())
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+def test_f32_kernel_rows_do_not_depend_on_batch_mates(layout):
+    """Bit-exact batch invariance: a row alone, in a batch of any size, at any offset in it."""
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((40, 300)).astype(np.float32)
+    w = _f32_weight(rng, 300, 203, layout)
+    batch = _matmul_f32(x, w)
+    for i in range(len(x)):
+        np.testing.assert_array_equal(_matmul_f32(x[i:i + 1], w, threads=1)[0], batch[i])
+    for lo, hi in ((0, 7), (5, 38), (13, 14), (2, 35)):
+        np.testing.assert_array_equal(_matmul_f32(x[lo:hi], w), batch[lo:hi])
+
+
+@needs_ext
+def test_f32_kernel_refuses_bad_inputs():
+    x, w, out = np.zeros((2, 8), np.float32), np.zeros((8, 3), np.float32), np.zeros((2, 3), np.float32)
+    with pytest.raises(TypeError):
+        ops.matmul_f32(x.astype(np.float64), w, out, 1)
+    with pytest.raises(TypeError, match="contiguous rows"):  # neither axis contiguous
+        ops.matmul_f32(x, np.zeros((16, 6), np.float32)[::2, ::2], out, 1)
+    with pytest.raises(TypeError, match="contiguous rows"):  # a negative stride
+        ops.matmul_f32(x, w[::-1], out, 1)
+    with pytest.raises(TypeError):
+        ops.matmul_f32(x, np.zeros((1, 8, 3), np.float32), out, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.matmul_f32(x, np.zeros((7, 3), np.float32), out, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.matmul_f32(x, w, np.zeros((3, 3), np.float32), 1)
+    with pytest.raises(ValueError, match="overlaps"):
+        buf = np.zeros((2, 8), np.float32)
+        ops.matmul_f32(buf, np.zeros((8, 3), np.float32), buf[:, :3], 1)
+    with pytest.raises(ValueError, match="read-only"):
+        ops.matmul_f32(x, w, np.broadcast_to(out, (2, 3)), 1)
+
+
+@needs_ext
+def test_backend_f32_linear_takes_the_kernel_by_rule():
+    """f32 weights are held as the W.T view of the file's (out, in) rows; batches up to
+    f32_kernel_rows (and every batch when batch-invariant) run the kernel, larger ones OpenBLAS;
+    the numpy fallback and both paths agree within rounding."""
+    rng = np.random.default_rng(23)
+    parts = [rng.standard_normal((n, 96)).astype(np.float32) for n in (40, 24)]
+    be = CpuBackend(f32_kernel_rows=8)
+    w = be.load_linear([TensorData(p, T.F32, p.shape) for p in parts], "f32")
+    assert w.shape == (96, 64) and w.base is not None and w.T.flags.c_contiguous
+    dense = np.concatenate(parts)
+    x = rng.standard_normal((20, 96)).astype(np.float32)
+    np.testing.assert_array_equal(be.linear(x[:8], w), _matmul_f32(x[:8], w))
+    _float_close(be.linear(x, w), x, dense, 1e-6)  # OpenBLAS past the rule
+    be.batch_invariant = True
+    batch = be.linear(x, w)
+    np.testing.assert_array_equal(batch, _matmul_f32(x, w))
+    for i in range(len(x)):
+        np.testing.assert_array_equal(be.linear(x[i:i + 1], w)[0], batch[i])
+    fallback = CpuBackend(kernels="numpy")
+    fallback.batch_invariant = True
+    _float_close(fallback.linear(x, fallback.load_linear([TensorData(p, T.F32, p.shape) for p in parts], "f32")),
+                 x, dense, 1e-6)
+    with pytest.raises(InvalidArgument, match="f32_kernel_rows"):
+        CpuBackend(f32_kernel_rows=-1)

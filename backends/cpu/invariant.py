@@ -5,7 +5,9 @@ bit-identical for 2 to 5 rows but differs at 1 row (GEMV) and from 8 rows on, an
 the scores of one query differ with the number of keys. So with the plan's
 `determinism.batch_invariant`, the CPU backend computes:
 
-- weight GEMMs in tiles of exactly `ROW_TILE` rows (the last tile zero-padded): one
+- float32 weight GEMMs with the extension's float kernel (ops_avx2/fmatmul.c), whose rows
+  are batch-invariant by construction; without the extension (and for block-format weights
+  on the numpy path), in tiles of exactly `ROW_TILE` rows (the last tile zero-padded): one
   numpy call that loops over tiles, every row through the same kernel;
 - attention on a fixed grid: queries in row tiles, keys and values in chunks of
   `KEY_CHUNK` (zero-padded), softmax sums per chunk then across chunks in order,
@@ -13,7 +15,7 @@ the scores of one query differ with the number of keys. So with the plan's
   or (masked) keys share the call. Decode, chunked prefill and the recompute after a
   preemption therefore produce the same bits for the same position.
 
-It costs throughput (each tile re-reads the weights; attention makes many small
+The numpy fallback costs throughput (each tile re-reads the weights; attention makes many small
 calls); docs/02_performance.md has the measurement.
 """
 

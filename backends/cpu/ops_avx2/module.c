@@ -12,6 +12,8 @@
  *   release_pages(buffer)             drop a read-only file mapping's pages from the resident set
  *   dequantize_ids(matrix, ids, out)  rows by index (embedding lookups through the output head)
  *   matmul(x, matrix, out, threads)   out[:, :rows] = x @ W.T, x (n, k) float32, out (n, >= rows)
+ *   matmul_f32(x, w, out, threads)    out = x @ w in float32, batch-invariant (fmatmul.c); w (k, n)
+ *                                     the transposed view of an (n, k) array, or with contiguous rows
  *   dequantize(matrix, row0, row1, out, threads)   out[:(row1-row0)*k] = W[row0:row1] as float32
  *   quantize_q8_0(x, out, threads)    float32 (n,) -> Q8_0 blocks (n / 32 * 34 bytes)
  *   quantize_act(x, q, d, s, isum, threads)   the activation quantization matmul applies
@@ -706,6 +708,89 @@ done:
     return result;
 }
 
+/* ---- float32 matmul ---- */
+
+/* Floats from a view's first to its last element, for the overlap check. */
+static int64_t view_extent(const F32View *a, int ndim)
+{
+    int64_t hi = 1;
+    for (int i = 0; i < ndim; i++) {
+        if (a->shape[i] == 0)
+            return 0;
+        hi += (int64_t)(a->shape[i] - 1) * a->strides[i];
+    }
+    return hi;
+}
+
+static int views_overlap(const F32View *a, const F32View *b)
+{
+    const float *a1 = a->p + view_extent(a, 2), *b1 = b->p + view_extent(b, 2);
+    return a->p < b1 && b->p < a1;
+}
+
+/* matmul_f32(x, w, out, threads): x (m, k) and out (m, n) float32 with contiguous rows; w (k, n)
+ * float32, either the transposed view of an (n, k) array with contiguous rows ("nk": the
+ * backend's resident W.T and the tied head's E.T) or itself with contiguous rows ("kn"). */
+static PyObject *py_matmul_f32(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *wo, *oo;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOi", &xo, &wo, &oo, &threads) || !require_avx2())
+        return NULL;
+    F32View x, w, o;
+    int got = 0;
+    PyObject *result = NULL;
+    if (!get_view(xo, &x, 2, 0, "x"))
+        goto done;
+    got = 1;
+    if (PyObject_GetBuffer(wo, &w.v, PyBUF_STRIDES | PyBUF_FORMAT) < 0)
+        goto done;
+    got = 2;
+    int ok = is_format(&w.v, 'f') && w.v.itemsize == 4 && w.v.ndim == 2;
+    for (int i = 0; ok && i < 2; i++) {
+        w.shape[i] = w.v.shape[i];
+        w.strides[i] = w.v.strides[i] / 4;
+        ok = w.v.strides[i] % 4 == 0 && w.v.strides[i] >= 0;
+    }
+    const int kn = ok && (w.shape[1] <= 1 || w.strides[1] == 1);
+    const int nk = ok && !kn && (w.shape[0] <= 1 || w.strides[0] == 1);
+    if (!kn && !nk) {
+        PyErr_SetString(PyExc_TypeError, "matmul_f32: w must be a float32 (k, n) array with contiguous rows, "
+                                         "or the transpose of one (n, k)");
+        goto done;
+    }
+    w.p = (float *)w.v.buf;
+    if (!get_view(oo, &o, 2, 1, "out"))
+        goto done;
+    got = 3;
+    const Py_ssize_t m = x.shape[0], k = x.shape[1], n = w.shape[1];
+    if (w.shape[0] != k || o.shape[0] != m || o.shape[1] != n) {
+        PyErr_Format(PyExc_ValueError, "matmul_f32: x (%zd, %zd) @ w (%zd, %zd) does not fit out (%zd, %zd)", m, k,
+                     w.shape[0], n, o.shape[0], o.shape[1]);
+        goto done;
+    }
+    if (m > 1 && o.strides[0] < n) {
+        PyErr_SetString(PyExc_ValueError, "matmul_f32: out's rows overlap");
+        goto done;
+    }
+    if (views_overlap(&o, &x) || views_overlap(&o, &w)) {
+        PyErr_SetString(PyExc_ValueError, "matmul_f32: out overlaps x or w");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (kn)
+        ops_matmul_f32_kn(x.p, x.strides[0], w.p, w.strides[0], m, k, n, o.p, o.strides[0], threads);
+    else
+        ops_matmul_f32_nk(x.p, x.strides[0], w.p, w.strides[1], m, k, n, o.p, o.strides[0], threads);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (got >= 3) PyBuffer_Release(&o.v);
+    if (got >= 2) PyBuffer_Release(&w.v);
+    if (got >= 1) PyBuffer_Release(&x.v);
+    return result;
+}
+
 /* ---- x8 repacking, page release, row lookup ---- */
 
 static PyObject *py_x8_bytes(PyObject *self, PyObject *args)
@@ -848,6 +933,7 @@ static PyMethodDef methods[] = {
     {"set_spin_us", py_set_spin_us, METH_O, "set_spin_us(us): how long idle pool workers spin before sleeping."},
     {"matrix", py_matrix, METH_VARARGS, "matrix(parts, k): a weight handle over [(buffer, ggml_type, rows)]."},
     {"matmul", py_matmul, METH_VARARGS, "matmul(x, matrix, out, threads): out[:, :rows] = x @ W.T."},
+    {"matmul_f32", py_matmul_f32, METH_VARARGS, "matmul_f32(x, w, out, threads): out = x @ w, float32, batch-invariant."},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(matrix, row0, row1, out, threads)."},
     {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x, out, threads)."},
     {"quantize_act", py_quantize_act, METH_VARARGS, "quantize_act(x, q, d, s, isum, threads)."},

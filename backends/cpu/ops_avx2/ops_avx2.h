@@ -84,6 +84,14 @@ int64_t ops_x8_bytes(int qtype, int64_t rows, int64_t k);
 int ops_x8_supported(int qtype);
 void ops_dequantize_ids(const QMatrix *w, const int64_t *ids, int64_t n, float *out);
 
+/* float32 matmul (fmatmul.c), out (m, n) = x (m, k) @ W.T, batch-invariant; strides in floats.
+ * nk: W (n, k) row-major with row stride ldw (the backend's resident layout, the tied head's
+ * table). kn: the same product from Wt = W.T (k, n) row-major with row stride ldw. */
+void ops_matmul_f32_nk(const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t m, int64_t k, int64_t n,
+                       float *out, int64_t ldo, int nthreads);
+void ops_matmul_f32_kn(const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t m, int64_t k, int64_t n,
+                       float *out, int64_t ldo, int nthreads);
+
 /* decoder-layer ops (ops.c); strides are in floats */
 void ops_rms_norm(const float *x, int64_t ldx, const float *w, int64_t n, int64_t d, float eps, float *out);
 void ops_rope(const float *x, int64_t sx_row, int64_t sx_head, int64_t n, int64_t heads, int64_t hd,
