@@ -258,6 +258,26 @@ def parse_stored(body: bytes, stored_hash: str) -> ExecutionPlan:
     return plan
 
 
+def read_version(conn, plan_id: str, version: int, placeholder: str = "?") -> ExecutionPlan:
+    """One stored version (0: the newest) through a DB-API connection (sqlite3 or psycopg, whose
+    SQL here differs only in the parameter placeholder); NotFound says which ids or versions exist."""
+    p = placeholder
+    if version:
+        row = conn.execute(f"SELECT body, hash FROM plans WHERE id = {p} AND version = {p}",
+                           (plan_id, version)).fetchone()
+    else:
+        row = conn.execute(f"SELECT body, hash FROM plans WHERE id = {p} ORDER BY version DESC LIMIT 1",
+                           (plan_id,)).fetchone()
+    if row is not None:
+        return parse_stored(*row)
+    newest = conn.execute(f"SELECT MAX(version) FROM plans WHERE id = {p}", (plan_id,)).fetchone()[0]
+    if newest is not None:
+        raise NotFound(f"plan {plan_id!r} has no version {version} (versions 1..{newest})")
+    ids = [r[0] for r in conn.execute("SELECT DISTINCT id FROM plans ORDER BY id LIMIT 11")]
+    known = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "") if ids else "none"
+    raise NotFound(f"no plan with id {plan_id!r} (stored plans: {known})")
+
+
 class SqlitePlanStore(PlanStore):
     """PlanStore in a SQLite file (created if missing), or in a shared SqliteDatabase."""
 
@@ -273,20 +293,7 @@ class SqlitePlanStore(PlanStore):
     _parse = staticmethod(parse_stored)
 
     def _get(self, conn: sqlite3.Connection, plan_id: str, version: int) -> ExecutionPlan:
-        if version:
-            row = conn.execute("SELECT body, hash FROM plans WHERE id = ? AND version = ?",
-                               (plan_id, version)).fetchone()
-        else:
-            row = conn.execute("SELECT body, hash FROM plans WHERE id = ? ORDER BY version DESC LIMIT 1",
-                               (plan_id,)).fetchone()
-        if row is not None:
-            return self._parse(*row)
-        newest = conn.execute("SELECT MAX(version) FROM plans WHERE id = ?", (plan_id,)).fetchone()[0]
-        if newest is not None:
-            raise NotFound(f"plan {plan_id!r} has no version {version} (versions 1..{newest})")
-        ids = [r[0] for r in conn.execute("SELECT DISTINCT id FROM plans ORDER BY id LIMIT 11")]
-        known = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "") if ids else "none"
-        raise NotFound(f"no plan with id {plan_id!r} (stored plans: {known})")
+        return read_version(conn, plan_id, version)
 
     def get(self, plan_id: str, version: int = 0) -> ExecutionPlan:
         if version < 0:

@@ -41,7 +41,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from engine.control.plan_store import ACTIONS, PlanEvent, PlanStore, label, parse_stored
+from engine.control.plan_store import ACTIONS, PlanEvent, PlanStore, label, parse_stored, read_version
 from engine.control.plans import ExecutionPlan, plan_hash
 from engine.control.suggestions import _SELECT as _SUGGESTION_SELECT  # plain SQL, the same in both databases
 from engine.control.suggestions import (
@@ -229,20 +229,7 @@ class PostgresPlanStore(PlanStore):
     _parse = staticmethod(parse_stored)
 
     def _get(self, conn: psycopg.Connection, plan_id: str, version: int) -> ExecutionPlan:
-        if version:
-            row = conn.execute("SELECT body, hash FROM plans WHERE id = %s AND version = %s",
-                               (plan_id, version)).fetchone()
-        else:
-            row = conn.execute("SELECT body, hash FROM plans WHERE id = %s ORDER BY version DESC LIMIT 1",
-                               (plan_id,)).fetchone()
-        if row is not None:
-            return self._parse(*row)
-        newest = conn.execute("SELECT MAX(version) FROM plans WHERE id = %s", (plan_id,)).fetchone()[0]
-        if newest is not None:
-            raise NotFound(f"plan {plan_id!r} has no version {version} (versions 1..{newest})")
-        ids = [r[0] for r in conn.execute("SELECT DISTINCT id FROM plans ORDER BY id LIMIT 11")]
-        known = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "") if ids else "none"
-        raise NotFound(f"no plan with id {plan_id!r} (stored plans: {known})")
+        return read_version(conn, plan_id, version, placeholder="%s")
 
     def get(self, plan_id: str, version: int = 0) -> ExecutionPlan:
         if version < 0:
