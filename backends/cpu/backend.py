@@ -38,8 +38,8 @@ class CpuBackend(Backend):
     """
 
     # Measured on the 2-core Zen 2 host (whole-model f32 step, 30 layers + tied head): the
-    # kernel beats OpenBLAS from 2 rows (1.9x at 4-16 rows) to 64 rows (1.1x); at 1 row they
-    # stream the weights alike. From ~96 rows OpenBLAS's packed GEMM is faster.
+    # kernel takes 0.9x OpenBLAS's time at 1 row, 0.4x at 2-4 rows, 0.65x at 8-16, 0.75x at
+    # 32, 0.9x at 64; at 96-128 rows OpenBLAS is 3-6 % faster, at 256-512 rows 15 %.
     F32_KERNEL_ROWS = 64
 
     name = "cpu"
@@ -77,9 +77,9 @@ class CpuBackend(Backend):
         # float32, and float tensors under a block format: there are no blocks to keep.
         # Kept as W (out, in) contiguous, the file's orientation, and handed out as the (in, out)
         # view W.T, like the tied head's table: the float kernel reads W's rows as contiguous
-        # streams (1.2-1.5x faster at 8-32 rows than on a contiguous W.T, whose column strips
-        # are strided), and OpenBLAS's prefill GEMM on the view measured within 2 % of the
-        # contiguous W.T at 64-512 rows.
+        # streams (1.1-1.5x faster at 2-32 rows than from a contiguous W.T, whose column strips
+        # are strided), and OpenBLAS's prefill GEMM on the view measured within 2 % of a
+        # contiguous W.T at 128-512 rows (3 % at 64, where the kernel runs instead).
         w = np.empty((sum(p.shape[0] for p in parts), parts[0].shape[1]), dtype=np.float32)
         row = 0
         for p in parts:

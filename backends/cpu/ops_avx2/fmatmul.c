@@ -1,7 +1,7 @@
 /* Float32 matrix products out = x @ W for the CPU backend's f32 weights, AVX2 + FMA.
  *
  * Why not OpenBLAS for every batch: at the 2..32-row batches of continuous-batching decode
- * its GEMM packs both operands on every call and takes 2x the time of a 1-row GEMV over the
+ * its GEMM packs both operands on every call and takes 2.4x the time of a 1-row GEMV over the
  * same weights, though the weights' read from memory is most of the work either way; and its
  * results depend on the batch (it picks kernels by shape), which batch-invariant mode had to
  * work around with fixed 4-row tiles (invariant.py, 5x slower).
@@ -17,8 +17,8 @@
  *    x[r, k] against Wt[k]. A column strip of Wt is strided by N floats, which both defeats the
  *    hardware prefetcher and, when N * 4 is a multiple of 4 KB, maps every row of a strip to
  *    the same cache set: one row group (M <= 6) sweeps 8-row blocks across 512 columns, several
- *    copy each 128 x 128 panel into a per-thread buffer first. At 8..32 rows this layout
- *    measured 1.2-1.5x slower than nk, which is why the backend keeps W (N, K).
+ *    copy each 128 x 128 panel into a per-thread buffer first. At 2..32 rows this layout
+ *    measured 1.1-1.5x slower than nk, which is why the backend keeps W (N, K).
  *
  * Batch invariance by construction: every output element is one fixed chain of operations
  * over k. nk: lane l of the accumulator does acc = fma(x[i], w[i], acc) for i = l, l+8, ... in
@@ -26,7 +26,8 @@
  * order from 0 (k blocks store and reload the partial sums, which is exact). Tile shapes, row
  * grouping, tasks and threads only decide how many chains run side by side, never their
  * arithmetic; tails use masked loads and stores of the same lanes (a masked-off k adds
- * fma(0, 0, acc) = acc). So a row's bits depend neither on M nor on its batch mates.
+ * fma(0, 0, acc) = acc). So a row's bits depend neither on M nor on its batch mates. (The two
+ * layouts sum in different orders: each is invariant, their bits differ from each other.)
  */
 #if defined(__x86_64__) || defined(_M_X64)
 
