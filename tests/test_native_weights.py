@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFWriter
 from gguf.quants import quantize as gguf_quantize
+from tiny_gguf import tiny_writer
 
 from backends.cpu import quantized as qz
 from backends.cpu.quantized import BlockTable, QuantizedLinear
@@ -50,21 +50,7 @@ def tiny_path(tmp_path_factory):
     """A 1-layer llama (dim 256, 4 heads of 64, 2 kv heads, ffn 512, vocab 8) in mixed block types."""
     dim, ffn, vocab = 256, 512, 8
     path = tmp_path_factory.mktemp("native") / "tiny-mixed.gguf"
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(dim)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(["a", "b", "c", "d", "ab", "cd", "<s>", "</s>"])
-    w.add_token_types([1, 1, 1, 1, 1, 1, 3, 3])
-    w.add_token_merges(["a b", "c d"])
-    w.add_bos_token_id(6)
-    w.add_eos_token_id(7)
+    w = tiny_writer(path, "llama", dim, ffn)
     rng = np.random.default_rng(0)
     shapes = {"token_embd.weight": (vocab, dim), "blk.0.attn_q.weight": (dim, dim),
               "blk.0.attn_k.weight": (dim // 2, dim), "blk.0.attn_v.weight": (dim // 2, dim),

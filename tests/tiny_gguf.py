@@ -8,12 +8,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type: GGMLQuantizationType | None = None) -> Path:
-    """A 1-layer llama-shaped model (dim 32, vocab 8) with a byte-level BPE vocabulary.
-
-    `odd_tensor_type` stores blk.0.ffn_up.weight as raw bytes of that type instead of F32.
-    """
-    dim, ffn, vocab = 32, 64, 8
+def tiny_writer(path: Path, arch: str = "llama", dim: int = 32, ffn: int = 64) -> GGUFWriter:
+    """A GGUFWriter with the tiny models' header: 1 layer, 4 heads (2 kv), context 64, and an
+    8-token byte-level BPE vocabulary; the caller adds the tensors and writes the file."""
     w = GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_context_length(64)
@@ -29,6 +26,16 @@ def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type: GGMLQuanti
     w.add_token_merges(["a b", "c d"])
     w.add_bos_token_id(6)
     w.add_eos_token_id(7)
+    return w
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type: GGMLQuantizationType | None = None) -> Path:
+    """A 1-layer llama-shaped model (dim 32, vocab 8) with a byte-level BPE vocabulary.
+
+    `odd_tensor_type` stores blk.0.ffn_up.weight as raw bytes of that type instead of F32.
+    """
+    dim, ffn, vocab = 32, 64, 8
+    w = tiny_writer(path, arch, dim, ffn)
     rng = np.random.default_rng(0)
 
     def t(name: str, *shape: int) -> None:
