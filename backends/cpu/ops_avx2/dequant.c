@@ -33,11 +33,6 @@ static void dequant_row(int qtype, const uint8_t *w, int64_t k, float *out);
 
 /* ---- the x8 layout (ops_avx2.h): repacking and reading one row back ---- */
 
-static inline int64_t x8_record(int qtype)
-{
-    return qtype == QT_Q4_0 ? 144 : qtype == QT_Q4_1 ? 160 : 272;
-}
-
 /* offsets of d, m and qs in a record, and the file block's layout */
 static inline void x8_fields(int qtype, int64_t *m_off, int64_t *qs_off, int64_t *chunks, int64_t *bs, int64_t *bqs)
 {

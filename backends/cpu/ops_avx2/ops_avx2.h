@@ -35,6 +35,11 @@ enum {
  * Record sizes: 8 * 18 = 144, 8 * 20 = 160, 8 * 34 = 272 bytes. */
 #define X8 8
 
+static inline int64_t x8_record(int qtype)
+{
+    return qtype == QT_Q4_0 ? 144 : qtype == QT_Q4_1 ? 160 : 272;
+}
+
 /* One stored weight matrix (rows, k) in a block format, rows in the file's order (x8 = 0)
  * or interleaved by 8 (x8 = 1); row_bytes is a file row's size either way. */
 typedef struct {

@@ -236,7 +236,7 @@ static inline __attribute__((always_inline)) void tile_x8(
     const int T, const int C, const uint8_t *g, int64_t nb, int64_t gstride, const QAct *a, int64_t c0,
     float *out, int64_t ldo, int valid)
 {
-    const int64_t rs = T == QT_Q4_0 ? 144 : T == QT_Q4_1 ? 160 : 272;
+    const int64_t rs = x8_record(T);
     const int64_t qs_off = T == QT_Q4_1 ? 32 : 16;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -317,7 +317,7 @@ static inline __attribute__((always_inline)) void tile_x8(
     /* rows r0..r0+nr-1 of an x8 part, r0 a multiple of 8 */                                                \
     static void NAME##_rows(const uint8_t *data, int64_t r0, int64_t nr, int64_t nb, const QAct *a, float *out, int64_t ldo) \
     {                                                                                                       \
-        const int64_t gs = nb * (T == QT_Q4_0 ? 144 : T == QT_Q4_1 ? 160 : 272);                            \
+        const int64_t gs = nb * x8_record(T);                                                               \
         for (int64_t r = 0; r < nr; r += X8) {                                                              \
             const uint8_t *g = data + (r0 + r) / X8 * gs;                                                   \
             const int v = nr - r < X8 ? (int)(nr - r) : X8;                                                 \
