@@ -399,6 +399,32 @@ static int get_view(PyObject *o, F32View *a, int ndim, int writable, const char 
     return 1;
 }
 
+/* One argument's float view: the object, where to put it, its rank, writable, its name. */
+typedef struct {
+    PyObject *obj;
+    F32View *view;
+    int ndim, writable;
+    const char *what;
+} ViewArg;
+
+/* Every view of a call, in order: 1, or 0 with the error set and none of them held. */
+static int get_views(const ViewArg *args, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (!get_view(args[i].obj, args[i].view, args[i].ndim, args[i].writable, args[i].what)) {
+            while (i-- > 0)
+                PyBuffer_Release(&args[i].view->v);
+            return 0;
+        }
+    return 1;
+}
+
+static void release_views(const ViewArg *args, int n)
+{
+    for (int i = 0; i < n; i++)
+        PyBuffer_Release(&args[i].view->v);
+}
+
 /* (n,) int64 positions, each in [0, limit) */
 static int get_positions(PyObject *o, Py_buffer *v, Py_ssize_t n, int64_t limit)
 {
@@ -470,21 +496,12 @@ static PyObject *py_rope(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOpO", &xo, &co, &so, &po, &neox, &oo) || !require_avx2())
         return NULL;
     F32View x, c, s, o;
+    const ViewArg views[] = {{xo, &x, 3, 0, "x"}, {co, &c, 2, 0, "cos"}, {so, &s, 2, 0, "sin"}, {oo, &o, 3, 1, "out"}};
+    if (!get_views(views, 4))
+        return NULL;
     Py_buffer pv;
-    int got = 0;
+    int got_pv = 0;
     PyObject *result = NULL;
-    if (!get_view(xo, &x, 3, 0, "x"))
-        goto done;
-    got = 1;
-    if (!get_view(co, &c, 2, 0, "cos"))
-        goto done;
-    got = 2;
-    if (!get_view(so, &s, 2, 0, "sin"))
-        goto done;
-    got = 3;
-    if (!get_view(oo, &o, 3, 1, "out"))
-        goto done;
-    got = 4;
     if (!contiguous(&c, 2) || !contiguous(&s, 2) || c.shape[0] != s.shape[0] || c.shape[1] != s.shape[1] ||
         2 * c.shape[1] > x.shape[2] || !contiguous(&o, 3) || o.shape[0] != x.shape[0] ||
         o.shape[1] != x.shape[1] || o.shape[2] != x.shape[2]) {
@@ -493,18 +510,15 @@ static PyObject *py_rope(PyObject *self, PyObject *args)
     }
     if (!get_positions(po, &pv, x.shape[0], c.shape[0]))
         goto done;
-    got = 5;
+    got_pv = 1;
     Py_BEGIN_ALLOW_THREADS
     ops_rope(x.p, x.strides[0], x.strides[1], x.shape[0], x.shape[1], x.shape[2], c.p, s.p, c.shape[1],
              (const int64_t *)pv.buf, neox, o.p);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    if (got >= 5) PyBuffer_Release(&pv);
-    if (got >= 4) PyBuffer_Release(&o.v);
-    if (got >= 3) PyBuffer_Release(&s.v);
-    if (got >= 2) PyBuffer_Release(&c.v);
-    if (got >= 1) PyBuffer_Release(&x.v);
+    if (got_pv) PyBuffer_Release(&pv);
+    release_views(views, 4);
     return result;
 }
 
@@ -567,21 +581,12 @@ static PyObject *py_attention(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOOi", &qo, &ko, &vo, &po, &oo, &threads) || !require_avx2())
         return NULL;
     F32View q, k, v, o;
+    const ViewArg views[] = {{qo, &q, 3, 0, "q"}, {ko, &k, 3, 0, "k"}, {vo, &v, 3, 0, "v"}, {oo, &o, 2, 1, "out"}};
+    if (!get_views(views, 4))
+        return NULL;
     Py_buffer pv;
-    int got = 0;
+    int got_pv = 0;
     PyObject *result = NULL;
-    if (!get_view(qo, &q, 3, 0, "q"))
-        goto done;
-    got = 1;
-    if (!get_view(ko, &k, 3, 0, "k"))
-        goto done;
-    got = 2;
-    if (!get_view(vo, &v, 3, 0, "v"))
-        goto done;
-    got = 3;
-    if (!get_view(oo, &o, 2, 1, "out"))
-        goto done;
-    got = 4;
     const Py_ssize_t n = q.shape[0], heads = q.shape[1], hd = q.shape[2], n_kv = k.shape[0], t = k.shape[1];
     if (!contiguous(&q, 3) || !contiguous(&o, 2) || n_kv < 1 || heads % n_kv || k.shape[2] != hd ||
         v.shape[0] != n_kv || v.shape[1] != t || v.shape[2] != hd || (t > 1 && (k.strides[1] != hd || v.strides[1] != hd)) ||
@@ -593,18 +598,15 @@ static PyObject *py_attention(PyObject *self, PyObject *args)
     }
     if (!get_positions(po, &pv, n, INT64_MAX))
         goto done;
-    got = 5;
+    got_pv = 1;
     Py_BEGIN_ALLOW_THREADS
     ops_attention(q.p, k.p, k.strides[0], v.p, v.strides[0], (const int64_t *)pv.buf, n, heads, n_kv, t, hd, o.p,
                   threads);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    if (got >= 5) PyBuffer_Release(&pv);
-    if (got >= 4) PyBuffer_Release(&o.v);
-    if (got >= 3) PyBuffer_Release(&v.v);
-    if (got >= 2) PyBuffer_Release(&k.v);
-    if (got >= 1) PyBuffer_Release(&q.v);
+    if (got_pv) PyBuffer_Release(&pv);
+    release_views(views, 4);
     return result;
 }
 
@@ -620,22 +622,13 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
         return NULL;
     const int paged = to != Py_None;
     F32View q, k, v, o;
+    const ViewArg views[] = {{qo, &q, 3, 0, "q"}, {ko, &k, 4, 0, "k"}, {vo, &v, 4, 0, "v"}, {oo, &o, 2, 1, "out"}};
+    if (!get_views(views, 4))
+        return NULL;
     Py_buffer lv, tv;
-    int got = 0;
+    int got_tv = 0, got_lv = 0;
     PyObject *result = NULL;
     int64_t *last = NULL;
-    if (!get_view(qo, &q, 3, 0, "q"))
-        goto done;
-    got = 1;
-    if (!get_view(ko, &k, 4, 0, "k"))
-        goto done;
-    got = 2;
-    if (!get_view(vo, &v, 4, 0, "v"))
-        goto done;
-    got = 3;
-    if (!get_view(oo, &o, 2, 1, "out"))
-        goto done;
-    got = 4;
     const Py_ssize_t b = q.shape[0], heads = q.shape[1], hd = q.shape[2];
     const Py_ssize_t n_kv = paged ? k.shape[0] : k.shape[1];
     Py_ssize_t t = k.shape[2], nb = 0;
@@ -667,13 +660,13 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
         PyBuffer_Release(&tv);
         if (!get_positions(to, &tv, b * nb, k.shape[1]))
             goto done;
-        got = 5;
+        got_tv = 1;
         t = nb * k.shape[2];
     }
     /* lengths (B,) in 1..T, passed on as the last visible position */
     if (!get_positions(lo, &lv, b, t + 1))
         goto done;
-    got = 6;
+    got_lv = 1;
     last = malloc((size_t)(b > 0 ? b : 1) * sizeof(int64_t));
     if (!last) {
         PyErr_NoMemory();
@@ -699,12 +692,9 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
     result = Py_NewRef(Py_None);
 done:
     free(last);
-    if (got >= 6) PyBuffer_Release(&lv);
-    if (got >= 5 && paged) PyBuffer_Release(&tv);
-    if (got >= 4) PyBuffer_Release(&o.v);
-    if (got >= 3) PyBuffer_Release(&v.v);
-    if (got >= 2) PyBuffer_Release(&k.v);
-    if (got >= 1) PyBuffer_Release(&q.v);
+    if (got_lv) PyBuffer_Release(&lv);
+    if (got_tv) PyBuffer_Release(&tv);
+    release_views(views, 4);
     return result;
 }
 
