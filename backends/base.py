@@ -155,7 +155,7 @@ class ProfiledBackend:
     # Op name in the profile for each backend method.
     OPS = {"linear": "matmul", "attention": "attention", "decode_attention": "attention",
            "paged_decode_attention": "attention", "rms_norm": "norm", "rope": "rope", "silu_mul": "activation",
-           "embedding": "embedding", "logsumexp": "sampling"}
+           "embedding": "embedding"}
 
     def __init__(self, inner: Backend, profile: OpProfile):
         self._inner = inner

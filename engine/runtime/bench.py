@@ -44,7 +44,7 @@ def run_tg(model: LoadedModel, n: int, sample_profile: OpProfile | None = None) 
     start = time.perf_counter()
     for _ in range(n):
         t0 = time.perf_counter()
-        token, _ = sampler.sample(logits)
+        token, _ = sampler.sample(logits, float(model.backend.logsumexp(logits[None])[0]))  # as TokenStream does
         if sample_profile is not None:
             sample_profile.add("sampling", time.perf_counter() - t0)
         logits = decode_one_token(model, kv, token)
