@@ -44,6 +44,11 @@ class Unavailable(EngineError):
     code = "UNAVAILABLE"
 
 
+class RequestFailed(EngineError):
+    """The engine could not finish a request (e.g. the model produced non-finite logits);
+    other requests are unaffected. The message names the cause."""
+
+
 class ModelNotFound(NotFound):
     """A model name that is neither in the registry nor an existing file."""
 

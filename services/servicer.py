@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.control.control_plane import ControlPlane, GenerateInput, PlanStamp
 from engine.control.suggestions import SuggestionRecord, SuggestionReviewer, Verdict
-from engine.errors import FailedPrecondition, InvalidArgument
+from engine.errors import FailedPrecondition, InvalidArgument, RequestFailed
 from engine.model import registry
 from engine.model.gguf_file import ModelFile
 from engine.runtime.generate import TokenEvent
@@ -111,6 +111,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                                                   for t, lp in event.top_logprobs)
                 yield pb.GenerateResponse(request_id=handle.request_id, delta=delta)
             elif isinstance(event, Final):
+                if event.error:  # the engine ended this request (alone) with an error: an error status
+                    raise RequestFailed(f"request {handle.request_id} failed in the engine: {event.error}")
                 yield pb.GenerateResponse(request_id=handle.request_id, final=_final(event))
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:

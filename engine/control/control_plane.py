@@ -75,7 +75,8 @@ class Runtime:
     """One plan made real: its model loaded on its backend, its KV arena, and a worker running it."""
 
     def __init__(self, plan: plan_pb2.ExecutionPlan, meter: PowerMeter,
-                 on_finish: Callable[[Final], None] = lambda final: None):
+                 on_finish: Callable[[Final], None] = lambda final: None,
+                 on_lost: Callable[[str], None] = lambda reason: None):
         self.plan = plan
         self.model = LoadedModel(resolve(plan.model), backend=BACKEND_NAMES[plan.backend],
                                  weights=WEIGHT_NAMES[plan.weights],
@@ -88,7 +89,8 @@ class Runtime:
         self.set_profiling(plan.profiling)
         self.worker = EngineWorker(self.model, create_policy(POLICY_NAMES[plan.scheduler_policy]),
                                    worker_limits(plan), arena=arena,
-                                   governor=PowerGovernor(meter, plan.limits.max_watts), on_finish=on_finish)
+                                   governor=PowerGovernor(meter, plan.limits.max_watts), on_finish=on_finish,
+                                   on_lost=on_lost)
 
     def set_profiling(self, enabled: bool) -> None:
         """Time every backend op (plan.profiling); the profile restarts when it is switched on."""
@@ -154,7 +156,7 @@ class ControlPlane:
             active = self.store.submit(plan, actor=actor, activate=True)
         self._on_serving(False)
         with plan_apply_span(self._tracer, None, active, reload=True):
-            self._runtime = Runtime(active, self.meter, self._on_finish)
+            self._runtime = Runtime(active, self.meter, self._on_finish, self._worker_lost)
         self._on_serving(True)
         log.info("serving plan %s (%s)", PlanStamp.of(active), active.model)
         watch = getattr(self.store, "watch_active", None)
@@ -172,6 +174,15 @@ class ControlPlane:
         for t in self._retiring:
             t.join()
         self.metrics.close()
+
+    def _worker_lost(self, reason: str) -> None:
+        """The active runtime's engine thread stopped: health turns NOT_SERVING (new requests get
+        UNAVAILABLE from the worker) until a restart or a new plan's runtime replaces it."""
+        runtime = self._runtime
+        if runtime is not None and runtime.worker.lost is None:
+            return  # a retiring runtime's worker: not the one serving
+        log.critical("engine worker lost (%s): reporting NOT_SERVING", reason)
+        self._on_serving(False)
 
     @property
     def runtime(self) -> Runtime:
@@ -247,8 +258,9 @@ class ControlPlane:
                     current.set_profiling(target.profiling)
                 current.plan = target
                 return
-            fresh = Runtime(target, self.meter, self._on_finish)  # loads while the current runtime keeps serving
+            fresh = Runtime(target, self.meter, self._on_finish, self._worker_lost)  # loads while the current runtime keeps serving
         self._runtime = fresh
+        self._on_serving(True)  # e.g. after a lost worker, a freshly loaded runtime serves again
         t = threading.Thread(target=current.retire, name="retire-runtime", daemon=True)
         t.start()
         self._retiring = [x for x in self._retiring if x.is_alive()] + [t]
