@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.control.control_plane import ControlPlane
+from engine.control.limits import RequestLimits
 from engine.control.plan_store import PlanStore, SqlitePlanStore
 from engine.control.plans import PlanEnvironment
 from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
@@ -31,6 +32,7 @@ from services.auth import BearerTokenInterceptor
 from services.errors import ErrorMappingInterceptor
 from services.tracing import server_interceptor
 from services.servicer import ControlPlaneServicer
+from services.streams import Closing, StreamLimitInterceptor, StreamLimits
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,11 @@ class ServerConfig:
     initial_plan: plan_pb2.ExecutionPlan | None = None  # stored and activated at start if given
     initial_plan_if_none: bool = False  # ...only when no plan is active: a fleet's restarted replica overrides nothing
     max_message_bytes: int = 16 * 1024 * 1024
-    max_workers: int = 64  # concurrent RPCs (each Generate stream holds one thread)
+    max_workers: int = 64  # threads for RPCs (each open Generate, WatchMetrics or Suggest stream holds one)
+    reserved_threads: int = 8  # never taken by streams: unary RPCs and health checks always find a thread
+    max_idle_streams_per_client: int = 8  # WatchMetrics + Suggest streams per client (token or address)
+    suggest_idle_s: float = 300.0  # a Suggest stream that sends nothing for this long is closed
+    request_limits: RequestLimits = field(default_factory=RequestLimits)  # prompt, request_id, stop, chat sizes
     auth_tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no authentication
     agent_policy: Path | None = None  # WeOS agents' tokens and authority (JSON); None = no agent may suggest
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve TLS
@@ -75,8 +81,11 @@ class PlanEngineServer:
     """A started server: its gRPC server, port, control plane and health servicer."""
 
     def __init__(self, grpc_server: grpc.Server, port: int, control: ControlPlane, health_servicer, store,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, closing: Closing | None = None,
+                 streams: StreamLimitInterceptor | None = None):
         self.grpc_server = grpc_server
+        self.closing = closing or Closing()
+        self.streams = streams
         self.port = port
         self.metrics_port = metrics_port
         self.control = control
@@ -86,6 +95,7 @@ class PlanEngineServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new RPCs, let in-flight requests finish within `grace_s`."""
         self.health.enter_graceful_shutdown()
+        self.closing.set()  # WatchMetrics and Suggest streams end now; Generate streams finish below
         # grpc's grace covers RPCs already running (open Generate streams); it refuses new ones at once
         done = self.grpc_server.stop(grace_s)
         self.control.close(grace_s)
@@ -106,6 +116,11 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
     elif operators is not None:
         interceptors.append(operators)
     interceptors.append(ErrorMappingInterceptor())
+    if config.max_workers <= config.reserved_threads:
+        raise ValueError(f"max_workers {config.max_workers} must exceed reserved_threads {config.reserved_threads}")
+    streams = StreamLimitInterceptor(StreamLimits(config.max_workers - config.reserved_threads,
+                                                  config.max_idle_streams_per_client, config.suggest_idle_s))
+    interceptors.append(streams)  # inside error mapping: its RESOURCE_EXHAUSTED is mapped like any other
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
@@ -121,8 +136,10 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
 
     set_serving(False)
     store, suggestion_log = open_store(config.store_path or default_store_path())
-    control = ControlPlane(store, PlanEnvironment(), on_serving=set_serving, tracer_provider=config.tracer_provider)
-    servicer = ControlPlaneServicer(control)
+    control = ControlPlane(store, PlanEnvironment(), on_serving=set_serving, tracer_provider=config.tracer_provider,
+                           limits=config.request_limits)
+    closing = Closing()
+    servicer = ControlPlaneServicer(control, closing, config.suggest_idle_s)
     servicer.reviewer = SuggestionReviewer(control, agents, suggestion_log)
     control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -147,7 +164,7 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = control.metrics.serve_http(config.host, config.metrics_port)
-    return PlanEngineServer(server, port, control, health_servicer, store, metrics_port)
+    return PlanEngineServer(server, port, control, health_servicer, store, metrics_port, closing, streams)
 
 
 def serve(config: ServerConfig) -> None:

@@ -8,7 +8,6 @@ whole stream.
 from __future__ import annotations
 
 import json
-import time
 from typing import Iterator
 
 import grpc
@@ -22,6 +21,7 @@ from engine.model.gguf_file import ModelFile
 from engine.runtime.generate import TokenEvent
 from engine.runtime.worker import Final
 from services.agent_auth import bearer_token
+from services.streams import Closing, requests_until_idle
 from protos.planengine.v1 import control_plane_pb2 as pb
 from protos.planengine.v1 import control_plane_pb2_grpc as pb_grpc
 from protos.planengine.v1 import suggestion_pb2 as sg
@@ -62,8 +62,10 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
 
 
 class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
-    def __init__(self, control: ControlPlane):
+    def __init__(self, control: ControlPlane, closing: Closing | None = None, suggest_idle_s: float = 300.0):
         self.control = control
+        self.closing = closing or Closing()  # set by the server when it stops: waiting streams end at once
+        self.suggest_idle_s = suggest_idle_s
 
     # --- plans ---------------------------------------------------------------------------
     def SubmitPlan(self, request: pb.SubmitPlanRequest, context: grpc.ServicerContext) -> pb.SubmitPlanResponse:
@@ -146,9 +148,14 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         interval = request.interval_s or 1.0
         if not 0.05 <= interval <= 3600:
             raise InvalidArgument(f"interval_s {interval} must be in 0.05..3600", field="interval_s")
-        while context.is_active():
-            yield metrics_snapshot(self.control.metrics.snapshot())
-            time.sleep(interval)
+        # wakes at once when the client goes (cancel, deadline) or the server stops
+        wake, key = self.closing.waiter(context)
+        try:
+            while context.is_active() and not self.closing.is_set():
+                yield metrics_snapshot(self.control.metrics.snapshot())
+                wake.wait(interval)
+        finally:
+            self.closing.unsubscribe(key)
 
     # --- WeOS agents ---------------------------------------------------------------------
     # Set by create_server; without one the suggestion RPCs answer FAILED_PRECONDITION.
@@ -163,7 +170,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                 context: grpc.ServicerContext) -> Iterator[sg.SuggestionVerdict]:
         reviewer = self._reviewer()
         agent = reviewer.authenticate(bearer_token(context.invocation_metadata()))
-        for suggestion in request_iterator:  # one verdict each, in order
+        # one verdict each, in order; an idle stream is closed, and every stream when the server stops
+        for suggestion in requests_until_idle(request_iterator, self.suggest_idle_s, self.closing):
             yield _verdict(reviewer.review(agent, suggestion))
 
     def ListSuggestions(self, request: pb.ListSuggestionsRequest,

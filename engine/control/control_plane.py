@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from backends.base import OpProfile, ProfiledBackend
+from engine.control.limits import RequestLimits, check_request, check_text, prompt_byte_limit
 from engine.control.metrics_hub import MetricsHub
 from engine.control.plan_store import PlanEvent, PlanStore
 from engine.control.plans import PlanEnvironment, changes_require_reload, prepare, validate
@@ -134,8 +135,9 @@ class ControlPlane:
 
     def __init__(self, store: PlanStore, env: PlanEnvironment,
                  on_serving: Callable[[bool], None] = lambda serving: None, meter: PowerMeter | None = None,
-                 tracer_provider: Any = None):
+                 tracer_provider: Any = None, limits: RequestLimits = RequestLimits()):
         self.store = store
+        self.limits = limits
         self._tracer = engine_tracer(tracer_provider)  # None: the global provider, a no-op unless one is set
         self.env = env
         self.meter = meter or default_meter()
@@ -273,6 +275,8 @@ class ControlPlane:
             wanted = f"{req.plan_id}@{req.plan_version or 'latest'}"
             raise FailedPrecondition(f"plan {wanted} is not the active plan ({PlanStamp.of(plan)}); activate it first")
         model = runtime.model
+        # sizes first: a hostile request costs a length check, not seconds of tokenizer time
+        check_request(self.limits, self._prompt_limit(model), req.request_id, req.text, req.messages, req.stop)
         prompt_ids = model.encode_prompt(text=req.text, ids=req.ids, messages=req.messages)
         params = self._sampling(plan, req)
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
@@ -306,7 +310,12 @@ class ControlPlane:
         runtime = self._runtime
         return runtime is not None and runtime.worker.cancel(request_id)
 
+    def _prompt_limit(self, model: LoadedModel) -> int:
+        return prompt_byte_limit(self.limits, model.context_length, model.tokenizer.max_token_bytes)
+
     def tokenize(self, text: str, parse_special: bool = False) -> tuple[list[int], list[str]]:
-        tok = self.runtime.model.tokenizer
+        model = self.runtime.model
+        check_text(text, self._prompt_limit(model), field="text")
+        tok = model.tokenizer
         ids = tok.encode(text, parse_special=parse_special)
         return ids, [tok.id_to_piece(i) for i in ids]

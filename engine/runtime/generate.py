@@ -62,11 +62,13 @@ class LoadedModel:
         elif text is not None:
             prompt = self.tokenizer.encode(text, parse_special=True)
         else:
-            prompt = [int(i) for i in ids]  # type: ignore[union-attr]
-            bad = [i for i in prompt if not 0 <= i < self.config.vocab_size]
-            if bad:
-                raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
-                                      field="prompt")
+            self.check_context(len(ids))  # type: ignore[arg-type] - before touching a huge list
+            arr = np.asarray(ids, dtype=np.int64)
+            bad = np.flatnonzero((arr < 0) | (arr >= self.config.vocab_size))
+            if bad.size:
+                raise InvalidArgument(f"token id {arr[bad[0]]} is outside the vocabulary "
+                                      f"(0..{self.config.vocab_size - 1})", field="prompt")
+            prompt = arr.tolist()
         if not prompt:
             raise InvalidArgument("the prompt is empty", field="prompt")
         return prompt
