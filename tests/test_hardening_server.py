@@ -193,3 +193,22 @@ def test_tokenize_refuses_a_text_over_the_limit(served):
     _, client = served
     code, details = code_of(lambda: client.tokenize("ab" * 400_000))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "text of 800,000 bytes exceeds" in details
+
+
+def test_a_long_prompt_is_tokenized_at_low_priority(served, monkeypatch):
+    """Tokenizing a long prompt must not take a core from the engine's decode steps."""
+    import os
+    from engine.control.control_plane import LONG_PROMPT_CHARS, GenerateInput
+    server, _ = served
+    model = server.control.runtime.model
+    seen = []
+
+    def encode_prompt(**kwargs):
+        seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return [1, 2]
+
+    monkeypatch.setattr(model, "encode_prompt", encode_prompt)
+    assert server.control._encode(model, GenerateInput(text="ab")) == [1, 2]
+    assert server.control._encode(model, GenerateInput(text="a" * LONG_PROMPT_CHARS)) == [1, 2]
+    (short_thread, _), (long_thread, long_nice) = seen
+    assert short_thread != long_thread and long_thread.startswith("tokenize") and long_nice >= 10

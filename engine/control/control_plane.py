@@ -10,8 +10,10 @@ that changes only policy or limits is applied to the running worker live.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -59,6 +61,17 @@ class PlanStamp:
 
     def __str__(self) -> str:
         return f"{self.id}@{self.version}#{self.hash[:12]}"
+
+
+LONG_PROMPT_CHARS = 64 * 1024  # longer prompts are tokenized at low priority (ControlPlane._encode)
+
+
+def _lower_thread_priority() -> None:
+    """Make the calling thread yield the CPU to the engine (Linux: nice is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
 
 
 KV_DTYPES = {plan_pb2.KV_CACHE_DTYPE_F32: np.float32, plan_pb2.KV_CACHE_DTYPE_F16: np.float16}
@@ -146,6 +159,9 @@ class ControlPlane:
         self._on_finish = self.metrics.on_finish
         self._runtime: Runtime | None = None
         self._switch = threading.Lock()  # one activation at a time
+        # long prompts are tokenized here, at a lower CPU priority than the engine's threads
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize",
+                                              initializer=_lower_thread_priority)
         self._retiring: list[threading.Thread] = []
         self._watch = None  # follows activations made by other replicas, when the store is shared
 
@@ -176,6 +192,7 @@ class ControlPlane:
         for t in self._retiring:
             t.join()
         self.metrics.close()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     def _worker_lost(self, reason: str) -> None:
         """The active runtime's engine thread stopped: health turns NOT_SERVING (new requests get
@@ -277,7 +294,7 @@ class ControlPlane:
         model = runtime.model
         # sizes first: a hostile request costs a length check, not seconds of tokenizer time
         check_request(self.limits, self._prompt_limit(model), req.request_id, req.text, req.messages, req.stop)
-        prompt_ids = model.encode_prompt(text=req.text, ids=req.ids, messages=req.messages)
+        prompt_ids = self._encode(model, req)
         params = self._sampling(plan, req)
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
         stamp = PlanStamp.of(plan)
@@ -309,6 +326,16 @@ class ControlPlane:
     def cancel(self, request_id: str) -> bool:
         runtime = self._runtime
         return runtime is not None and runtime.worker.cancel(request_id)
+
+    def _encode(self, model: LoadedModel, req: GenerateInput) -> list[int]:
+        """The prompt's token ids. A long text is tokenized on a low-priority thread: with two cores
+        and the engine's kernels on both, tokenizing a maximal prompt at normal priority took a core
+        from every other client's decode steps."""
+        size = len(req.text or "") + sum(len(m.get("content", "")) for m in req.messages or ())
+        if size < LONG_PROMPT_CHARS:
+            return model.encode_prompt(text=req.text, ids=req.ids, messages=req.messages)
+        return self._tokenizing.submit(model.encode_prompt, text=req.text, ids=req.ids,
+                                       messages=req.messages).result()
 
     def _prompt_limit(self, model: LoadedModel) -> int:
         return prompt_byte_limit(self.limits, model.context_length, model.tokenizer.max_token_bytes)
