@@ -195,7 +195,7 @@ def test_url_recognition_and_the_shared_schema(store, dsn):
     db.ensure_schema("suggestions", [["CREATE TABLE suggestions (id BIGSERIAL PRIMARY KEY, body TEXT)"]])  # no-op
     with db.transaction() as conn:
         rows = dict(conn.execute("SELECT component, version FROM schema_version").fetchall())
-    assert rows == {"plans": 1, "suggestions": 1}
+    assert rows == {"plans": 2, "suggestions": 1}  # plans 2: activation_failed events
     with pytest.raises(FailedPrecondition, match="schema version 1, newer than this server's 0"):
         db.ensure_schema("suggestions", [])
     shared = PostgresPlanStore(db)
