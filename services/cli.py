@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--agent-policy", default=None, help="WeOS agent policy (JSON): agent tokens, the plan fields "
                    "each may change, bounds, rate and mode; none = no agent may suggest")
+    p.add_argument("--insecure-operator", action="store_true",
+                   help="with --agent-policy and no --token: let every caller without an agent token act as an "
+                        "operator (refused otherwise; logs a warning)")
+    p.add_argument("--model-dir", action="append", default=None,
+                   help="a directory (or file) plans' model paths may name (repeatable; default: the model cache "
+                        "and the --plan/--default-plan model); registry names are always allowed")
     p.add_argument("--max-message-mb", type=int, default=16)
     p.add_argument("--grace", type=float, default=30.0, help="seconds a drain waits for in-flight requests")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
@@ -393,7 +399,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                            agent_policy=Path(args.agent_policy) if args.agent_policy else None,
                            tls_key=Path(args.tls_key) if args.tls_key else None, grace_s=args.grace,
-                           metrics_port=args.metrics_port, tracer_provider=tracer_provider))
+                           metrics_port=args.metrics_port, tracer_provider=tracer_provider,
+                           insecure_operator=args.insecure_operator,
+                           model_dirs=[Path(d) for d in args.model_dir] if args.model_dir is not None else None))
     finally:
         if tracer_provider is not None:
             tracer_provider.shutdown()  # exports the spans still batched
