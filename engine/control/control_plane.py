@@ -209,7 +209,8 @@ class ControlPlane:
                 continue
             reason = f"{label(broken)} cannot load ({error})"
             try:
-                now, _ = self.store.rollback(candidate.id, candidate.version, actor=f"{actor} (fallback: {reason})"[:500])
+                now, _ = self.store.rollback(candidate.id, candidate.version,
+                                             actor=f"{actor} (fallback: {reason})"[:500])
             except BaseException:
                 runtime.retire(0)
                 raise

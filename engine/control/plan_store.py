@@ -39,6 +39,7 @@ __all__ = ["PlanEvent", "PlanStore", "SqliteDatabase", "SqlitePlanStore"]
 
 log = logging.getLogger(__name__)
 
+SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 11, 13, 26  # sqlite3.h result codes
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another's transaction before failing
 ACTIONS = ("submit", "activate", "rollback", "activation_failed")
 
@@ -151,11 +152,11 @@ class SqliteDatabase:
         """The domain error for a SQLite failure that a client or an operator can act on, naming
         the file: a full disk is RESOURCE_EXHAUSTED, a damaged file DATA_LOSS; others unchanged."""
         text = str(exc)
-        if isinstance(exc, sqlite3.OperationalError) and "full" in text:  # SQLITE_FULL
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code of an extended one
+        if code == SQLITE_FULL or "database or disk is full" in text:
             return ResourceExhausted(f"the plan store {self.path} is full ({text}): free disk space; "
                                      "nothing was written")
-        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError) or \
-                "malformed" in text or "not a database" in text:
+        if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
             return DataLoss(f"the plan store {self.path} is not a readable SQLite database ({text}); "
                             "restore it from a backup or move it away to start with an empty store")
         return exc
