@@ -639,7 +639,7 @@ def test_two_server_replicas_share_the_active_plan(pg, model_path, tmp_path):
     agents: dict[str, PlanEngineClient] = {}
 
     def start(name: str) -> None:
-        procs[name], port = serve(dsn, env, tmp_path, "--agent-policy", str(policy))
+        procs[name], port = serve(dsn, env, tmp_path, "--agent-policy", str(policy), "--insecure-operator")
         clients[name] = PlanEngineClient(f"127.0.0.1:{port}", timeout=60)
         agents[name] = PlanEngineClient(f"127.0.0.1:{port}", token="tuner-token", timeout=60)
 
