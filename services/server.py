@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -184,6 +185,8 @@ def serve(config: ServerConfig) -> None:
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     print(f"plan-engine serving on {config.host}:{server.port} "
           f"(plan {server.control.runtime.plan.id}@{server.control.runtime.plan.version}{metrics})", flush=True)
+    if server.control.fallback:
+        print(f"FALLBACK: {server.control.fallback}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -23,6 +23,7 @@ from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
 from engine.control.plans import InvalidPlan, ModelInfo, PlanEnvironment, prepare
 from engine.control.suggestions import (
     MAX_LIST,
+    MAX_LIST_BYTES,
     MAX_TEXT,
     AgentPolicy,
     SuggestionLog,
@@ -252,6 +253,11 @@ def test_listing_suggestions_is_bounded(audit):
         log.received("tuner", suggestion(sid=str(i)), "dry_run", 0.0)
     assert len(reviewer.list(limit=10 ** 6)) == MAX_LIST
     assert len(reviewer.list()) == 100  # the default
+    for i in range(MAX_LIST):  # the largest records that can be stored: the reply stays bounded in bytes
+        log.received("tuner", suggestion("r" * MAX_TEXT, sid=str(i), description="d" * 1000), "dry_run", 0.0)
+    listed = reviewer.list(limit=MAX_LIST)
+    assert 0 < len(listed) < MAX_LIST
+    assert sum(r.suggestion.ByteSize() + len(r.patch_json) for r in listed) <= MAX_LIST_BYTES
 
 
 def test_a_full_disk_is_resource_exhausted_naming_the_store(tmp_path):

@@ -107,6 +107,7 @@ MAX_PATHS = 64
 MAX_PATH_CHARS = 200  # one field-mask path
 MAX_PATCH_BYTES = 16 * 1024  # the patch, serialized: far above any real plan (a model path, a description)
 MAX_LIST = 1000  # suggestions one ListSuggestions answers at most (default 100)
+MAX_LIST_BYTES = 4 << 20  # ...and about this many bytes of them: well under the 16 MiB message limit
 
 
 class Unauthenticated(EngineError):
@@ -764,7 +765,15 @@ class SuggestionReviewer:
             return self.log.get(audit_id)
 
     def list(self, agent_id: str = "", decision: str = "", plan_id: str = "", limit: int = 100) -> list[SuggestionRecord]:
-        """Newest first; `limit` 0 means 100, and at most MAX_LIST are returned."""
+        """Newest first; `limit` 0 means 100; at most MAX_LIST records and about MAX_LIST_BYTES
+        (each record's fields are bounded, so a reply always fits a message)."""
         if decision and decision not in DECISIONS:
             raise InvalidArgument(f"decision {shown(decision)} is not one of {', '.join(DECISIONS)}", field="decision")
-        return self.log.list(agent_id, decision, plan_id, min(limit or 100, MAX_LIST))
+        records, size = [], 0
+        for record in self.log.list(agent_id, decision, plan_id, min(limit or 100, MAX_LIST)):
+            size += record.suggestion.ByteSize() + len(record.patch_json) + \
+                (len(record.verdict.reason) if record.verdict else 0) + 256
+            if records and size > MAX_LIST_BYTES:
+                break
+            records.append(record)
+        return records
