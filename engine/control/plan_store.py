@@ -455,7 +455,7 @@ class SqlitePlanStore(PlanStore):
             raise FailedPrecondition("no plan is active, so there is nothing to roll back")
         seq, previous = current
         if plan_id and not version and plan_id != previous.id:
-            raise FailedPrecondition(f"plan {plan_id!r} is not the active plan ({label(previous)})")
+            raise FailedPrecondition(f"plan {shown(plan_id)} is not the active plan ({label(previous)})")
         # The activation before the current one, and the one before it of the same plan id.
         earlier = "SELECT plan_id, version FROM activations WHERE undone = 0 AND seq < ?{} ORDER BY seq DESC LIMIT 1"
         before = conn.execute(earlier.format(""), (seq,)).fetchone()

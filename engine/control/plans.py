@@ -52,7 +52,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.internal import type_checkers
 
-from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound
+from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, shown
 from engine.model import registry
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
 from protos.planengine.v1 import plan_pb2
@@ -444,14 +444,14 @@ def validate(plan: ExecutionPlan, env: PlanEnvironment, *, stored: bool = False)
         if plan.version < 1:
             v.append(FieldViolation("version", f"a stored plan has a version >= 1, got {plan.version}"))
         if plan.hash != (want := plan_hash(plan)):
-            v.append(FieldViolation("hash", f"hash {plan.hash!r} does not match the content ({want})"))
+            v.append(FieldViolation("hash", f"hash {shown(plan.hash)} does not match the content ({want})"))
         if not plan.HasField("created_at"):
             v.append(FieldViolation("created_at", "a stored plan has created_at set"))
     else:
         if plan.version:
             v.append(FieldViolation("version", f"version {plan.version} is assigned by the server; leave it 0"))
         if plan.hash:
-            v.append(FieldViolation("hash", f"hash {plan.hash!r} is assigned by the server; leave it empty"))
+            v.append(FieldViolation("hash", f"hash {shown(plan.hash)} is assigned by the server; leave it empty"))
         if plan.HasField("created_at"):
             v.append(FieldViolation("created_at", "created_at is assigned by the server; leave it unset"))
 
@@ -591,15 +591,15 @@ def plan_hash(plan: ExecutionPlan) -> str:
 def _check_path(path: str) -> FieldViolation | None:
     parts = path.split(".")
     if parts[0] in IDENTITY_FIELDS:
-        return FieldViolation(path, f"{path!r} is an identity field, assigned by the server; a patch "
+        return FieldViolation(path, f"{shown(path)} is an identity field, assigned by the server; a patch "
                                     f"cannot change it")
     message = ExecutionPlan.DESCRIPTOR
     for i, part in enumerate(parts):
         if message is None:
-            return FieldViolation(path, f"unknown field path {path!r}: {'.'.join(parts[:i])} has no sub-fields")
+            return FieldViolation(path, f"unknown field path {shown(path)}: {'.'.join(parts[:i])} has no sub-fields")
         field = message.fields_by_name.get(part)
         if field is None:
-            return FieldViolation(path, f"unknown field path {path!r}: {message.name} has no field {part!r}")
+            return FieldViolation(path, f"unknown field path {shown(path)}: {message.name} has no field {shown(part)}")
         message = field.message_type
     return None
 

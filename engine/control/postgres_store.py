@@ -62,7 +62,15 @@ from engine.control.suggestions import (
     _record,
     patch_json,
 )
-from engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from engine.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    shown,
+)
 
 __all__ = ["ActiveWatch", "PostgresDatabase", "PostgresPlanStore", "PostgresSuggestionLog", "is_postgres_url",
            "stale"]
@@ -393,7 +401,7 @@ class PostgresPlanStore(PlanStore):
             raise FailedPrecondition("no plan is active, so there is nothing to roll back")
         seq, previous = current
         if plan_id and not version and plan_id != previous.id:
-            raise FailedPrecondition(f"plan {plan_id!r} is not the active plan ({label(previous)})")
+            raise FailedPrecondition(f"plan {shown(plan_id)} is not the active plan ({label(previous)})")
         # The activation before the current one, and the one before it of the same plan id.
         earlier = ("SELECT plan_id, version FROM activations WHERE NOT undone AND seq < %s{} "
                    "ORDER BY seq DESC LIMIT 1")
