@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--agent-policy", default=None, help="WeOS agent policy (JSON): agent tokens, the plan fields "
                    "each may change, bounds, rate and mode; none = no agent may suggest")
+    p.add_argument("--insecure-operator", action="store_true",
+                   help="with --agent-policy and no --token: let every caller without an agent token act as an "
+                        "operator (refused otherwise; logs a warning)")
+    p.add_argument("--model-dir", action="append", default=None,
+                   help="a directory (or file) plans' model paths may name (repeatable; default: the model cache "
+                        "and the --plan/--default-plan model); registry names are always allowed")
     p.add_argument("--max-message-mb", type=int, default=16)
     p.add_argument("--grace", type=float, default=30.0, help="seconds a drain waits for in-flight requests")
     p.add_argument("--max-workers", type=int, default=64,
@@ -408,7 +414,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            metrics_port=args.metrics_port, tracer_provider=tracer_provider,
                            max_workers=args.max_workers, reserved_threads=args.reserved_threads,
                            max_idle_streams_per_client=args.max_idle_streams_per_client,
-                           suggest_idle_s=args.suggest_idle, request_limits=_request_limits(args)))
+                           suggest_idle_s=args.suggest_idle, request_limits=_request_limits(args),
+                           insecure_operator=args.insecure_operator,
+                           model_dirs=[Path(d) for d in args.model_dir] if args.model_dir is not None else None))
     finally:
         if tracer_provider is not None:
             tracer_provider.shutdown()  # exports the spans still batched

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from engine.control.limits import RequestLimits
 from engine.control.plan_store import PlanStore, SqlitePlanStore
 from engine.control.plans import PlanEnvironment
 from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
+from engine.errors import InvalidArgument
+from engine.model import registry
 from services.agent_auth import AgentAuthInterceptor
 from protos.planengine.v1 import control_plane_pb2, control_plane_pb2_grpc, plan_pb2
 from services.auth import BearerTokenInterceptor
@@ -70,11 +73,27 @@ class ServerConfig:
     request_limits: RequestLimits = field(default_factory=RequestLimits)  # prompt, request_id, stop, chat sizes
     auth_tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no authentication
     agent_policy: Path | None = None  # WeOS agents' tokens and authority (JSON); None = no agent may suggest
+    insecure_operator: bool = False  # allow an agent policy without operator tokens (every caller an operator)
+    # Where plans' model paths may lie (directories, or single files); registry names are always
+    # allowed. None: the model cache, plus the initial plan's model file. [] : registry names only.
+    model_dirs: list[Path] | None = None
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve TLS
     tls_key: Path | None = None
     grace_s: float = 30.0  # how long a drain waits for in-flight requests
     tracer_provider: Any = None  # OpenTelemetry TracerProvider (tracing.configure_tracing); None = no tracing
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0 picks one); None = off
+
+
+def allowed_model_dirs(config: ServerConfig) -> list[Path]:
+    """`config.model_dirs`, or by default the model cache and the initial plan's own model file:
+    what the operator started the server with, and nothing else of the host's files."""
+    if config.model_dirs is not None:
+        return [Path(d).expanduser() for d in config.model_dirs]
+    dirs = [registry.cache_dir()]
+    model = config.initial_plan.model if config.initial_plan is not None else ""
+    if model and model not in registry.REGISTRY:
+        dirs.append(Path(model).expanduser())
+    return dirs
 
 
 class PlanEngineServer:
@@ -111,6 +130,13 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
         interceptors.append(server_interceptor(config.tracer_provider))
     operators = BearerTokenInterceptor(config.auth_tokens) if config.auth_tokens else None
     agents = AgentPolicy.load(config.agent_policy) if config.agent_policy else AgentPolicy()
+    if agents.agents and operators is None:
+        if not config.insecure_operator:
+            raise InvalidArgument("an agent policy without operator tokens would let any caller act as an operator "
+                                  "(submit and activate plans, approve suggestions): give --token (or "
+                                  "PLAN_ENGINE_TOKENS), or --insecure-operator to accept that", field="token")
+        log.warning("INSECURE: --insecure-operator: agents are authenticated but every caller without an agent "
+                    "token has operator rights (no --token)")
     if agents.agents:  # agent tokens open only the agent RPCs; other calls go on to the operator check
         interceptors.append(AgentAuthInterceptor(agents, operators))
     elif operators is not None:
@@ -136,8 +162,10 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
 
     set_serving(False)
     store, suggestion_log = open_store(config.store_path or default_store_path())
-    control = ControlPlane(store, PlanEnvironment(), on_serving=set_serving, tracer_provider=config.tracer_provider,
-                           limits=config.request_limits)
+    model_dirs = allowed_model_dirs(config)
+    log.info("model paths allowed in: %s (and registry names)", ", ".join(map(str, model_dirs)) or "nothing")
+    control = ControlPlane(store, PlanEnvironment(model_dirs=model_dirs), on_serving=set_serving,
+                           tracer_provider=config.tracer_provider, limits=config.request_limits)
     closing = Closing()
     servicer = ControlPlaneServicer(control, closing, config.suggest_idle_s)
     servicer.reviewer = SuggestionReviewer(control, agents, suggestion_log)
@@ -173,6 +201,8 @@ def serve(config: ServerConfig) -> None:
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     print(f"plan-engine serving on {config.host}:{server.port} "
           f"(plan {server.control.runtime.plan.id}@{server.control.runtime.plan.version}{metrics})", flush=True)
+    if server.control.fallback:
+        print(f"FALLBACK: {server.control.fallback}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

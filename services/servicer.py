@@ -79,8 +79,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         return self.control.runtime.plan
 
     def ListPlans(self, request: pb.ListPlansRequest, context: grpc.ServicerContext) -> pb.ListPlansResponse:
-        active = self.control.store.active()
-        return pb.ListPlansResponse(plans=self.control.store.list_latest(), active_id=active.id if active else "",
+        plans, active = self.control.list_plans()
+        return pb.ListPlansResponse(plans=plans, active_id=active.id if active else "",
                                     active_version=active.version if active else 0)
 
     def ActivatePlan(self, request: pb.ActivatePlanRequest, context: grpc.ServicerContext):
@@ -132,7 +132,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
 
     def InspectModel(self, request: pb.InspectModelRequest, context: grpc.ServicerContext):
         name = request.model or self.control.runtime.plan.model
-        info = ModelFile(registry.resolve(name, pull_missing=False)).describe()
+        info = ModelFile(self.control.env.resolve_model(name, pull_missing=False)).describe()
         details = {k: info[k] for k in ("name", "config", "tensor_types", "tokenizer", "metadata")}
         return pb.InspectModelResponse(
             path=info["path"], architecture=info["architecture"], supported=info["supported"],
