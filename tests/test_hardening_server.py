@@ -24,6 +24,7 @@ def start(tmp_path, tiny, **overrides):
     (tmp_path / "agents.json").write_text(json.dumps({"agents": {"tuner": {
         "token": AGENT, "mode": "auto", "fields": {"batching.max_batch_size": {"min": 1, "max": 64}}}}}))
     overrides.setdefault("agent_policy", tmp_path / "agents.json")
+    overrides.setdefault("insecure_operator", True)  # agents and an unauthenticated operator: a test server
     config = ServerConfig(port=0, store_path=tmp_path / "plans.sqlite3",
                           initial_plan=plan_pb2.ExecutionPlan(id="tiny", model=str(tiny)), **overrides)
     server = create_server(config)

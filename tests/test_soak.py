@@ -42,7 +42,7 @@ def server(tmp_path, tiny):
         "fields": {"batching.max_batch_size": {"min": 2, "max": 64}}}}}))
     srv = create_server(ServerConfig(port=0, store_path=tmp_path / "plans.sqlite3", agent_policy=tmp_path / "agents.json",
                                      initial_plan=plan_pb2.ExecutionPlan(id="soak", model=str(tiny)),
-                                     suggest_idle_s=2.0, max_idle_streams_per_client=4))
+                                     suggest_idle_s=2.0, max_idle_streams_per_client=4, insecure_operator=True))
     yield srv
     srv.stop(10)
 
