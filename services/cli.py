@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=64, help="with --concurrency: tokens generated per request")
     p.add_argument("--batch-invariant", action="store_true",
                    help="numerics that do not depend on batch mates (the plan's determinism.batch_invariant)")
+    p.add_argument("--prefix-cache", type=int, default=None, metavar="PREFIX_LEN",
+                   help="time to first token of two requests sharing a PREFIX_LEN-token prefix, cache on and off")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -364,11 +366,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engine.runtime.bench import bench
+    from engine.runtime.bench import bench, bench_prefix_cache
     if args.concurrency:
         return _bench_concurrency(args)
     model = _load(args)
     try:
+        if args.prefix_cache is not None:
+            if not 0 < args.prefix_cache < model.context_length - 18:
+                raise InvalidArgument(f"--prefix-cache must be in 1..{model.context_length - 19}", field="prefix_cache")
+            result = bench_prefix_cache(model, prefix_len=args.prefix_cache, rounds=args.repeats)
+            if args.json:
+                _print_json(result)
+            else:
+                for k, v in result.items():
+                    print(f"{k:32s} {v}")
+            return 0
         if not (0 < args.pp < model.context_length and 0 < args.tg < model.context_length):
             raise InvalidArgument(f"--pp and --tg must be in 1..{model.context_length - 1}", field="pp")
         result = bench(model, pp=args.pp, tg=args.tg, repeats=args.repeats, profile=args.profile or args.json)

@@ -149,6 +149,11 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
 _END, _CLOSED = object(), object()
 
 
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception
+
+
 def requests_until_idle(requests: Iterator[Any], idle_s: float, closing: Closing) -> Iterator[Any]:
     """The stream's requests, until the client half-closes. Raises DeadlineExceeded after `idle_s`
     without one and Unavailable when the server stops. A reader thread (not a pool thread) waits
@@ -159,8 +164,11 @@ def requests_until_idle(requests: Iterator[Any], idle_s: float, closing: Closing
         try:
             for item in requests:
                 inbox.put(item)
-        except Exception:  # noqa: BLE001 - the RPC ended (cancelled): nothing more will come
+        except grpc.RpcError:  # the RPC ended (cancelled): nothing more will come
             pass
+        except Exception as exc:  # noqa: BLE001 - e.g. a malformed message: the handler raises it
+            inbox.put(_Failed(exc))
+            return
         inbox.put(_END)
 
     threading.Thread(target=read, name="suggest-reader", daemon=True).start()
@@ -175,6 +183,8 @@ def requests_until_idle(requests: Iterator[Any], idle_s: float, closing: Closing
                 return
             if item is _CLOSED:
                 raise Unavailable("the server is shutting down")
+            if isinstance(item, _Failed):
+                raise item.error
             yield item
     finally:
         closing.unsubscribe(key)

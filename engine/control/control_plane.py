@@ -86,6 +86,11 @@ def _lower_thread_priority() -> None:
 KV_DTYPES = {plan_pb2.KV_CACHE_DTYPE_F32: np.float32, plan_pb2.KV_CACHE_DTYPE_F16: np.float16}
 
 
+def prefix_caching(plan: plan_pb2.ExecutionPlan) -> bool:
+    """kv_cache.prefix_caching: unset means on."""
+    return not plan.kv_cache.HasField("prefix_caching") or plan.kv_cache.prefix_caching
+
+
 def worker_limits(plan: plan_pb2.ExecutionPlan) -> WorkerLimits:
     return WorkerLimits(max_batch_size=plan.batching.max_batch_size,
                         max_batched_tokens=plan.batching.max_batched_tokens,
@@ -113,7 +118,8 @@ class Runtime:
         self.worker = EngineWorker(self.model, create_policy(POLICY_NAMES[plan.scheduler_policy]),
                                    worker_limits(plan), arena=arena,
                                    governor=PowerGovernor(meter, plan.limits.max_watts), on_finish=on_finish,
-                                   on_lost=on_lost)
+                                   on_lost=on_lost, prefix_caching=prefix_caching(plan),
+                                   cache_salt=f"{plan.model}|{plan.backend}|{plan.weights}".encode())
 
     def set_profiling(self, enabled: bool) -> None:
         """Time every backend op (plan.profiling); the profile restarts when it is switched on."""

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from engine.memory.paged import BlockArena, PagedKV
+from engine.memory.paged import BlockArena, PagedKV, block_hashes
 from engine.runtime.generate import LoadedModel, TokenEvent, TokenStream
 from engine.runtime.model import Segment
 from engine.runtime.sampling import SamplingParams
@@ -127,6 +127,8 @@ class _Sequence:
         self.token_times: list[float] = []
         self.cancelled = False
         self.preemptions = 0
+        self.block_hashes: list[bytes] = []  # prefix hashes of the full blocks of `tokens` (prefix caching)
+        self.registered = 0  # how many of kv.blocks are offered to the prefix cache
 
     def view(self) -> SeqView:
         return SeqView(self.spec.request_id, self.spec.priority, self.arrival, len(self.spec.prompt_ids),
@@ -139,7 +141,8 @@ class EngineWorker:
     def __init__(self, model: LoadedModel, policy: Policy, limits: WorkerLimits = WorkerLimits(),
                  arena: BlockArena | None = None, governor: PowerGovernor | None = None,
                  on_finish: Callable[[Final], None] = lambda final: None,
-                 on_lost: Callable[[str], None] = lambda reason: None):
+                 on_lost: Callable[[str], None] = lambda reason: None,
+                 prefix_caching: bool = False, cache_salt: bytes = b""):
         self.model = model
         self._policy = policy
         self._limits = limits
@@ -150,6 +153,12 @@ class EngineWorker:
         self.energy = EnergyAccount(self.governor.meter)
         self._on_finish = on_finish
         self._on_lost = on_lost
+        # Automatic prefix caching (engine/memory/paged.py): full computed blocks are offered to the
+        # arena under a hash of their tokens and all before them, salted with the model and weights.
+        self.prefix_caching = prefix_caching
+        self._cache_salt = cache_salt
+        self.prefix_queries = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
+        self.prefix_hits = 0  # of those, tokens found cached (prefix_cache_hits)
         self.lost: str | None = None  # why the loop stopped, if it ever stops by itself
         self.failed_requests = 0  # ended by an error in their step (see the module docstring)
         self.preemptions = 0
@@ -223,6 +232,8 @@ class EngineWorker:
                     "kv_blocks_used": arena["blocks_used"], "kv_blocks_total": arena["blocks_total"],
                     "kv_usage": arena["blocks_used"] / arena["blocks_total"], "steps": self.steps,
                     "preemptions": self.preemptions, "power_w": self.governor.watts(),
+                    "prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
+                    "prefix_cache_blocks": arena["blocks_cached"], "prefix_cache_evictions": arena["evictions"],
                     "energy_source": self.governor.source}
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -298,8 +309,8 @@ class EngineWorker:
                                         [s.view() for s in self._waiting.values()], step_limits)
             for seq_id in out.preempted:  # give the blocks back; recompute this sequence later
                 seq = self._running.pop(seq_id)
-                seq.kv.release()
-                seq.num_computed = 0
+                seq.kv.release()  # its registered blocks stay cached: the recompute may find them
+                seq.num_computed = seq.registered = 0
                 seq.preemptions += 1
                 self.preemptions += 1
                 self._waiting[seq_id] = seq
@@ -307,7 +318,14 @@ class EngineWorker:
             batch: list[tuple[_Sequence, int]] = []
             for seq_id, n in out.scheduled:
                 seq = self._running.get(seq_id) or self._waiting.get(seq_id)
-                if seq is None or not seq.kv.reserve(seq.num_computed + n):
+                if seq is None:
+                    continue
+                adopted = self.prefix_caching and seq.num_computed == 0 and self._adopt_cached_prefix(seq)
+                n = min(n, len(seq.tokens) - seq.num_computed)  # a cached prefix leaves fewer to compute
+                if not seq.kv.reserve(seq.num_computed + n):
+                    if adopted:  # don't pin cached blocks while waiting for room
+                        seq.kv.release()
+                        seq.num_computed = seq.registered = 0
                     continue  # the policy over-committed the arena; try again next step
                 if seq_id in self._waiting:
                     self._running[seq_id] = self._waiting.pop(seq_id)
@@ -335,8 +353,13 @@ class EngineWorker:
         self.steps += 1
 
         finished, failed = [], []
-        for (seq, n), seg_logits in zip(batch, logits):
+        for seq, n in batch:
             seq.num_computed += n
+        if self.prefix_caching:
+            with self._lock:
+                for seq, _ in batch:
+                    self._offer_computed_blocks(seq)
+        for (seq, n), seg_logits in zip(batch, logits):
             if len(seg_logits) == 0 or seq.num_computed < len(seq.tokens):
                 continue  # a prompt chunk (or a recomputed prefix); more to compute first
             try:
@@ -364,6 +387,32 @@ class EngineWorker:
             for seq, exc in failed:
                 self._fail([seq], exc)
         self.governor.after_step(step_j, time.monotonic() - start)
+
+    def _adopt_cached_prefix(self, seq: _Sequence) -> bool:
+        """Start `seq` from the longest cached prefix of its tokens (whole blocks, always leaving at
+        least one token to compute, whose logits it needs). Under the lock."""
+        bs = self.arena.block_size
+        seq.block_hashes = block_hashes(seq.tokens, bs, self._cache_salt, seq.block_hashes)
+        blocks = self.arena.lookup(seq.block_hashes[:(len(seq.tokens) - 1) // bs])
+        self.prefix_queries += len(seq.tokens)
+        self.prefix_hits += len(blocks) * bs
+        if not blocks:
+            return False
+        seq.kv.adopt(blocks)
+        seq.num_computed = len(blocks) * bs
+        seq.registered = len(blocks)
+        return True
+
+    def _offer_computed_blocks(self, seq: _Sequence) -> None:
+        """Register the blocks `seq` has filled since the last step with the prefix cache. Under the lock."""
+        bs = self.arena.block_size
+        full = seq.num_computed // bs
+        if full <= seq.registered:
+            return
+        seq.block_hashes = block_hashes(seq.tokens[:full * bs], bs, self._cache_salt, seq.block_hashes[:full])
+        for i in range(seq.registered, full):
+            self.arena.register(seq.kv.blocks[i], seq.block_hashes[i])
+        seq.registered = full
 
     def _final(self, seq: _Sequence, error: str = "") -> Final:
         end = time.monotonic()

@@ -15,6 +15,9 @@ vLLM dashboard carries over by replacing the prefix. Buckets are vLLM's.
 | planengine:prompt_tokens_total               | vllm:prompt_tokens_total                 | counter   |
 | planengine:generation_tokens_total           | vllm:generation_tokens_total             | counter   |
 | planengine:request_success_total{finished_reason} | vllm:request_success_total{finished_reason} | counter |
+| planengine:prefix_cache_queries_total        | vllm:prefix_cache_queries_total (tokens) | counter   |
+| planengine:prefix_cache_hits_total           | vllm:prefix_cache_hits_total (tokens)    | counter   |
+| planengine:prefix_cache_evictions_total      | — (ours: KV blocks evicted)              | counter   |
 | planengine:power_watts                       | — (ours)                                 | gauge     |
 | planengine:energy_joules_total               | — (ours)                                 | counter   |
 
@@ -150,6 +153,10 @@ class ServingMetrics:
         self._generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
         self._energy = counter("energy_joules", "Energy attributed to finished requests, in joules.")
         self._success = counter("request_success", "Count of finished requests.", ("finished_reason",))
+        self._prefix_queries = counter("prefix_cache_queries",
+                                       "Prefix cache queries, in terms of number of queried tokens.")
+        self._prefix_hits = counter("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
+        self._prefix_evictions = counter("prefix_cache_evictions", "Cached KV blocks evicted to make room.")
 
         # Recent observations: (clock time, plan, value), bounded.
         self._recent_ttft: deque[tuple[float, PlanLabels, float]] = deque(maxlen=recent)
@@ -236,6 +243,14 @@ class ServingMetrics:
         with self._lock:
             g = self._gauges.setdefault(plan, _Gauges())
             g.power_w, g.power_at = float(watts), self._clock()
+
+    def add_prefix_cache(self, plan: PlanLabels, queries: int, hits: int, evictions: int) -> None:
+        """Count prefix-cache lookups since the last call: tokens queried, tokens found, blocks evicted."""
+        _check_finite_nonneg(queries=queries, hits=hits, evictions=evictions)
+        labels = plan.values()
+        self._prefix_queries.labels(*labels).inc(queries)
+        self._prefix_hits.labels(*labels).inc(hits)
+        self._prefix_evictions.labels(*labels).inc(evictions)
 
     def forget(self, plan: PlanLabels) -> None:
         """Drop a retired plan's gauge series (its counters and histograms stay: they are history)."""
