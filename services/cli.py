@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenTelemetry spans: auto = OTLP when an endpoint is set, else none (default: auto)")
     p.add_argument("--otlp-endpoint", default=None,
                    help="OTLP/gRPC collector, e.g. http://localhost:4317 (default: $OTEL_EXPORTER_OTLP_ENDPOINT)")
+    p.add_argument("--untraced-services", default=None, metavar="NAMES",
+                   help="comma-separated gRPC services that make no span ('' traces every call; default: "
+                        "grpc.health.v1.Health and both reflection services)")
 
     p = sub.add_parser("generate", help="stream a completion from a running server")
     p.add_argument("prompt")
@@ -369,6 +372,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _untraced(names: str | None) -> dict[str, tuple[str, ...]]:
+    if names is None:
+        return {}  # the server's default
+    return {"untraced_services": tuple(n.strip() for n in names.split(",") if n.strip())}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
@@ -393,7 +402,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                            agent_policy=Path(args.agent_policy) if args.agent_policy else None,
                            tls_key=Path(args.tls_key) if args.tls_key else None, grace_s=args.grace,
-                           metrics_port=args.metrics_port, tracer_provider=tracer_provider))
+                           metrics_port=args.metrics_port, tracer_provider=tracer_provider,
+                           **_untraced(args.untraced_services)))
     finally:
         if tracer_provider is not None:
             tracer_provider.shutdown()  # exports the spans still batched
