@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from engine.control.control_plane import ControlPlane
 from engine.control.plan_store import PlanStore, SqlitePlanStore
@@ -29,7 +28,8 @@ from services.agent_auth import AgentAuthInterceptor
 from protos.planengine.v1 import control_plane_pb2, control_plane_pb2_grpc, plan_pb2
 from services.auth import BearerTokenInterceptor
 from services.errors import ErrorMappingInterceptor
-from services.tracing import server_interceptor
+from services.reflection import enable_server_reflection
+from services.tracing import UNTRACED_SERVICES, server_interceptor
 from services.servicer import ControlPlaneServicer
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class ServerConfig:
     tls_key: Path | None = None
     grace_s: float = 30.0  # how long a drain waits for in-flight requests
     tracer_provider: Any = None  # OpenTelemetry TracerProvider (tracing.configure_tracing); None = no tracing
+    untraced_services: tuple[str, ...] = UNTRACED_SERVICES  # no span for these (health, reflection)
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0 picks one); None = off
 
 
@@ -98,7 +99,7 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
     if config.tracer_provider is not None:
         # first: its span then covers authentication and error mapping, continues the client's
         # traceparent, and stays open for a whole Generate stream
-        interceptors.append(server_interceptor(config.tracer_provider))
+        interceptors.append(server_interceptor(config.tracer_provider, config.untraced_services))
     operators = BearerTokenInterceptor(config.auth_tokens) if config.auth_tokens else None
     agents = AgentPolicy.load(config.agent_policy) if config.agent_policy else AgentPolicy()
     if agents.agents:  # agent tokens open only the agent RPCs; other calls go on to the operator check
@@ -125,7 +126,7 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
     servicer = ControlPlaneServicer(control)
     servicer.reviewer = SuggestionReviewer(control, agents, suggestion_log)
     control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
 
     address = f"{config.host}:{config.port}"
     if config.tls_cert and config.tls_key:
