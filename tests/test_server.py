@@ -132,8 +132,11 @@ def test_cancel_mid_stream_frees_memory(served):
     assert client.cancel("to-cancel") is True
     rest = list(stream)
     assert rest[-1].final.finish_reason == "cancelled" and rest[-1].final.usage.completion_tokens < 400
+    assert rest[-1].final.reason == pb.FINISH_REASON_CANCELLED
     assert _kv_bytes(server) == 0
-    assert client.cancel("to-cancel") is False
+    with pytest.raises(grpc.RpcError) as err:  # finished: no longer known
+        client.cancel("to-cancel")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_client_disconnect_and_deadline_free_memory(served):

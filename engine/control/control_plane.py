@@ -21,7 +21,7 @@ from backends.base import OpProfile, ProfiledBackend
 from engine.control.metrics_hub import MetricsHub
 from engine.control.plan_store import PlanEvent, PlanStore
 from engine.control.plans import PlanEnvironment, changes_require_reload, prepare, validate
-from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
+from engine.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from engine.memory.paged import BlockArena
 from engine.model.registry import resolve
 from engine.runtime.generate import LoadedModel
@@ -291,8 +291,11 @@ class ControlPlane:
             raise InvalidArgument(str(exc), field=f"sampling.{exc.field}") from None
 
     def cancel(self, request_id: str) -> bool:
+        """Stop a queued or running request; NotFound for an id that is unknown, finished or already cancelled."""
         runtime = self._runtime
-        return runtime is not None and runtime.worker.cancel(request_id)
+        if runtime is None or not runtime.worker.cancel(request_id):
+            raise NotFound(f"no request {request_id!r} is queued or running (unknown, finished or already cancelled)")
+        return True
 
     def tokenize(self, text: str, parse_special: bool = False) -> tuple[list[int], list[str]]:
         tok = self.runtime.model.tokenizer
