@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=int, default=16)
     p.add_argument("--grace", type=float, default=30.0, help="seconds a drain waits for in-flight requests")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port")
     p.add_argument("--trace-exporter", choices=("auto", "none", "console", "otlp"), default="auto",
                    help="OpenTelemetry spans: auto = OTLP when an endpoint is set, else none (default: auto)")
     p.add_argument("--otlp-endpoint", default=None,
@@ -402,7 +404,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                            agent_policy=Path(args.agent_policy) if args.agent_policy else None,
                            tls_key=Path(args.tls_key) if args.tls_key else None, grace_s=args.grace,
-                           metrics_port=args.metrics_port, tracer_provider=tracer_provider,
+                           metrics_port=args.metrics_port, http_port=args.http_port,
+                           tracer_provider=tracer_provider,
                            **_untraced(args.untraced_services)))
     finally:
         if tracer_provider is not None:

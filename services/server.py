@@ -28,6 +28,7 @@ from services.agent_auth import AgentAuthInterceptor
 from protos.planengine.v1 import control_plane_pb2, control_plane_pb2_grpc, plan_pb2
 from services.auth import BearerTokenInterceptor
 from services.errors import ErrorMappingInterceptor
+from services.openai_api import HttpServer, create_app
 from services.reflection import enable_server_reflection
 from services.tracing import UNTRACED_SERVICES, server_interceptor
 from services.servicer import ControlPlaneServicer
@@ -70,6 +71,7 @@ class ServerConfig:
     tracer_provider: Any = None  # OpenTelemetry TracerProvider (tracing.configure_tracing); None = no tracing
     untraced_services: tuple[str, ...] = UNTRACED_SERVICES  # no span for these (health, reflection)
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0 picks one); None = off
+    http_port: int | None = None  # serve the OpenAI-compatible HTTP API on this port (0 picks one); None = off
 
 
 class PlanEngineServer:
@@ -83,14 +85,24 @@ class PlanEngineServer:
         self.control = control
         self.health = health_servicer
         self.store = store
+        self.http: HttpServer | None = None  # the OpenAI-compatible API, when config.http_port is set
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new RPCs, let in-flight requests finish within `grace_s`."""
+        """Drain: health NOT_SERVING, refuse new RPCs and HTTP connections, let in-flight requests
+        finish within `grace_s`."""
         self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.begin_stop(grace_s)  # closes its socket; responses in flight go on
         # grpc's grace covers RPCs already running (open Generate streams); it refuses new ones at once
         done = self.grpc_server.stop(grace_s)
         self.control.close(grace_s)
         done.wait()
+        if self.http is not None:
+            self.http.stop(grace_s)  # every request has its final event by now: the streams end
         self.store.close()
 
 
@@ -138,23 +150,34 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
         store.close()
         raise OSError(f"cannot bind {address}")
     server.start()  # health answers NOT_SERVING while the model loads
+    http = None
     try:
+        if config.http_port is not None:  # answers 503 while the model loads, as health does
+            http = HttpServer(create_app(control, operators.tokens if operators else None,
+                                         agents if agents.agents else None, max_streams=config.max_workers),
+                              config.host, config.http_port).start()
         keep = config.initial_plan_if_none and store.active() is not None
         control.start(None if keep else config.initial_plan)
     except BaseException:
+        if http is not None:
+            http.stop(0)
         server.stop(0)
         store.close()
         raise
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = control.metrics.serve_http(config.host, config.metrics_port)
-    return PlanEngineServer(server, port, control, health_servicer, store, metrics_port)
+    started = PlanEngineServer(server, port, control, health_servicer, store, metrics_port)
+    started.http = http
+    return started
 
 
 def serve(config: ServerConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully."""
     server = create_server(config)
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    if server.http_port is not None:
+        metrics += f", OpenAI HTTP API on :{server.http_port}/v1"
     print(f"plan-engine serving on {config.host}:{server.port} "
           f"(plan {server.control.runtime.plan.id}@{server.control.runtime.plan.version}{metrics})", flush=True)
     stop = threading.Event()
