@@ -69,7 +69,8 @@ def test_reflection_v1_describes_itself(served):
     _, client = served
     [reply] = reflect(client.channel, "grpc.reflection.v1.ServerReflection",
                       {"file_containing_symbol": "grpc.reflection.v1.ServerReflection"})
-    [fd] = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in reply.file_descriptor_response.file_descriptor_proto]
+    [fd] = [descriptor_pb2.FileDescriptorProto.FromString(b)
+            for b in reply.file_descriptor_response.file_descriptor_proto]
     assert fd.package == "grpc.reflection.v1" and fd.service[0].name == "ServerReflection"
     assert fd.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
 

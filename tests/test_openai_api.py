@@ -349,7 +349,8 @@ def test_chat_with_the_real_model_streaming_and_not(real_served):
     answer = whole.choices[0].message.content
     assert "Paris" in answer and whole.choices[0].finish_reason == "stop"
     plan = server.control.runtime.plan
-    assert whole.model == "smollm2-135m-instruct-q4_1" and whole.system_fingerprint == f"default@{plan.version}#{plan.hash}"
+    assert whole.model == "smollm2-135m-instruct-q4_1"
+    assert whole.system_fingerprint == f"default@{plan.version}#{plan.hash}"
     chunks = list(client.chat.completions.create(stream=True, **args))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
     assert [t.token for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == \
