@@ -105,8 +105,8 @@ def create_app(control: ControlPlane, operators: OperatorTokens | None = None, a
             limiter.append(anyio.CapacityLimiter(max_streams))
         events = _events(handle, limiter[0])
         if body.stream:
-            return StreamingResponse(_sse(fmt(ctx).chunks(events)), media_type="text/event-stream",
-                                     headers={**headers, "cache-control": "no-cache"})
+            return EventStream(_sse(fmt(ctx).chunks(events)), events, media_type="text/event-stream",
+                               headers={**headers, "cache-control": "no-cache"})
         result = await _unless_disconnected(request, lambda: fmt(ctx).complete(events))
         return JSONResponse(result, headers=headers)
 
@@ -141,6 +141,38 @@ async def _events(handle: RequestHandle, limiter: anyio.CapacityLimiter) -> Asyn
     finally:
         if not done:
             handle.cancel()
+
+
+class EventStream(StreamingResponse):
+    """A streaming response that ends as soon as the client disconnects, even while no chunk is
+    due (a request still queued), and always closes its body iterator, which cancels the request.
+    (Starlette's own, under ASGI 2.4, notices a disconnect only when its next write fails.)
+    `events` is closed too: closing an async generator does not close the ones it iterates."""
+
+    def __init__(self, content: AsyncIterator[str], events: AsyncIterator[Any], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._events = events
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass  # the client went away between our writes
+                    tg.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    await self.listen_for_disconnect(receive)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                tg.start_soon(watch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self._events.aclose()  # cancels the request unless it has finished
 
 
 async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
