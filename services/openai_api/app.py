@@ -83,7 +83,7 @@ def create_app(control: ControlPlane, operators: OperatorTokens | None = None, a
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await generate(request, body, ChatFormat, "chatcmpl", body.top_logprobs_wanted(),
-                              {"prompt": "messages", "top_logprobs": "top_logprobs"})
+                              {"prompt": "messages"})
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -91,6 +91,7 @@ def create_app(control: ControlPlane, operators: OperatorTokens | None = None, a
 
     async def generate(request: Request, body: ChatCompletionRequest | CompletionRequest, fmt: type[Formatter],
                        prefix: str, logprobs: int | None, fields: dict[str, str]):
+        """Run one request; `fields` renames the engine's field names in errors to the request's."""
         model = served_model(body.model)
         request_id = f"{prefix}-{uuid.uuid4().hex}"  # also the engine's request id: gRPC Cancel stops it
         try:
