@@ -414,3 +414,21 @@ def test_grpc_cancel_stops_an_http_request(real_served):
     chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason == "cancelled"
     assert kv_freed(server)
+
+
+@pytest.mark.slow
+def test_a_drain_lets_open_http_streams_finish(model_path, tmp_path):
+    import threading
+    server = start(tmp_path)
+    client = sdk(server)
+    stream = client.completions.create(model=server.control.runtime.plan.model, prompt="Once upon a time",
+                                       max_tokens=24, stream=True, extra_body={"ignore_eos": True})
+    first = next(stream)
+    stopping = threading.Thread(target=server.stop, args=(30,))
+    stopping.start()  # SIGTERM's path: the socket closes, the stream in flight goes on
+    chunks = [first, *stream]
+    stopping.join(60)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert not stopping.is_alive()
+    with pytest.raises(openai.APIConnectionError):  # no new connections once draining began
+        client.models.list()
