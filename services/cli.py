@@ -123,8 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--agent-policy", default=None, help="WeOS agent policy (JSON): agent tokens, the plan fields "
                    "each may change, bounds, rate and mode; none = no agent may suggest")
+    p.add_argument("--insecure-operator", action="store_true",
+                   help="with --agent-policy and no --token: let every caller without an agent token act as an "
+                        "operator (refused otherwise; logs a warning)")
+    p.add_argument("--model-dir", action="append", default=None,
+                   help="a directory (or file) plans' model paths may name (repeatable; default: the model cache "
+                        "and the --plan/--default-plan model); registry names are always allowed")
     p.add_argument("--max-message-mb", type=int, default=16)
     p.add_argument("--grace", type=float, default=30.0, help="seconds a drain waits for in-flight requests")
+    p.add_argument("--max-workers", type=int, default=64,
+                   help="RPC threads; open Generate/WatchMetrics/Suggest streams take all but --reserved-threads")
+    p.add_argument("--reserved-threads", type=int, default=8, help="threads kept for unary RPCs and health checks")
+    p.add_argument("--max-idle-streams-per-client", type=int, default=8,
+                   help="WatchMetrics + Suggest streams one client (token or address) may hold open")
+    p.add_argument("--suggest-idle", type=float, default=300.0, help="seconds before an idle Suggest stream is closed")
+    p.add_argument("--max-prompt-bytes", type=int, default=4 << 20,
+                   help="UTF-8 bytes of a prompt or a Tokenize text (the model's context may allow fewer)")
+    p.add_argument("--max-request-id-bytes", type=int, default=128)
+    p.add_argument("--max-stop-strings", type=int, default=16)
+    p.add_argument("--max-stop-bytes", type=int, default=256, help="bytes of each stop string")
+    p.add_argument("--max-chat-messages", type=int, default=1024)
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--http-port", type=int, default=None,
                    help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port")
@@ -406,11 +424,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            tls_key=Path(args.tls_key) if args.tls_key else None, grace_s=args.grace,
                            metrics_port=args.metrics_port, http_port=args.http_port,
                            tracer_provider=tracer_provider,
+                           max_workers=args.max_workers, reserved_threads=args.reserved_threads,
+                           max_idle_streams_per_client=args.max_idle_streams_per_client,
+                           suggest_idle_s=args.suggest_idle, request_limits=_request_limits(args),
+                           insecure_operator=args.insecure_operator,
+                           model_dirs=[Path(d) for d in args.model_dir] if args.model_dir is not None else None,
                            **_untraced(args.untraced_services)))
     finally:
         if tracer_provider is not None:
             tracer_provider.shutdown()  # exports the spans still batched
     return 0
+
+
+def _request_limits(args):
+    from engine.control.limits import RequestLimits
+    try:
+        return RequestLimits(max_prompt_bytes=args.max_prompt_bytes, max_request_id_bytes=args.max_request_id_bytes,
+                             max_stop_strings=args.max_stop_strings, max_stop_bytes=args.max_stop_bytes,
+                             max_chat_messages=args.max_chat_messages)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def _store_target(store: str | None):

@@ -18,6 +18,7 @@ from engine.errors import ContextOverflow, InvalidArgument
 from engine.memory.kv_cache import SequenceKV
 from engine.model.chat import ChatTemplate
 from engine.model.gguf_file import ModelConfig, ModelFile
+from engine.model.integrity import check_finite
 from engine.model.tokenizer import StreamDecoder, Tokenizer
 from engine.runtime.model import Segment, Transformer, load_weights
 from engine.runtime.sampling import Sampler, SamplingParams, StopChecker
@@ -30,7 +31,12 @@ class LoadedModel:
                  context_length: int | None = None, batch_invariant: bool = False):
         start = time.perf_counter()
         self.file = ModelFile(path)
-        self.config: ModelConfig = self.file.config()
+        try:
+            self.config: ModelConfig = self.file.config()
+            check_finite(self.file)  # NaN or inf weights: refused here, not on the first request
+        except BaseException:
+            self.file.close()
+            raise
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
         self.chat_template = ChatTemplate.from_metadata(self.file.metadata)
         limit = self.config.context_length
@@ -56,11 +62,13 @@ class LoadedModel:
         elif text is not None:
             prompt = self.tokenizer.encode(text, parse_special=True)
         else:
-            prompt = [int(i) for i in ids]  # type: ignore[union-attr]
-            bad = [i for i in prompt if not 0 <= i < self.config.vocab_size]
-            if bad:
-                raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
-                                      field="prompt")
+            self.check_context(len(ids))  # type: ignore[arg-type] - before touching a huge list
+            arr = np.asarray(ids, dtype=np.int64)
+            bad = np.flatnonzero((arr < 0) | (arr >= self.config.vocab_size))
+            if bad.size:
+                raise InvalidArgument(f"token id {arr[bad[0]]} is outside the vocabulary "
+                                      f"(0..{self.config.vocab_size - 1})", field="prompt")
+            prompt = arr.tolist()
         if not prompt:
             raise InvalidArgument("the prompt is empty", field="prompt")
         return prompt

@@ -4,13 +4,15 @@ Sampler chain, applied in this order on every step (like llama.cpp's sampler cha
 
 1. penalties   On a float32 copy of the raw logits. Repetition (CTRL / HF / llama.cpp): for
                every distinct token in the window, a logit > 0 is divided by
-               ``repetition_penalty`` and a logit <= 0 is multiplied by it. Then presence /
+               ``repetition_penalty`` and a logit <= 0 is multiplied by it (in float64, clamped
+               to float32's range, so no penalty > 0 overflows). Then presence /
                frequency (OpenAI): ``logit -= count * frequency_penalty + (count > 0) *
                presence_penalty``, where ``count`` is how often the token was *generated*
                inside the window.
 2. greedy      If ``temperature == 0``: argmax of the penalized logits, ties to the lowest id.
                Nothing below runs and no random number is drawn.
-3. temperature ``logits / temperature``.
+3. temperature ``(logits - max) / temperature`` (the same distribution as ``logits / temperature``,
+               and safe for any temperature > 0: nothing overflows to +inf or NaN).
 4. top-k       Keep the ``top_k`` highest logits (ties at the boundary go to the lowest ids).
 5. top-p       Keep the smallest highest-first set whose probability mass is >= ``top_p``.
 6. min-p       Drop tokens whose probability is < ``min_p`` * (probability of the best token).
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["InvalidSamplingParams", "SamplingParams", "Sampler", "StopChecker"]
+__all__ = ["InvalidSamplingParams", "NonFiniteLogits", "SamplingParams", "Sampler", "StopChecker"]
 
 # Nucleus search without top-k: sort only the best few tokens and widen (x16) until their mass
 # reaches top_p, so a peaked distribution never pays for sorting the whole vocabulary.
@@ -54,6 +56,17 @@ class InvalidSamplingParams(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+class NonFiniteLogits(ValueError):
+    """The model produced NaN or +inf logits (non-finite weights, or activations that overflowed):
+    no token can be sampled. It ends that request only."""
+
+
+# Penalized logits are clamped to the float32 range, so any positive repetition penalty (even
+# 1e-38) yields finite values; the temperature then scales differences from the best logit.
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 
 
 def _is_real(value: object) -> bool:
@@ -200,7 +213,9 @@ def _check_logits(logits: np.ndarray) -> np.ndarray:
         raise ValueError(f"logits must be a non-empty (vocab,) array, got shape {logits.shape}")
     # max() propagates NaN, so this one check also rejects NaN, +inf and all -inf.
     if not math.isfinite(logits.max()):
-        raise ValueError("logits must be free of NaN/+inf and have at least one finite value")
+        bad = "NaN" if np.isnan(logits).any() else "+inf" if np.isposinf(logits).any() else "only -inf"
+        raise NonFiniteLogits(f"the model produced {bad} logits, so no token can be sampled (non-finite "
+                              "weights or activations that overflowed)")
     return logits
 
 
@@ -239,9 +254,9 @@ class Sampler:
         start = 0 if p.penalty_last_n == -1 else max(0, n - p.penalty_last_n)
         if p.repetition_penalty != 1.0 and start < n:
             ids = np.unique(np.asarray(self._context[start:], dtype=np.int64))
-            seen = out[ids]
-            out[ids] = np.where(seen > 0, seen / p.repetition_penalty,
-                                seen * p.repetition_penalty)
+            seen = out[ids].astype(np.float64)  # float64: a tiny or huge penalty must not overflow
+            out[ids] = np.clip(np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty),
+                               -_F32_MAX, _F32_MAX)
         gen_start = max(start, self._n_prompt)
         if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and gen_start < n:
             ids, counts = np.unique(np.asarray(self._context[gen_start:], dtype=np.int64),
@@ -255,7 +270,13 @@ class Sampler:
         x = self.apply_penalties(logits)
         if p.temperature == 0.0:
             return np.array([int(np.argmax(x))]), np.ones(1, np.float32)
-        x /= p.temperature
+        # Scale the differences from the best logit, not the logits: they are <= 0, so any
+        # temperature > 0 (1e-38 included) gives values <= 0 -- the best token 0, others at worst
+        # -inf (weight 0) -- never +inf or NaN.
+        # (A temperature below float32's smallest subnormal would round to 0: clamp it there.)
+        x -= x.max()
+        with np.errstate(over="ignore"):
+            x /= max(p.temperature, _F32_TINY)
         if 0 < p.top_k < x.size:
             ids = _top_ids(x, p.top_k)
             values = x[ids]

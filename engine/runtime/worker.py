@@ -12,11 +12,18 @@ when it is scheduled again, so it streams the same tokens it would have.
 Cancellation (by RPC, client disconnect or deadline) is taken at the next step
 boundary: the sequence's blocks return to the arena before the next forward.
 After each step the power governor idles as long as the plan's cap requires.
+
+The loop never dies of one request: an exception while sampling a sequence (e.g.
+non-finite logits) ends that request with an error; an exception in a step's
+forward pass ends that step's requests; the loop goes on. Should the thread
+itself ever stop, `lost` says why, `on_lost` is told (health turns NOT_SERVING)
+and new requests are refused as UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -25,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from engine.memory.paged import BlockArena, PagedKV
 from engine.runtime.generate import LoadedModel, TokenEvent, TokenStream
 from engine.runtime.model import Segment
@@ -33,6 +40,8 @@ from engine.runtime.sampling import SamplingParams
 from engine.scheduler.base import Policy, SeqView, StepLimits
 from engine.scheduler.power import PowerGovernor
 from engine.telemetry.energy import CpuTimeEstimator, EnergyAccount
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,8 @@ class EngineWorker:
 
     def __init__(self, model: LoadedModel, policy: Policy, limits: WorkerLimits = WorkerLimits(),
                  arena: BlockArena | None = None, governor: PowerGovernor | None = None,
-                 on_finish: Callable[[Final], None] = lambda final: None):
+                 on_finish: Callable[[Final], None] = lambda final: None,
+                 on_lost: Callable[[str], None] = lambda reason: None):
         self.model = model
         self._policy = policy
         self._limits = limits
@@ -139,6 +149,9 @@ class EngineWorker:
         self.governor = governor or PowerGovernor(CpuTimeEstimator(), limits.max_watts)
         self.energy = EnergyAccount(self.governor.meter)
         self._on_finish = on_finish
+        self._on_lost = on_lost
+        self.lost: str | None = None  # why the loop stopped, if it ever stops by itself
+        self.failed_requests = 0  # ended by an error in their step (see the module docstring)
         self.preemptions = 0
         self._lock = threading.Condition()
         self._waiting: dict[str, _Sequence] = {}
@@ -169,6 +182,8 @@ class EngineWorker:
                                   f"{limits.max_tokens_per_request}", field="max_tokens")
         stream = TokenStream(self.model, spec.prompt_ids, spec.params, spec.ignore_eos, spec.top_logprobs)
         with self._lock:
+            if self.lost is not None:
+                raise Unavailable(f"the engine worker stopped ({self.lost}); the server needs a restart")
             if not self._accepting:
                 raise FailedPrecondition("the engine is draining; no new requests")
             if not spec.request_id:
@@ -235,18 +250,27 @@ class EngineWorker:
 
     # --- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopped and not self._waiting and not self._running:
+                        self._lock.wait()
+                    if self._stopped:
+                        return
+                self._reap()
+                try:
+                    self._step()
+                except Exception as exc:  # a bug outside one sequence's forward or sampling
+                    log.exception("engine step failed; failing every request it held")
+                    self._fail(self._all_sequences(), exc)
+        except BaseException as exc:  # the loop itself broke: say so loudly, refuse new work
+            self.lost = f"{type(exc).__name__}: {exc}"
+            log.critical("the engine worker stopped: %s", self.lost, exc_info=True)
             with self._lock:
-                while not self._stopped and not self._waiting and not self._running:
-                    self._lock.wait()
-                if self._stopped:
-                    return
-            self._reap()
-            try:
-                self._step()
-            except Exception as exc:  # a bug: fail the step's requests loudly rather than hang them
-                self._fail_all(f"{type(exc).__name__}: {exc}")
-                raise
+                self._accepting = False
+            self._fail(self._all_sequences(), exc)
+            self._on_lost(self.lost)
+            raise
 
     def _reap(self, force: bool = False) -> None:
         """Drop cancelled sequences: free their cache and send their final event."""
@@ -300,17 +324,27 @@ class EngineWorker:
             done = seq.num_computed + n == len(seq.tokens)
             segments.append(Segment(seq.kv, np.asarray(chunk), seq.num_computed, "last" if done else "none"))
         start, j0 = time.monotonic(), self.energy.meter.energy_j()
-        logits = self.model.transformer.forward(segments)
+        try:
+            logits = self.model.transformer.forward(segments)
+        except Exception as exc:  # noqa: BLE001 - this step's requests fail; the loop goes on
+            log.exception("forward pass failed for %d sequences", len(batch))
+            self._fail([seq for seq, _ in batch], exc)
+            return
         step_j = self.energy.meter.energy_j() - j0
         self.energy.record_step(step_j, {seq.spec.request_id: n for seq, n in batch})
         self.steps += 1
 
-        finished = []
+        finished, failed = [], []
         for (seq, n), seg_logits in zip(batch, logits):
             seq.num_computed += n
             if len(seg_logits) == 0 or seq.num_computed < len(seq.tokens):
                 continue  # a prompt chunk (or a recomputed prefix); more to compute first
-            event = seq.stream.accept(seg_logits[-1])
+            try:
+                event = seq.stream.accept(seg_logits[-1])
+            except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits: this request fails
+                log.warning("request %s failed while sampling: %s", seq.spec.request_id, exc)
+                failed.append((seq, exc))
+                continue
             seq.token_times.append(time.monotonic())
             if event is not None:
                 if event.token_id is not None:
@@ -326,6 +360,9 @@ class EngineWorker:
                 self._lock.notify_all()
             for seq in finished:
                 seq.handle._events.put(self._final(seq))
+        if failed:
+            for seq, exc in failed:
+                self._fail([seq], exc)
         self.governor.after_step(step_j, time.monotonic() - start)
 
     def _final(self, seq: _Sequence, error: str = "") -> Final:
@@ -339,17 +376,27 @@ class EngineWorker:
                       list(seq.stream.ids), energy_j=self.energy.pop(seq.spec.request_id),
                       energy_source=self.energy.source, itl_s=list(np.diff(seq.token_times)),
                       preemptions=seq.preemptions, error=error)
-        self._on_finish(final)
-        if seq.spec.on_final is not None:
-            seq.spec.on_final(final)
+        try:
+            self._on_finish(final)
+            if seq.spec.on_final is not None:
+                seq.spec.on_final(final)
+        except Exception:  # noqa: BLE001 - metrics or tracing must never keep a Final from its client
+            log.exception("a finish hook failed for request %s", seq.spec.request_id)
         return final
 
-    def _fail_all(self, message: str) -> None:
+    def _all_sequences(self) -> list[_Sequence]:
         with self._lock:
-            seqs = list(self._waiting.values()) + list(self._running.values())
-            self._waiting.clear()
-            self._running.clear()
-            self._stopped = True
-            self._accepting = False
+            return list(self._waiting.values()) + list(self._running.values())
+
+    def _fail(self, seqs: list[_Sequence], exc: BaseException) -> None:
+        """End `seqs` with an error (their cache freed, a Final carrying the cause); others go on."""
+        message = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            for s in seqs:
+                self._waiting.pop(s.spec.request_id, None)
+                self._running.pop(s.spec.request_id, None)
+                s.kv.release()
+            self.failed_requests += len(seqs)
+            self._lock.notify_all()
         for s in seqs:
             s.handle._events.put(self._final(s, error=message))

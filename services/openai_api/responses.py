@@ -60,7 +60,7 @@ class Formatter:
         tokens: list[TokenEvent] = []
         async for event in events:
             if isinstance(event, Final):
-                if event.finish_reason == "error":
+                if event.error or event.finish_reason == "error":
                     raise failed(event)
                 body = self._envelope(self.object_name, [self._choice(event, tokens)])
                 body["usage"] = usage(event)
@@ -76,7 +76,7 @@ class Formatter:
             yield self._with_usage(first)
         async for event in events:
             if isinstance(event, Final):
-                if event.finish_reason == "error":
+                if event.error or event.finish_reason == "error":
                     raise failed(event)
                 yield self._with_usage(self._chunk(self._finish_delta(), None, event.finish_reason))
                 if self.ctx.include_usage:  # OpenAI's: one more chunk, no choices, with the usage
