@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (docs/10_openai_api.md), served beside gRPC on the same engine."""
+"""The OpenAI-compatible HTTP API (docs/11_openai_api.md), served beside gRPC on the same engine."""
 
 from services.openai_api.app import PLAN_HEADER, create_app
 from services.openai_api.server import HttpServer

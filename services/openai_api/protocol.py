@@ -1,6 +1,6 @@
 """OpenAI request bodies, validated, and turned into the engine's `GenerateInput`.
 
-What is accepted, refused and ignored is decided here, in one place (docs/10_openai_api.md):
+What is accepted, refused and ignored is decided here, in one place (docs/11_openai_api.md):
 - the fields the engine runs (sampling, `stop`, `seed`, `max_tokens`, logprobs, streaming);
 - vLLM's extra sampling fields (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`), which
   the `openai` SDK sends through `extra_body`;
