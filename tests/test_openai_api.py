@@ -201,6 +201,8 @@ def test_defaults_of_unsupported_fields_and_ignored_fields_are_accepted(tiny_ser
      "messages[0].content[0]", "only text parts"),
     ({"messages": []}, "messages", "at least 1"),
     ({"seed": -1}, "seed", "greater than or equal to 0"),
+    ({"stop": [f"s{i}" for i in range(17)]}, "stop", "exceed the limit of 16"),  # the server's request limits
+    ({"messages": [{"role": "user", "content": "a"}] * 1025}, "messages", "exceed the limit of 1024"),
 ])
 def test_bad_chat_requests_are_400_naming_the_field(tiny_served, body, param, words):
     server, client, model = tiny_served

@@ -47,7 +47,8 @@ def from_engine(exc: EngineError, fields: dict[str, str] | None = None) -> ApiEr
     status = HTTP_STATUS.get(exc.code, 500)
     field = getattr(exc, "field", None)
     if field:
-        field = (fields or {}).get(field, field.removeprefix("sampling."))
+        # the engine names fields as the gRPC request does (sampling.top_p, chat.messages[0].role)
+        field = (fields or {}).get(field, field.removeprefix("sampling.").removeprefix("chat."))
     code = None
     headers: dict[str, str] = {}
     if isinstance(exc, ContextOverflow):
