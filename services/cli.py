@@ -144,10 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-stop-bytes", type=int, default=256, help="bytes of each stop string")
     p.add_argument("--max-chat-messages", type=int, default=1024)
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port")
     p.add_argument("--trace-exporter", choices=("auto", "none", "console", "otlp"), default="auto",
                    help="OpenTelemetry spans: auto = OTLP when an endpoint is set, else none (default: auto)")
     p.add_argument("--otlp-endpoint", default=None,
                    help="OTLP/gRPC collector, e.g. http://localhost:4317 (default: $OTEL_EXPORTER_OTLP_ENDPOINT)")
+    p.add_argument("--untraced-services", default=None, metavar="NAMES",
+                   help="comma-separated gRPC services that make no span ('' traces every call; default: "
+                        "grpc.health.v1.Health and both reflection services)")
 
     p = sub.add_parser("generate", help="stream a completion from a running server")
     p.add_argument("prompt")
@@ -399,6 +404,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _untraced(names: str | None) -> dict[str, tuple[str, ...]]:
+    if names is None:
+        return {}  # the server's default
+    return {"untraced_services": tuple(n.strip() for n in names.split(",") if n.strip())}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
@@ -423,12 +434,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                            agent_policy=Path(args.agent_policy) if args.agent_policy else None,
                            tls_key=Path(args.tls_key) if args.tls_key else None, grace_s=args.grace,
-                           metrics_port=args.metrics_port, tracer_provider=tracer_provider,
+                           metrics_port=args.metrics_port, http_port=args.http_port,
+                           tracer_provider=tracer_provider,
                            max_workers=args.max_workers, reserved_threads=args.reserved_threads,
                            max_idle_streams_per_client=args.max_idle_streams_per_client,
                            suggest_idle_s=args.suggest_idle, request_limits=_request_limits(args),
                            insecure_operator=args.insecure_operator,
-                           model_dirs=[Path(d) for d in args.model_dir] if args.model_dir is not None else None))
+                           model_dirs=[Path(d) for d in args.model_dir] if args.model_dir is not None else None,
+                           **_untraced(args.untraced_services)))
     finally:
         if tracer_provider is not None:
             tracer_provider.shutdown()  # exports the spans still batched

@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from engine.control.control_plane import ControlPlane
 from engine.control.limits import RequestLimits
@@ -33,7 +32,9 @@ from services.agent_auth import AgentAuthInterceptor
 from protos.planengine.v1 import control_plane_pb2, control_plane_pb2_grpc, plan_pb2
 from services.auth import BearerTokenInterceptor
 from services.errors import ErrorMappingInterceptor
-from services.tracing import server_interceptor
+from services.openai_api import HttpServer, create_app
+from services.reflection import enable_server_reflection
+from services.tracing import UNTRACED_SERVICES, server_interceptor
 from services.servicer import ControlPlaneServicer
 from services.streams import Closing, StreamLimitInterceptor, StreamLimits
 
@@ -81,7 +82,9 @@ class ServerConfig:
     tls_key: Path | None = None
     grace_s: float = 30.0  # how long a drain waits for in-flight requests
     tracer_provider: Any = None  # OpenTelemetry TracerProvider (tracing.configure_tracing); None = no tracing
+    untraced_services: tuple[str, ...] = UNTRACED_SERVICES  # no span for these (health, reflection)
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0 picks one); None = off
+    http_port: int | None = None  # serve the OpenAI-compatible HTTP API on this port (0 picks one); None = off
 
 
 def allowed_model_dirs(config: ServerConfig) -> list[Path]:
@@ -110,15 +113,25 @@ class PlanEngineServer:
         self.control = control
         self.health = health_servicer
         self.store = store
+        self.http: HttpServer | None = None  # the OpenAI-compatible API, when config.http_port is set
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new RPCs, let in-flight requests finish within `grace_s`."""
+        """Drain: health NOT_SERVING, refuse new RPCs and HTTP connections, let in-flight requests
+        finish within `grace_s`."""
         self.health.enter_graceful_shutdown()
         self.closing.set()  # WatchMetrics and Suggest streams end now; Generate streams finish below
+        if self.http is not None:
+            self.http.begin_stop(grace_s)  # closes its socket; responses in flight go on
         # grpc's grace covers RPCs already running (open Generate streams); it refuses new ones at once
         done = self.grpc_server.stop(grace_s)
         self.control.close(grace_s)
         done.wait()
+        if self.http is not None:
+            self.http.stop(grace_s)  # every request has its final event by now: the streams end
         self.store.close()
 
 
@@ -127,7 +140,7 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
     if config.tracer_provider is not None:
         # first: its span then covers authentication and error mapping, continues the client's
         # traceparent, and stays open for a whole Generate stream
-        interceptors.append(server_interceptor(config.tracer_provider))
+        interceptors.append(server_interceptor(config.tracer_provider, config.untraced_services))
     operators = BearerTokenInterceptor(config.auth_tokens) if config.auth_tokens else None
     agents = AgentPolicy.load(config.agent_policy) if config.agent_policy else AgentPolicy()
     if agents.agents and operators is None:
@@ -170,7 +183,7 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
     servicer = ControlPlaneServicer(control, closing, config.suggest_idle_s)
     servicer.reviewer = SuggestionReviewer(control, agents, suggestion_log)
     control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
 
     address = f"{config.host}:{config.port}"
     if config.tls_cert and config.tls_key:
@@ -182,23 +195,34 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
         store.close()
         raise OSError(f"cannot bind {address}")
     server.start()  # health answers NOT_SERVING while the model loads
+    http = None
     try:
+        if config.http_port is not None:  # answers 503 while the model loads, as health does
+            http = HttpServer(create_app(control, operators.tokens if operators else None,
+                                         agents if agents.agents else None, max_streams=config.max_workers),
+                              config.host, config.http_port).start()
         keep = config.initial_plan_if_none and store.active() is not None
         control.start(None if keep else config.initial_plan)
     except BaseException:
+        if http is not None:
+            http.stop(0)
         server.stop(0)
         store.close()
         raise
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = control.metrics.serve_http(config.host, config.metrics_port)
-    return PlanEngineServer(server, port, control, health_servicer, store, metrics_port, closing, streams)
+    started = PlanEngineServer(server, port, control, health_servicer, store, metrics_port, closing, streams)
+    started.http = http
+    return started
 
 
 def serve(config: ServerConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully."""
     server = create_server(config)
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    if server.http_port is not None:
+        metrics += f", OpenAI HTTP API on :{server.http_port}/v1"
     print(f"plan-engine serving on {config.host}:{server.port} "
           f"(plan {server.control.runtime.plan.id}@{server.control.runtime.plan.version}{metrics})", flush=True)
     if server.control.fallback:

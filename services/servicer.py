@@ -115,7 +115,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             elif isinstance(event, Final):
                 if event.error:  # the engine ended this request (alone) with an error: an error status
                     raise RequestFailed(f"request {handle.request_id} failed in the engine: {event.error}")
-                yield pb.GenerateResponse(request_id=handle.request_id, final=_final(event))
+                yield pb.GenerateResponse(request_id=handle.request_id,
+                                          final=_final(event, include_text=request.include_text))
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         return pb.CancelResponse(cancelled=self.control.cancel(request.request_id))
@@ -193,15 +194,20 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         return _suggestion_record(record)
 
 
-def _final(f: Final) -> pb.GenerateFinal:
+def _final(f: Final, include_text: bool = False) -> pb.GenerateFinal:
     return pb.GenerateFinal(
-        finish_reason=f.finish_reason,
+        finish_reason=f.finish_reason, reason=_FINISH_REASONS.get(f.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        text=f.text if include_text else "",
         usage=pb.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens),
         timings=pb.Timings(queue_s=f.timings["queue_s"], time_to_first_token_s=f.timings["ttft_s"],
                            decode_s=f.timings["decode_s"], total_s=f.timings["total_s"]),
         plan=_stamp(f.tag), seed=f.seed, energy_j=f.energy_j,
         joules_per_token=f.energy_j / f.completion_tokens if f.completion_tokens else 0.0,
         energy_source=f.energy_source)
+
+
+_FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                   "cancelled": pb.FINISH_REASON_CANCELLED, "error": pb.FINISH_REASON_ERROR}
 
 
 def _latency(summary: dict | None) -> pb.LatencySummary:

@@ -461,8 +461,11 @@ class ControlPlane:
             raise InvalidArgument(str(exc), field=f"sampling.{exc.field}") from None
 
     def cancel(self, request_id: str) -> bool:
+        """Stop a queued or running request; NotFound for an id that is unknown, finished or already cancelled."""
         runtime = self._runtime
-        return runtime is not None and runtime.worker.cancel(request_id)
+        if runtime is None or not runtime.worker.cancel(request_id):
+            raise NotFound(f"no request {request_id!r} is queued or running (unknown, finished or already cancelled)")
+        return True
 
     def _encode(self, model: LoadedModel, req: GenerateInput) -> list[int]:
         """The prompt's token ids. A long text is tokenized on a low-priority thread: with two cores

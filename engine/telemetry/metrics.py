@@ -1,25 +1,27 @@
 """Serving metrics: Prometheus exposition named after vLLM's, plus an in-process snapshot.
 
-Names follow vLLM v1 (`vllm/v1/metrics/loggers.py`) with the `planengine:` prefix, so a
-vLLM dashboard carries over by replacing the prefix. Buckets are vLLM's.
+Names follow vLLM v1 (`vllm/v1/metrics/loggers.py`) with the `planengine_` prefix, so a
+vLLM dashboard carries over by replacing the prefix. Buckets are vLLM's. Unlike vLLM's, the
+names have no colon: colons are reserved for recording rules, and an OpenMetrics scrape
+rewrites them, so the stored series would not have the documented names.
 
 | planengine                                   | vLLM                                     | type      |
 |----------------------------------------------|------------------------------------------|-----------|
-| planengine:time_to_first_token_seconds       | vllm:time_to_first_token_seconds         | histogram |
-| planengine:inter_token_latency_seconds       | vllm:inter_token_latency_seconds         | histogram |
-| planengine:e2e_request_latency_seconds       | vllm:e2e_request_latency_seconds         | histogram |
-| planengine:request_queue_time_seconds        | vllm:request_queue_time_seconds          | histogram |
-| planengine:num_requests_running              | vllm:num_requests_running                | gauge     |
-| planengine:num_requests_waiting              | vllm:num_requests_waiting                | gauge     |
-| planengine:kv_cache_usage_perc (0..1)        | vllm:kv_cache_usage_perc (0..1)          | gauge     |
-| planengine:prompt_tokens_total               | vllm:prompt_tokens_total                 | counter   |
-| planengine:generation_tokens_total           | vllm:generation_tokens_total             | counter   |
-| planengine:request_success_total{finished_reason} | vllm:request_success_total{finished_reason} | counter |
-| planengine:prefix_cache_queries_total        | vllm:prefix_cache_queries_total (tokens) | counter   |
-| planengine:prefix_cache_hits_total           | vllm:prefix_cache_hits_total (tokens)    | counter   |
-| planengine:prefix_cache_evictions_total      | — (ours: KV blocks evicted)              | counter   |
-| planengine:power_watts                       | — (ours)                                 | gauge     |
-| planengine:energy_joules_total               | — (ours)                                 | counter   |
+| planengine_time_to_first_token_seconds       | vllm:time_to_first_token_seconds         | histogram |
+| planengine_inter_token_latency_seconds       | vllm:inter_token_latency_seconds         | histogram |
+| planengine_e2e_request_latency_seconds       | vllm:e2e_request_latency_seconds         | histogram |
+| planengine_request_queue_time_seconds        | vllm:request_queue_time_seconds          | histogram |
+| planengine_num_requests_running              | vllm:num_requests_running                | gauge     |
+| planengine_num_requests_waiting              | vllm:num_requests_waiting                | gauge     |
+| planengine_kv_cache_usage_perc (0..1)        | vllm:kv_cache_usage_perc (0..1)          | gauge     |
+| planengine_prompt_tokens_total               | vllm:prompt_tokens_total                 | counter   |
+| planengine_generation_tokens_total           | vllm:generation_tokens_total             | counter   |
+| planengine_request_success_total{finished_reason} | vllm:request_success_total{finished_reason} | counter |
+| planengine_prefix_cache_queries_total        | vllm:prefix_cache_queries_total (tokens) | counter   |
+| planengine_prefix_cache_hits_total           | vllm:prefix_cache_hits_total (tokens)    | counter   |
+| planengine_prefix_cache_evictions_total      | — (ours: KV blocks evicted)              | counter   |
+| planengine_power_watts                       | — (ours)                                 | gauge     |
+| planengine_energy_joules_total               | — (ours)                                 | counter   |
 
 Labels: vLLM labels with `model_name` (and `engine`); we label with `model_name`,
 `plan_id` and `plan_version`, so every series says which plan produced it.
@@ -62,7 +64,7 @@ from prometheus_client import (
 
 from engine.errors import InvalidArgument
 
-PREFIX = "planengine:"
+PREFIX = "planengine_"
 LABELS = ("model_name", "plan_id", "plan_version")
 FINISH_REASONS = frozenset({"stop", "length", "cancelled", "error"})
 
