@@ -121,7 +121,14 @@ class TokenStream:
     def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], params: SamplingParams,
                  ignore_eos: bool = False, top_logprobs: int = 0):
         model.check_context(len(prompt_ids))
-        self.sampler = Sampler(params, prompt_ids)
+        vocab = model.config.vocab_size
+        for field, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise InvalidArgument(f"{field}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                                      field=field)
+        eot = frozenset() if ignore_eos else frozenset(model.tokenizer.eot_ids)
+        self.sampler = Sampler(params, prompt_ids, stop_ids=eot)
         self.budget = min(params.max_tokens, model.context_length - len(prompt_ids))
         self.ids: list[int] = []
         self.text = ""
@@ -129,7 +136,7 @@ class TokenStream:
         self._top_logprobs = top_logprobs
         self._detok = StreamDecoder(model.tokenizer)
         self._stops = StopChecker(params.stop)
-        self._stop_ids = frozenset() if ignore_eos else frozenset(model.tokenizer.eot_ids)
+        self._stop_ids = eot | frozenset(params.stop_token_ids)
         self._log_z = model.backend.logsumexp
 
     def accept(self, logits: np.ndarray) -> TokenEvent | None:
