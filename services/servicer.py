@@ -62,6 +62,7 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         stop_token_ids=list(request.stop_token_ids),
         min_tokens=request.min_tokens,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
+        n=request.n or 1,
     )
 
 
@@ -115,11 +116,11 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                         delta.logprobs.append(event.logprob)
                         delta.top_logprobs.extend(pb.TopLogprob(token_id=t, logprob=lp)
                                                   for t, lp in event.top_logprobs)
-                yield pb.GenerateResponse(request_id=handle.request_id, delta=delta)
+                yield pb.GenerateResponse(request_id=handle.request_id, delta=delta, index=event.index)
             elif isinstance(event, Final):
                 if event.error:  # the engine ended this request (alone) with an error: an error status
                     raise RequestFailed(f"request {handle.request_id} failed in the engine: {event.error}")
-                yield pb.GenerateResponse(request_id=handle.request_id,
+                yield pb.GenerateResponse(request_id=handle.request_id, index=event.index,
                                           final=_final(event, include_text=request.include_text))
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:

@@ -157,7 +157,7 @@ def test_chat_streaming_with_usage_and_logprobs(tiny_served):
 @pytest.mark.parametrize("field", sorted(set(UNSUPPORTED) - {"best_of", "suffix", "echo"}))
 def test_chat_refuses_what_the_engine_cannot_do_naming_the_field(tiny_served, field):
     server, client, model = tiny_served
-    value = {"n": 2, "response_format": {"type": "json_object"},
+    value = {"response_format": {"type": "json_object"},
              "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
              "functions": [{"name": "f"}], "function_call": "auto", "modalities": ["text", "audio"],
              "audio": {"voice": "x", "format": "wav"}, "prediction": {"type": "content", "content": "x"}}[field]
@@ -168,12 +168,29 @@ def test_chat_refuses_what_the_engine_cannot_do_naming_the_field(tiny_served, fi
     assert err.value.body["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("field, value", [("n", 2), ("best_of", 3), ("echo", True), ("suffix", "x")])
+@pytest.mark.parametrize("field, value", [("best_of", 3), ("echo", True), ("suffix", "x")])
 def test_completions_refuse_what_the_engine_cannot_do(tiny_served, field, value):
     server, client, model = tiny_served
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt="ab", max_tokens=2, extra_body={field: value})
     assert err.value.body["param"] == field
+
+
+def test_n_choices_streamed_and_not(tiny_served):
+    server, client, model = tiny_served
+    out = client.completions.create(model=model, prompt="ab", max_tokens=4, n=3, seed=7, temperature=1.0,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2] and out.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model=model, prompt="ab", max_tokens=4, n=3, seed=7, temperature=1.0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    texts = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)}
+    assert texts == {c.index: c.text for c in out.choices}
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          n=2)
+    assert [c.index for c in chat.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="ab", max_tokens=2, n=17)
+    assert err.value.body["param"] == "n"
 
 
 def test_logit_bias_stop_token_ids_and_min_tokens(tiny_served):
@@ -289,7 +306,7 @@ def test_errors_map_to_the_sdks_exception_classes(tiny, tmp_path):
             good.chat.completions.create(**{**chat, "model": "gpt-4o"})
         assert err.value.code == "model_not_found" and err.value.param == "model"
         with pytest.raises(openai.BadRequestError):
-            good.chat.completions.create(**chat, n=3)
+            good.chat.completions.create(**chat, n=17)
         assert good.chat.completions.create(**chat).choices[0].message.role == "assistant"
         # the scheme in any case, as on the gRPC side
         for scheme in ("bearer", "BEARER"):

@@ -117,3 +117,105 @@ def test_prompt_logprobs_in_chunks_and_across_a_preemption(tiny, monkeypatch):
     assert [t for t, _, _ in final.prompt_logprobs] == prompt[1:] and w.steps >= 40 // 5
     z = np.log(np.exp(whole.astype(np.float64) - whole.max(1, keepdims=True)).sum(1)) + whole.max(1)
     assert np.allclose([lp for _, lp, _ in final.prompt_logprobs], whole[np.arange(40), prompt[1:]] - z, atol=1e-4)
+
+
+# --- n > 1 (issue 17, item 4) --------------------------------------------------------------------
+
+def completions(w, prompt, n, **params):
+    params.setdefault("max_tokens", 8)
+    events = list(w.submit(RequestSpec("", prompt, SamplingParams(**params), ignore_eos=True, n=n)).events())
+    finals = sorted((e for e in events if hasattr(e, "finish_reason")), key=lambda f: f.index)
+    streamed = {i: [e.token_id for e in events if getattr(e, "token_id", None) is not None and e.index == i]
+                for i in range(n)}
+    assert [f.index for f in finals] == list(range(n))
+    assert all(streamed[f.index] == f.ids for f in finals)
+    return finals
+
+
+@pytest.fixture
+def tiny_model(tiny):
+    m = LoadedModel(tiny)
+    yield m
+    m.close()
+
+
+def small_worker(model, num_blocks=40, prefix_caching=False):
+    from engine.memory.paged import BlockArena
+    c = model.config
+    return EngineWorker(model, FifoPolicy(), arena=BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, num_blocks, 4),
+                        prefix_caching=prefix_caching)
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_n_completions_each_equal_a_single_request_with_its_seed(tiny_model, caching):
+    prompt = [6, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]  # 11 tokens: two full blocks and a partial one
+    w = small_worker(tiny_model, prefix_caching=caching)
+    try:
+        greedy = completions(w, prompt, 3)
+        single = completions(w, prompt, 1)[0].ids
+        assert all(f.ids == single and f.finish_reason == "length" for f in greedy)
+        sampled = completions(w, prompt, 4, temperature=1.3, seed=10)
+        for f in sampled:
+            assert f.ids == completions(w, prompt, 1, temperature=1.3, seed=10 + f.index)[0].ids
+            assert f.seed == 10 + f.index
+        assert len({tuple(f.ids) for f in sampled}) > 1
+        assert w.arena.used_blocks == 0 and not w.arena._refs
+    finally:
+        w.close()
+
+
+def test_n_completions_share_the_prompt_blocks(tiny_model):
+    prompt = [6] + [1, 2, 3, 4] * 5  # 21 tokens: five full blocks and one token in a sixth
+    w = small_worker(tiny_model)
+    seen = []
+    fork = w._fork
+
+    def recording_fork(parent):
+        children = fork(parent)
+        seen.append(([w.arena.refs(b) for b in parent.kv.blocks[:5]],
+                     [c.kv.blocks[5] != parent.kv.blocks[5] for c in children]))
+        return children
+
+    w._fork = recording_fork
+    try:
+        completions(w, prompt, 3)
+    finally:
+        w.close()
+    (refs, own_tail), = seen
+    assert refs == [3] * 5 and own_tail == [True, True]  # full blocks shared, the partial one copied
+
+
+def test_n_completions_in_a_small_arena_and_cancelled(tiny_model):
+    prompt = [6, 0, 1, 2, 3, 4, 5]
+    w = small_worker(tiny_model, num_blocks=5)  # 20 positions: not all three choices' blocks at once
+    try:
+        single = completions(w, prompt, 1)[0].ids
+        finals = completions(w, prompt, 3)
+        assert all(f.ids == single for f in finals)
+    finally:
+        w.close()
+    w = small_worker(tiny_model)
+    try:
+        handle = w.submit(RequestSpec("c", prompt, SamplingParams(max_tokens=50), ignore_eos=True, n=3))
+        events = handle.events()
+        next(events)
+        assert handle.cancel()
+        finals = [e for e in events if hasattr(e, "finish_reason")]
+        assert sorted(f.index for f in finals) == [0, 1, 2] and all(f.finish_reason == "cancelled" for f in finals)
+        assert w.arena.used_blocks == 0
+    finally:
+        w.close()
+
+
+def test_n_through_the_server(served):
+    _, client = served
+    responses = list(client.generate(ids=[6, 0, 1, 2], max_tokens=5, n=3, seed=4, ignore_eos=True,
+                                     sampling={"temperature": 1.0}))
+    finals = [r for r in responses if r.HasField("final")]
+    assert sorted(r.index for r in finals) == [0, 1, 2] and responses[-1].HasField("final")
+    for r in finals:
+        ids = [i for d in responses if d.HasField("delta") and d.index == r.index for i in d.delta.token_ids]
+        assert len(ids) == r.final.usage.completion_tokens == 5 and r.final.seed == 4 + r.index
+    with pytest.raises(grpc.RpcError) as err:
+        generate(client, n=17)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n 17" in err.value.details()

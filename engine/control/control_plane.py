@@ -163,6 +163,7 @@ class GenerateInput:
     stop_token_ids: Sequence[int] = ()
     min_tokens: int = 0
     prompt_logprobs: int | None = None  # alternatives per prompt position (0..20); None: none
+    n: int = 1  # completions of the prompt (each its own seed: seed + index)
 
 
 class ControlPlane:
@@ -435,7 +436,7 @@ class ControlPlane:
         model = runtime.model
         # sizes first: a hostile request costs a length check, not seconds of tokenizer time
         check_request(self.limits, self._prompt_limit(model), req.request_id, req.text, req.messages, req.stop,
-                      logit_bias=req.logit_bias or {}, stop_token_ids=req.stop_token_ids)
+                      logit_bias=req.logit_bias or {}, stop_token_ids=req.stop_token_ids, n=req.n)
         prompt_ids = self._encode(model, req)
         params = self._sampling(plan, req)
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
@@ -446,7 +447,7 @@ class ControlPlane:
                                    max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                                    top_k=params.top_k, seed=params.seed, plan=stamp)
         spec = RequestSpec(request_id, prompt_ids, params, priority=req.priority, ignore_eos=req.ignore_eos,
-                           top_logprobs=req.top_logprobs, prompt_logprobs=req.prompt_logprobs, tag=stamp,
+                           top_logprobs=req.top_logprobs, prompt_logprobs=req.prompt_logprobs, n=req.n, tag=stamp,
                            on_final=trace.finish)
         return runtime.worker.submit(spec), spec.tag
 

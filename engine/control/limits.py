@@ -26,11 +26,12 @@ class RequestLimits:
     max_stop_bytes: int = 256  # each stop string
     max_chat_messages: int = 1024
     max_logit_bias: int = 1024  # entries of logit_bias
+    max_n: int = 16  # completions of one request
     max_stop_token_ids: int = 64
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_bytes", "max_request_id_bytes", "max_stop_strings", "max_stop_bytes",
-                     "max_chat_messages", "max_logit_bias", "max_stop_token_ids"):
+                     "max_chat_messages", "max_logit_bias", "max_stop_token_ids", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -54,8 +55,12 @@ def check_text(text: str, limit: int, field: str = "prompt") -> None:
 
 def check_request(limits: RequestLimits, prompt_limit: int, request_id: str = "", text: str | None = None,
                   messages: Sequence[dict] | None = None, stop: Sequence[str] = (), logit_bias: Mapping = {},
-                  stop_token_ids: Sequence[int] = ()) -> None:
+                  stop_token_ids: Sequence[int] = (), n: int = 1) -> None:
     """Refuse a request whose sizes exceed the limits, before it is tokenized or queued."""
+    if not 1 <= n <= limits.max_n:
+        raise InvalidArgument(f"n {n} must be in 1..{limits.max_n}", field="n")
+    if any(c < " " or c == "\x7f" for c in request_id):
+        raise InvalidArgument("request_id must not contain control characters", field="request_id")
     if len(logit_bias) > limits.max_logit_bias:
         raise InvalidArgument(f"logit_bias has {len(logit_bias):,} entries; the limit is {limits.max_logit_bias}",
                               field="logit_bias")

@@ -126,6 +126,18 @@ class BlockArena:
             out.append(block)
         return out
 
+    def share(self, blocks: Sequence[int]) -> None:
+        """Take one more reference to blocks already held (a forked sequence reads them too)."""
+        for b in blocks:
+            if self._refs.get(b, 0) == 0:
+                raise RuntimeError(f"block {b} is not held: nothing to share")
+            self._refs[b] += 1
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src`'s keys and values, every layer, into block `dst` (copy on write)."""
+        self.k[:, :, dst] = self.k[:, :, src]
+        self.v[:, :, dst] = self.v[:, :, src]
+
     def refs(self, block: int) -> int:
         return self._refs.get(block, 0)
 

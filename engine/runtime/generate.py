@@ -109,6 +109,7 @@ class TokenEvent:
     text: str  # the text this token makes visible (may be empty while UTF-8 or a stop string is pending)
     logprob: float
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    index: int = 0  # which of the request's completions (n > 1)
 
 
 class TokenStream:

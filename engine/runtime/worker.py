@@ -27,7 +27,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -66,6 +66,7 @@ class RequestSpec:
     ignore_eos: bool = False
     top_logprobs: int = 0
     prompt_logprobs: int | None = None  # alternatives per prompt position; None: no prompt logprobs
+    n: int = 1  # completions of this prompt; choice i > 0 samples with seed + i and shares the prompt's blocks
     tag: Any = None  # e.g. the plan stamp; echoed in the Final event
     on_final: Callable[[Final], None] | None = None  # e.g. its trace; runs on the engine thread, must not raise
 
@@ -88,18 +89,22 @@ class Final:
     preemptions: int = 0
     # prompt token i+1 given tokens 0..i: (token id, logprob, [(alternative, logprob), ...]), if asked
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    index: int = 0  # which of the request's n completions
 
 
 class RequestHandle:
-    """The caller's side of a request: iterate its events (TokenEvent..., then one Final)."""
+    """The caller's side of a request: iterate its events (TokenEvents, then a Final, per
+    completion; `index` tells the request's n completions apart)."""
 
-    def __init__(self, request_id: str, worker: "EngineWorker"):
+    def __init__(self, request_id: str, worker: "EngineWorker", n: int = 1):
         self.request_id = request_id
         self._events: queue.Queue[TokenEvent | Final] = queue.Queue()
         self._worker = worker
+        self._n = n
 
     def events(self, poll_s: float = 0.1, alive=lambda: True) -> Iterator[TokenEvent | Final]:
-        """Events until the Final; cancels the request if `alive()` turns false (client gone)."""
+        """Events until every completion's Final; cancels the request if `alive()` turns false (client gone)."""
+        finals = 0
         while True:
             try:
                 event = self._events.get(timeout=poll_s)
@@ -109,7 +114,9 @@ class RequestHandle:
                 continue
             yield event
             if isinstance(event, Final):
-                return
+                finals += 1
+                if finals == self._n:
+                    return
 
     def cancel(self) -> bool:
         return self._worker.cancel(self.request_id)
@@ -128,8 +135,12 @@ class _Sequence:
         """Still collecting prompt logprobs: one per prompt position after the first."""
         return self.spec.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.spec.prompt_ids) - 1
 
-    def __init__(self, spec: RequestSpec, stream: TokenStream, kv: PagedKV, handle: RequestHandle):
+    def __init__(self, spec: RequestSpec, stream: TokenStream, kv: PagedKV, handle: RequestHandle, index: int = 0):
         self.spec = spec
+        self.index = index  # which of the request's completions; 0 computes the prompt, others fork from it
+        # its key in _waiting/_running: request ids have no control characters (engine/control/limits.py)
+        self.key = spec.request_id if index == 0 else f"{spec.request_id}\x1f{index}"
+        self.forked = False
         self.stream = stream
         self.kv = kv
         self.handle = handle
@@ -145,7 +156,7 @@ class _Sequence:
         self.registered = 0  # how many of kv.blocks are offered to the prefix cache
 
     def view(self) -> SeqView:
-        return SeqView(self.spec.request_id, self.spec.priority, self.arrival, len(self.spec.prompt_ids),
+        return SeqView(self.key, self.spec.priority, self.arrival, len(self.spec.prompt_ids),
                        len(self.tokens), self.num_computed, len(self.kv.blocks))
 
 
@@ -221,7 +232,7 @@ class EngineWorker:
             if -(-positions // self.arena.block_size) > self.arena.num_blocks:
                 raise ResourceExhausted(f"the request needs {positions} cache positions; the plan's KV arena holds "
                                         f"{self.arena.num_blocks * self.arena.block_size}: ask for fewer tokens")
-            handle = RequestHandle(spec.request_id, self)
+            handle = RequestHandle(spec.request_id, self, spec.n)
             self._waiting[spec.request_id] = _Sequence(spec, stream, PagedKV(self.arena, positions), handle)
             self._lock.notify()
         return handle
@@ -230,13 +241,15 @@ class EngineWorker:
         return max(0.5, 0.05 * len(self._running))
 
     def cancel(self, request_id: str) -> bool:
+        """Cancel a request (all its completions); False if none of them is queued or running."""
         with self._lock:
-            seq = self._waiting.get(request_id) or self._running.get(request_id)
-            if seq is None or seq.cancelled:
-                return False
-            seq.cancelled = True
-            self._lock.notify()
-            return True
+            seqs = [s for s in list(self._waiting.values()) + list(self._running.values())
+                    if s.spec.request_id == request_id and not s.cancelled]
+            for s in seqs:
+                s.cancelled = True
+            if seqs:
+                self._lock.notify()
+            return bool(seqs)
 
     def stats(self) -> dict[str, Any]:
         """Requests, KV blocks and bytes in use, power: what metrics and tests look at."""
@@ -302,8 +315,8 @@ class EngineWorker:
         with self._lock:
             gone = [s for s in list(self._waiting.values()) + list(self._running.values()) if s.cancelled or force]
             for s in gone:
-                self._waiting.pop(s.spec.request_id, None)
-                self._running.pop(s.spec.request_id, None)
+                self._waiting.pop(s.key, None)
+                self._running.pop(s.key, None)
             if gone:
                 self._lock.notify_all()
         for s in gone:
@@ -311,8 +324,8 @@ class EngineWorker:
                 s.kv.release()  # the blocks go back now, not when the handle does
             tail = s.stream.finish("cancelled")
             if tail:
-                s.handle._events.put(TokenEvent(None, tail, 0.0))
-            s.handle._events.put(self._final(s))
+                s.handle._events.put(TokenEvent(None, tail, 0.0, index=s.index))
+            self._finish(s)
 
     def _step(self) -> None:
         with self._lock:
@@ -368,7 +381,7 @@ class EngineWorker:
             self._fail([seq for seq, _ in batch], exc)
             return
         step_j = self.energy.meter.energy_j() - j0
-        self.energy.record_step(step_j, {seq.spec.request_id: n for seq, n in batch})
+        self.energy.record_step(step_j, {seq.key: n for seq, n in batch})
         self.steps += 1
 
         finished, failed = [], []
@@ -383,31 +396,82 @@ class EngineWorker:
         for (seq, n), seg_logits in zip(batch, logits):
             if len(seg_logits) == 0 or seq.num_computed < len(seq.tokens):
                 continue  # a prompt chunk (or a recomputed prefix); more to compute first
-            try:
-                event = seq.stream.accept(seg_logits[-1])
-            except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits: this request fails
-                log.warning("request %s failed while sampling: %s", seq.spec.request_id, exc)
-                failed.append((seq, exc))
-                continue
-            seq.token_times.append(time.monotonic())
-            if event is not None:
-                if event.token_id is not None:
-                    seq.tokens.append(event.token_id)
-                seq.handle._events.put(event)
-            if seq.stream.finish_reason is not None:
-                finished.append(seq)
+            choices = [seq]
+            if seq.spec.n > 1 and not seq.forked:  # the prompt is done: its other completions start here
+                with self._lock:
+                    choices += self._fork(seq)
+            for s in choices:
+                try:
+                    event = s.stream.accept(seg_logits[-1])
+                except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits: this request fails
+                    log.warning("request %s failed while sampling: %s", s.key, exc)
+                    failed.append((s, exc))
+                    continue
+                s.token_times.append(time.monotonic())
+                if event is not None:
+                    event.index = s.index
+                    if event.token_id is not None:
+                        s.tokens.append(event.token_id)
+                    s.handle._events.put(event)
+                if s.stream.finish_reason is not None:
+                    finished.append(s)
         if finished:
             with self._lock:
                 for seq in finished:
-                    self._running.pop(seq.spec.request_id, None)
+                    self._running.pop(seq.key, None)
                     seq.kv.release()
                 self._lock.notify_all()
             for seq in finished:
-                seq.handle._events.put(self._final(seq))
+                self._finish(seq)
         if failed:
             for seq, exc in failed:
                 self._fail([seq], exc)
         self.governor.after_step(step_j, time.monotonic() - start)
+
+    def _fork(self, parent: _Sequence) -> list[_Sequence]:
+        """Start the other n - 1 completions of `parent`, whose prompt is computed: each shares the
+        prompt's full blocks (read-only, reference-counted) and gets its own copy of the partial
+        last block (copy on write), and samples its first token from the parent's logits now. One
+        the arena has no block for waits instead, and computes its prompt itself (the prefix cache
+        may give it most). Returns those that sample now. Under the lock."""
+        parent.forked = True
+        bs = self.arena.block_size
+        computed = parent.num_computed
+        full, partial = divmod(computed, bs)
+        shared = parent.kv.blocks[:full]
+        now = []
+        for i in range(1, parent.spec.n):
+            params = replace(parent.spec.params, seed=(parent.stream.sampler.seed + i) % (1 << 63))
+            spec = replace(parent.spec, params=params, on_final=None, prompt_logprobs=None, n=1)  # forks no further
+            stream = TokenStream(self.model, spec.prompt_ids, params, spec.ignore_eos, spec.top_logprobs)
+            child = _Sequence(spec, stream, PagedKV(self.arena, parent.kv.max_positions), parent.handle, index=i)
+            child.arrival, child.first_scheduled = parent.arrival, parent.first_scheduled
+            child.block_hashes, child.registered = parent.block_hashes[:full], min(parent.registered, full)
+            self.arena.share(shared)
+            child.kv.adopt(shared)
+            if partial and child.kv.reserve(computed):
+                self.arena.copy_block(parent.kv.blocks[full], child.kv.blocks[full])
+            elif partial:  # no block for its tail: wait, and compute the prompt later
+                child.kv.release()
+                child.registered = 0
+                self._waiting[child.key] = child
+                continue
+            child.num_computed = computed
+            self._running[child.key] = child
+            now.append(child)
+        return now
+
+    def _finish(self, seq: _Sequence, error: str = "") -> None:
+        """Send `seq`'s Final; a request that ends before forking ends its other completions too."""
+        seq.handle._events.put(self._final(seq, error))
+        if seq.index == 0 and seq.spec.n > 1 and not seq.forked:
+            seq.forked = True
+            for i in range(1, seq.spec.n):
+                sibling = Final(seq.spec.request_id, "error" if error else seq.stream.finish_reason or "cancelled",
+                                len(seq.spec.prompt_ids), 0, (seq.stream.sampler.seed + i) % (1 << 63),
+                                {k: 0.0 for k in ("queue_s", "ttft_s", "decode_s", "total_s")}, seq.spec.tag,
+                                error=error, index=i)
+                seq.handle._events.put(sibling)
 
     def _collect_prompt_logprobs(self, seq: _Sequence, start: int, rows: np.ndarray) -> None:
         """Logprobs of the prompt tokens that the logits `rows` (positions start.. of this chunk) predict."""
@@ -460,9 +524,10 @@ class EngineWorker:
         reason = "error" if error else seq.stream.finish_reason or "cancelled"
         final = Final(seq.spec.request_id, reason, len(seq.spec.prompt_ids),
                       len(seq.stream.ids), seq.stream.sampler.seed, timings, seq.spec.tag, seq.stream.text,
-                      list(seq.stream.ids), energy_j=self.energy.pop(seq.spec.request_id),
+                      list(seq.stream.ids), energy_j=self.energy.pop(seq.key),
                       energy_source=self.energy.source, itl_s=list(np.diff(seq.token_times)),
-                      preemptions=seq.preemptions, error=error, prompt_logprobs=list(seq.prompt_logprobs))
+                      preemptions=seq.preemptions, error=error, prompt_logprobs=list(seq.prompt_logprobs),
+                      index=seq.index)
         try:
             self._on_finish(final)
             if seq.spec.on_final is not None:
@@ -480,10 +545,10 @@ class EngineWorker:
         message = f"{type(exc).__name__}: {exc}"
         with self._lock:
             for s in seqs:
-                self._waiting.pop(s.spec.request_id, None)
-                self._running.pop(s.spec.request_id, None)
+                self._waiting.pop(s.key, None)
+                self._running.pop(s.key, None)
                 s.kv.release()
             self.failed_requests += len(seqs)
             self._lock.notify_all()
         for s in seqs:
-            s.handle._events.put(self._final(s, error=message))
+            self._finish(s, error=message)

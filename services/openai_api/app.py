@@ -100,7 +100,7 @@ def create_app(control: ControlPlane, operators: OperatorTokens | None = None, a
         except EngineError as exc:
             raise from_engine(exc, fields) from None
         ctx = Context(request_id, model, fingerprint(stamp), tokenizer.token_bytes, logprobs,
-                      include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                      include_usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n or 1)
         headers = {PLAN_HEADER: ctx.fingerprint, "x-request-id": request_id}
         if not limiter:
             limiter.append(anyio.CapacityLimiter(max_streams))
@@ -128,16 +128,16 @@ def create_app(control: ControlPlane, operators: OperatorTokens | None = None, a
 async def _events(handle: RequestHandle, limiter: anyio.CapacityLimiter) -> AsyncIterator[TokenEvent | Final]:
     """The request's events, read off its blocking queue on a worker thread. Leaving early (a
     client gone, the response cancelled) cancels the request."""
-    it = handle.events()
+    it = handle.events()  # ends after the last choice's Final
     done = False
     try:
-        while not done:
+        while True:
             # abandon_on_cancel: a cancelled wait returns at once; the thread ends with the Final
             # that cancelling the request below produces
             event = await anyio.to_thread.run_sync(next, it, None, abandon_on_cancel=True, limiter=limiter)
             if event is None:
+                done = True
                 return
-            done = isinstance(event, Final)
             yield event
     finally:
         if not done:

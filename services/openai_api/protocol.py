@@ -6,7 +6,8 @@ What is accepted, refused and ignored is decided here, in one place (docs/11_ope
 - vLLM's extra sampling fields (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
   `stop_token_ids`, `min_tokens`), which the `openai` SDK sends through `extra_body`;
 - fields that change nothing here (`user`, `metadata`, `store`, ...), accepted and ignored;
-- fields the engine cannot honour yet (`n` > 1, `response_format`, `tools`, ...):
+- `n` (1..16 choices, sharing the prompt's cache; choice i samples with seed + i);
+- fields the engine cannot honour yet (`best_of`, `response_format`, `tools`, ...):
   refused with a 400 naming the field when set to anything but their default;
 - any other field: refused as unrecognized, as OpenAI does, rather than silently dropped.
 """
@@ -22,7 +23,6 @@ from engine.errors import InvalidArgument
 
 # Set to anything but these, a field is refused: the engine cannot do it (yet).
 UNSUPPORTED = {
-    "n": (None, 1),
     "best_of": (None, 1),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
@@ -61,8 +61,7 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = Field(None, ge=0)
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> -100..100
-    # refused unless default (UNSUPPORTED)
-    n: int | None = None
+    n: int | None = Field(None, ge=1)
     # accepted and ignored (IGNORED)
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -87,7 +86,7 @@ class _Request(BaseModel):
         return GenerateInput(request_id=request_id, sampling=sampling, max_tokens=self.requested_max_tokens() or 0,
                              stop=stop, seed=self.seed, top_logprobs=top_logprobs, ignore_eos=bool(self.ignore_eos),
                              logit_bias=self._logit_bias(), stop_token_ids=list(self.stop_token_ids or ()),
-                             min_tokens=self.min_tokens or 0, **prompt)
+                             min_tokens=self.min_tokens or 0, n=self.n or 1, **prompt)
 
     def _logit_bias(self) -> dict[int, float]:
         out = {}

@@ -2,7 +2,8 @@
 
 One `Formatter` per request. `ChatFormat` writes `chat.completion` / `chat.completion.chunk`
 objects, `CompletionFormat` writes `text_completion` ones. Both take the events of one request
-(TokenEvent..., then its Final) and know nothing of HTTP.
+(TokenEvents and a Final for each of its `n` choices, told apart by `index`) and know nothing
+of HTTP.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ class Context:
     token_bytes: Callable[[int], bytes]  # the tokenizer's, for logprob token strings
     logprobs: int | None  # None: no logprobs; n: the sampled token's, plus n alternatives
     include_usage: bool = False
+    n: int = 1  # choices
 
     def token(self, token_id: int) -> tuple[str, bytes]:
         raw = self.token_bytes(token_id)
         return raw.decode("utf-8", errors="replace"), raw
 
 
-def usage(final: Final) -> dict[str, int]:
-    return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
-            "total_tokens": final.prompt_tokens + final.completion_tokens}
+def usage(finals: list[Final]) -> dict[str, int]:
+    """The prompt once, the completions of every choice (as OpenAI counts n > 1)."""
+    prompt, completion = finals[0].prompt_tokens, sum(f.completion_tokens for f in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def failed(final: Final) -> ApiError:
@@ -56,48 +59,59 @@ class Formatter:
                 "system_fingerprint": self.ctx.fingerprint, "choices": choices}
 
     async def complete(self, events: AsyncIterator[TokenEvent | Final]) -> dict[str, Any]:
-        """The whole response object, once the request has finished."""
-        tokens: list[TokenEvent] = []
+        """The whole response object, once every choice has finished."""
+        tokens: dict[int, list[TokenEvent]] = {i: [] for i in range(self.ctx.n)}
+        finals: dict[int, Final] = {}
         async for event in events:
             if isinstance(event, Final):
                 if event.error or event.finish_reason == "error":
                     raise failed(event)
-                body = self._envelope(self.object_name, [self._choice(event, tokens)])
-                body["usage"] = usage(event)
-                return body
-            if event.token_id is not None:
-                tokens.append(event)
+                finals[event.index] = event
+                if len(finals) == self.ctx.n:
+                    done = [finals[i] for i in sorted(finals)]
+                    body = self._envelope(self.object_name, [self._choice(f, tokens[f.index]) for f in done])
+                    body["usage"] = usage(done)
+                    return body
+            elif event.token_id is not None:
+                tokens[event.index].append(event)
         raise ApiError(500, "the request ended without a final event")  # pragma: no cover - the worker always ends one
 
     async def chunks(self, events: AsyncIterator[TokenEvent | Final]) -> AsyncIterator[dict[str, Any]]:
-        """The streamed objects, ending with the one that carries the finish reason (and usage if asked)."""
-        first = self._first_chunk()
-        if first is not None:
-            yield self._with_usage(first)
+        """The streamed objects, each choice ending with the one that carries its finish reason;
+        then, if asked, one with the usage."""
+        for index in range(self.ctx.n):
+            first = self._first_chunk(index)
+            if first is not None:
+                yield self._with_usage(first)
+        finals: list[Final] = []
         async for event in events:
             if isinstance(event, Final):
                 if event.error or event.finish_reason == "error":
                     raise failed(event)
-                yield self._with_usage(self._chunk(self._finish_delta(), None, event.finish_reason))
+                yield self._with_usage(self._chunk(self._finish_delta(), None, event.finish_reason, event.index))
+                finals.append(event)
+                if len(finals) < self.ctx.n:
+                    continue
                 if self.ctx.include_usage:  # OpenAI's: one more chunk, no choices, with the usage
                     tail = self._envelope(self.chunk_name, [])
-                    tail["usage"] = usage(event)
+                    tail["usage"] = usage(finals)
                     yield tail
                 return
             if not event.text and (event.token_id is None or self.ctx.logprobs is None):
                 continue  # nothing visible yet (a pending UTF-8 sequence or stop string), nothing to report
-            lp = self._logprobs([event]) if self.ctx.logprobs is not None and event.token_id is not None else None
-            yield self._with_usage(self._chunk(self._text_delta(event.text), lp, None))
+            lp = (self._logprobs([event], event.index) if self.ctx.logprobs is not None and event.token_id is not None
+                  else None)
+            yield self._with_usage(self._chunk(self._text_delta(event.text), lp, None, event.index))
 
     def _with_usage(self, chunk: dict[str, Any]) -> dict[str, Any]:
         if self.ctx.include_usage:  # as OpenAI: every chunk says usage null but the extra last one
             chunk["usage"] = None
         return chunk
 
-    def _chunk(self, delta: Any, logprobs: Any, finish_reason: str | None) -> dict[str, Any]:
+    def _chunk(self, delta: Any, logprobs: Any, finish_reason: str | None, index: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _first_chunk(self) -> dict[str, Any] | None:
+    def _first_chunk(self, index: int) -> dict[str, Any] | None:
         return None
 
     def _choice(self, final: Final, tokens: list[TokenEvent]) -> dict[str, Any]:
@@ -109,7 +123,7 @@ class Formatter:
     def _finish_delta(self) -> Any:
         raise NotImplementedError
 
-    def _logprobs(self, tokens: list[TokenEvent]) -> Any:
+    def _logprobs(self, tokens: list[TokenEvent], index: int) -> Any:
         raise NotImplementedError
 
 
@@ -118,15 +132,15 @@ class ChatFormat(Formatter):
     chunk_name = "chat.completion.chunk"
 
     def _choice(self, final: Final, tokens: list[TokenEvent]) -> dict[str, Any]:
-        return {"index": 0, "message": {"role": "assistant", "content": final.text, "refusal": None},
-                "logprobs": self._logprobs(tokens) if self.ctx.logprobs is not None else None,
+        return {"index": final.index, "message": {"role": "assistant", "content": final.text, "refusal": None},
+                "logprobs": self._logprobs(tokens, final.index) if self.ctx.logprobs is not None else None,
                 "finish_reason": final.finish_reason}
 
-    def _first_chunk(self) -> dict[str, Any]:
-        return self._chunk({"role": "assistant", "content": ""}, None, None)
+    def _first_chunk(self, index: int) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""}, None, None, index)
 
-    def _chunk(self, delta: Any, logprobs: Any, finish_reason: str | None) -> dict[str, Any]:
-        return self._envelope(self.chunk_name, [{"index": 0, "delta": delta, "logprobs": logprobs,
+    def _chunk(self, delta: Any, logprobs: Any, finish_reason: str | None, index: int) -> dict[str, Any]:
+        return self._envelope(self.chunk_name, [{"index": index, "delta": delta, "logprobs": logprobs,
                                                  "finish_reason": finish_reason}])
 
     def _text_delta(self, text: str) -> dict[str, str]:
@@ -139,7 +153,7 @@ class ChatFormat(Formatter):
         text, raw = self.ctx.token(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
-    def _logprobs(self, tokens: list[TokenEvent]) -> dict[str, Any]:
+    def _logprobs(self, tokens: list[TokenEvent], index: int) -> dict[str, Any]:
         return {"content": [{**self._entry(e.token_id, e.logprob),
                              "top_logprobs": [self._entry(t, lp) for t, lp in e.top_logprobs[:self.ctx.logprobs]]}
                             for e in tokens], "refusal": None}
@@ -150,15 +164,15 @@ class CompletionFormat(Formatter):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        self._offset = 0  # text_offset of the next token, across chunks
+        self._offset: dict[int, int] = {}  # text_offset of each choice's next token, across chunks
 
     def _choice(self, final: Final, tokens: list[TokenEvent]) -> dict[str, Any]:
-        return {"index": 0, "text": final.text,
-                "logprobs": self._logprobs(tokens) if self.ctx.logprobs is not None else None,
+        return {"index": final.index, "text": final.text,
+                "logprobs": self._logprobs(tokens, final.index) if self.ctx.logprobs is not None else None,
                 "finish_reason": final.finish_reason}
 
-    def _chunk(self, text: Any, logprobs: Any, finish_reason: str | None) -> dict[str, Any]:
-        return self._envelope(self.chunk_name, [{"index": 0, "text": text, "logprobs": logprobs,
+    def _chunk(self, text: Any, logprobs: Any, finish_reason: str | None, index: int) -> dict[str, Any]:
+        return self._envelope(self.chunk_name, [{"index": index, "text": text, "logprobs": logprobs,
                                                  "finish_reason": finish_reason}])
 
     def _text_delta(self, text: str) -> str:
@@ -167,7 +181,7 @@ class CompletionFormat(Formatter):
     def _finish_delta(self) -> str:
         return ""
 
-    def _logprobs(self, tokens: list[TokenEvent]) -> dict[str, Any]:
+    def _logprobs(self, tokens: list[TokenEvent], index: int) -> dict[str, Any]:
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in tokens:
             text, _ = self.ctx.token(e.token_id)
@@ -177,6 +191,7 @@ class CompletionFormat(Formatter):
             out["tokens"].append(text)
             out["token_logprobs"].append(e.logprob)
             out["top_logprobs"].append(top)
-            out["text_offset"].append(self._offset)
-            self._offset += len(text)
+            offset = self._offset.get(index, 0)
+            out["text_offset"].append(offset)
+            self._offset[index] = offset + len(text)
         return out
