@@ -36,6 +36,7 @@ from engine.control.plans import PlanEnvironment, changes_require_reload, prepar
 from engine.errors import DataLoss, EngineError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from engine.memory.paged import BlockArena
 from engine.model.registry import resolve
+from engine.runtime.constraints import ResponseFormat
 from engine.runtime.generate import LoadedModel
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
 from engine.runtime.worker import EngineWorker, Final, RequestHandle, RequestSpec, WorkerLimits
@@ -159,6 +160,7 @@ class GenerateInput:
     plan_version: int = 0
     top_logprobs: int = 0
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None  # structured output; None: free text
 
 
 class ControlPlane:
@@ -441,7 +443,8 @@ class ControlPlane:
                                    max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                                    top_k=params.top_k, seed=params.seed, plan=stamp)
         spec = RequestSpec(request_id, prompt_ids, params, priority=req.priority, ignore_eos=req.ignore_eos,
-                           top_logprobs=req.top_logprobs, tag=stamp, on_final=trace.finish)
+                           top_logprobs=req.top_logprobs, response_format=req.response_format, tag=stamp,
+                           on_final=trace.finish)
         return runtime.worker.submit(spec), spec.tag
 
     @staticmethod

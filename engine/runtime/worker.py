@@ -34,6 +34,7 @@ import numpy as np
 
 from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from engine.memory.paged import BlockArena, PagedKV, block_hashes
+from engine.runtime.constraints import ResponseFormat, compile_format
 from engine.runtime.generate import LoadedModel, TokenEvent, TokenStream
 from engine.runtime.model import Segment
 from engine.runtime.sampling import SamplingParams
@@ -65,6 +66,7 @@ class RequestSpec:
     priority: int = 0
     ignore_eos: bool = False
     top_logprobs: int = 0
+    response_format: ResponseFormat | None = None  # structured output: compiled at submit, before queueing
     tag: Any = None  # e.g. the plan stamp; echoed in the Final event
     on_final: Callable[[Final], None] | None = None  # e.g. its trace; runs on the engine thread, must not raise
 
@@ -189,7 +191,10 @@ class EngineWorker:
         if spec.params.max_tokens > limits.max_tokens_per_request:
             raise InvalidArgument(f"max_tokens {spec.params.max_tokens} exceeds the plan's limit "
                                   f"{limits.max_tokens_per_request}", field="max_tokens")
-        stream = TokenStream(self.model, spec.prompt_ids, spec.params, spec.ignore_eos, spec.top_logprobs)
+        constraint = None if spec.response_format is None else compile_format(self.model.tokenizer,
+                                                                              spec.response_format)
+        stream = TokenStream(self.model, spec.prompt_ids, spec.params, spec.ignore_eos, spec.top_logprobs,
+                             constraint=constraint)
         with self._lock:
             if self.lost is not None:
                 raise Unavailable(f"the engine worker stopped ({self.lost}); the server needs a restart")
