@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from engine.errors import EngineError, InvalidArgument
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids and text at the end")
+    _add_format_args(p)
 
     p = sub.add_parser("score", help="top-k logits at every position of a prompt")
     _add_prompt_args(p)
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--plan", default=None, help="run under plan ID[@VERSION] (must be active)")
     p.add_argument("--json", action="store_true", help="print every response message as JSON")
+    _add_format_args(p)
 
     p = sub.add_parser("plan", help="manage Execution Plans on a running server")
     psub = p.add_subparsers(dest="plan_command", required=True)
@@ -237,6 +240,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_format_args(p: argparse.ArgumentParser) -> None:
+    """Structured output (docs/12_structured_output.md): at most one of these."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", default=None, help="output is JSON valid under this schema file")
+    g.add_argument("--json-object", action="store_true", help="output is a JSON object")
+    g.add_argument("--regex", metavar="R", default=None, help="output matches this regular expression")
+    g.add_argument("--grammar", metavar="FILE", default=None,
+                   help="output matches this grammar: GBNF if the file ends in .gbnf or uses '::=', else Lark")
+    g.add_argument("--choice", metavar="A,B,...", default=None, help="output is exactly one of these strings")
+
+
+def _format_fields(args: argparse.Namespace) -> tuple[str, Any] | None:
+    """(kind, value) of the structured-output flag given, or None."""
+    def read(path: str, flag: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError as exc:
+            raise InvalidArgument(f"{flag} {path}: {exc.strerror or exc}", field=flag.lstrip("-")) from None
+    if args.json_schema is not None:
+        return "json_schema", read(args.json_schema, "--json-schema")
+    if args.json_object:
+        return "json_object", True
+    if args.regex is not None:
+        return "regex", args.regex
+    if args.grammar is not None:
+        text = read(args.grammar, "--grammar")
+        gbnf = args.grammar.endswith(".gbnf") or (not args.grammar.endswith(".lark") and "::=" in text)
+        return ("gbnf" if gbnf else "lark"), text
+    if args.choice is not None:
+        return "choice", [c for c in args.choice.split(",") if c]
+    return None
+
+
 def _load(args: argparse.Namespace):
     from engine.model.registry import resolve
     from engine.runtime.generate import LoadedModel
@@ -265,9 +301,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 max_tokens=args.max_tokens, stop=tuple(args.stop))
     except InvalidSamplingParams as exc:
         raise InvalidArgument(str(exc), field=exc.field) from None
+    fmt = _format_fields(args)
     model = _load(args)
     try:
-        gen = Generation(model, _prompt_ids(model, args, chat=args.chat), params, ignore_eos=args.ignore_eos)
+        constraint = None
+        if fmt is not None:
+            from engine.runtime.constraints import ResponseFormat, compile_format
+            kind, value = fmt
+            constraint = compile_format(model.tokenizer, ResponseFormat(kind, "" if kind == "json_object" else value))
+        gen = Generation(model, _prompt_ids(model, args, chat=args.chat), params, ignore_eos=args.ignore_eos,
+                         constraint=constraint)
         for event in gen:
             if not args.json:
                 sys.stdout.write(event.text)
@@ -484,6 +527,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.plan:
         plan_id, _, version = args.plan.partition("@")
         fields["plan"] = {"id": plan_id, "version": int(version or 0)}
+    fmt = _format_fields(args)
+    if fmt is not None:
+        fields["response_format"] = dict([fmt])
     with _client(args) as client:
         prompt = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"text": args.prompt})
         for response in client.generate(**prompt, **fields):
