@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=64, help="with --concurrency: tokens generated per request")
     p.add_argument("--batch-invariant", action="store_true",
                    help="numerics that do not depend on batch mates (the plan's determinism.batch_invariant)")
+    p.add_argument("--structured", action="store_true",
+                   help="per-step cost of structured-output masks at --concurrency levels (default 1,32)")
     p.add_argument("--prefix-cache", type=int, default=None, metavar="PREFIX_LEN",
                    help="time to first token of two requests sharing a PREFIX_LEN-token prefix, cache on and off")
     p.add_argument("--json", action="store_true")
@@ -415,6 +417,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from engine.runtime.bench import bench, bench_prefix_cache
+    if args.structured:
+        return _bench_structured(args)
     if args.concurrency:
         return _bench_concurrency(args)
     model = _load(args)
@@ -570,6 +574,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else:
             for e in client.history(args.id, args.limit).events:
                 print(f"{e.seq:5d} {e.at.ToJsonString()} {e.action:<9} {e.plan_id}@{e.version} {e.hash[:12]} {e.actor}")
+    return 0
+
+
+def _bench_structured(args: argparse.Namespace) -> int:
+    from engine.runtime.bench import bench_structured
+    try:
+        levels = [int(x) for x in (args.concurrency or "1,32").split(",") if x]
+    except ValueError:
+        raise InvalidArgument(f"--concurrency takes integers like 1,32, got {args.concurrency!r}") from None
+    if not levels or min(levels) < 1 or max(levels) > 256:
+        raise InvalidArgument(f"--concurrency levels must be in 1..256, got {args.concurrency!r}")
+    model = _load(args)
+    try:
+        rows = bench_structured(model, levels, gen_len=args.gen_len, repeats=args.repeats)
+    finally:
+        model.close()
+    if args.json:
+        _print_json({"weights": args.weights, "gen_len": args.gen_len, "repeats": args.repeats, "levels": rows})
+        return 0
+    print(f"weights={args.weights} gen_len={args.gen_len} repeats={args.repeats} (medians)")
+    print(f"{'conc':>4} {'mask ms/step':>12} {'us/stream':>10} {'step ms (schema)':>16} {'step ms (free)':>14} "
+          f"{'mask share':>10}")
+    for r in rows:
+        print(f"{r['concurrency']:>4} {r['mask_ms_per_step']:>12} {r['mask_us_per_stream']:>10} "
+              f"{r['step_ms_structured']:>16} {r['step_ms_free']:>14} {r['mask_share_of_step']:>10.2%}")
     return 0
 
 

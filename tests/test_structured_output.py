@@ -310,3 +310,50 @@ def test_openai_sdk_response_format_json_schema_returns_valid_json(served):
                                     response_format={"type": "json_schema",
                                                      "json_schema": {"name": "x", "schema": {"type": "integr"}}})
     assert err.value.body["param"] == "response_format.json_schema" and "integr" in err.value.body["message"]
+
+
+# --- the CLI: run with each flag, generate through a server, the bench ------------------------
+
+@pytest.mark.slow
+def test_cli_run_with_a_schema_a_grammar_and_a_choice(tmp_path):
+    from test_cli import assert_clean_error, cli
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps({"type": "object", "additionalProperties": False, "required": ["city"],
+                                  "properties": {"city": {"type": "string", "maxLength": 20}}}))
+    r = cli("run", "Where is the Eiffel tower?", "--chat", "--weights", "native", "-n", "32", "--json",
+            "--json-schema", str(schema))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "stop" and set(json.loads(out["text"])) == {"city"}
+    grammar = tmp_path / "answer.gbnf"
+    grammar.write_text(GBNF)
+    r = cli("run", "What is 6 times 7?", "--chat", "--weights", "native", "-n", "16", "--json", "--grammar", str(grammar))
+    assert r.returncode == 0 and re.fullmatch(r"The answer is [0-9]{1,2}\.", json.loads(r.stdout)["text"]), r.stderr
+    r = cli("run", "Is Paris in France?", "--chat", "--weights", "native", "-n", "4", "--json", "--choice", "yes,no")
+    assert r.returncode == 0 and json.loads(r.stdout)["text"] in ("yes", "no"), r.stderr
+    assert_clean_error(cli("run", "x", "--weights", "native", "--regex", "a(b"), "response_format.regex",
+                       "unclosed group")
+    assert_clean_error(cli("run", "x", "--json-schema", str(tmp_path / "missing.json")), "--json-schema")
+
+
+@pytest.mark.slow
+def test_cli_generate_through_a_server(served):
+    from test_cli import cli
+    server, _ = served
+    r = cli("generate", "Give a three digit number.", "--chat", "--server", f"127.0.0.1:{server.port}",
+            "-n", "8", "--regex", "[1-9][0-9]{2}")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"[1-9][0-9]{2}", r.stdout.strip()), r.stdout
+
+
+@pytest.mark.slow
+def test_structured_bench_reports_mask_cost_per_level(model_path):
+    from test_cli import cli
+    r = cli("bench", "--structured", "--weights", "native", "--concurrency", "1,3", "--gen-len", "6",
+            "--repeats", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    levels = json.loads(r.stdout)["levels"]
+    assert [x["concurrency"] for x in levels] == [1, 3]
+    for x in levels:
+        assert x["mask_ms_per_step"] > 0 and x["step_ms_structured"] > 0 and x["step_ms_free"] > 0
+        assert 0 < x["mask_share_of_step"] < 1
