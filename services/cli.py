@@ -63,6 +63,27 @@ def _parse_ids(text: str) -> list[int]:
         raise InvalidArgument(f"--ids must be comma-separated integers, got {text!r}", field="ids") from None
 
 
+def _add_token_control_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit before sampling (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
+                   help="also stop at this token id (repeatable)")
+    p.add_argument("--min-tokens", type=int, default=0, help="no end-of-turn or stop token before this many tokens")
+
+
+def _logit_bias(items: Sequence[str]) -> dict[int, float]:
+    out = {}
+    for item in items:
+        tid, sep, bias = item.partition("=")
+        try:
+            out[int(tid)] = float(bias)
+        except ValueError:
+            raise InvalidArgument(f"--logit-bias takes ID=BIAS, got {item!r}", field="logit_bias") from None
+        if not sep:
+            raise InvalidArgument(f"--logit-bias takes ID=BIAS, got {item!r}", field="logit_bias")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plan-engine", description="Run GGUF language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_token_control_args(p)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids and text at the end")
     _add_format_args(p)
@@ -164,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", "-t", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[])
+    _add_token_control_args(p)
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                   help="also return each prompt token's logprob and K alternatives (in the final message)")
     p.add_argument("--plan", default=None, help="run under plan ID[@VERSION] (must be active)")
     p.add_argument("--json", action="store_true", help="print every response message as JSON")
     _add_format_args(p)
@@ -300,7 +325,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                                 frequency_penalty=args.frequency_penalty, seed=args.seed,
-                                max_tokens=args.max_tokens, stop=tuple(args.stop))
+                                max_tokens=args.max_tokens, stop=tuple(args.stop),
+                                logit_bias=tuple(sorted(_logit_bias(args.logit_bias).items())),
+                                stop_token_ids=tuple(args.stop_token_id), min_tokens=args.min_tokens)
     except InvalidSamplingParams as exc:
         raise InvalidArgument(str(exc), field=exc.field) from None
     fmt = _format_fields(args)
@@ -523,7 +550,11 @@ def _read_plan(path: str):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
-    fields: dict[str, Any] = {"max_tokens": args.max_tokens, "stop": args.stop}
+    fields: dict[str, Any] = {"max_tokens": args.max_tokens, "stop": args.stop,
+                              "logit_bias": _logit_bias(args.logit_bias), "stop_token_ids": args.stop_token_id,
+                              "min_tokens": args.min_tokens}
+    if args.prompt_logprobs is not None:
+        fields["prompt_logprobs"] = args.prompt_logprobs
     if args.seed is not None:
         fields["seed"] = args.seed
     if args.temperature is not None:

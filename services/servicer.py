@@ -59,6 +59,10 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         plan_version=request.plan.version,
         top_logprobs=request.top_logprobs if request.logprobs else 0,
         ignore_eos=request.ignore_eos,
+        logit_bias=dict(request.logit_bias),
+        stop_token_ids=list(request.stop_token_ids),
+        min_tokens=request.min_tokens,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
         response_format=response_format(request.response_format) if request.HasField("response_format") else None,
     )
 
@@ -220,7 +224,9 @@ def _final(f: Final, include_text: bool = False) -> pb.GenerateFinal:
                            decode_s=f.timings["decode_s"], total_s=f.timings["total_s"]),
         plan=_stamp(f.tag), seed=f.seed, energy_j=f.energy_j,
         joules_per_token=f.energy_j / f.completion_tokens if f.completion_tokens else 0.0,
-        energy_source=f.energy_source)
+        energy_source=f.energy_source,
+        prompt_logprobs=[pb.PromptLogprob(token_id=t, logprob=lp, top_logprobs=[
+            pb.TopLogprob(token_id=a, logprob=alp) for a, alp in top]) for t, lp, top in f.prompt_logprobs])
 
 
 _FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,

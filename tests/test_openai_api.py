@@ -157,7 +157,7 @@ def test_chat_streaming_with_usage_and_logprobs(tiny_served):
 @pytest.mark.parametrize("field", sorted(set(UNSUPPORTED) - {"best_of", "suffix", "echo"}))
 def test_chat_refuses_what_the_engine_cannot_do_naming_the_field(tiny_served, field):
     server, client, model = tiny_served
-    value = {"n": 2, "logit_bias": {"5": 1.0}, "response_format": {"type": "json_object"},
+    value = {"n": 2, "response_format": {"type": "json_object"},
              "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
              "functions": [{"name": "f"}], "function_call": "auto", "modalities": ["text", "audio"],
              "audio": {"voice": "x", "format": "wav"}, "prediction": {"type": "content", "content": "x"}}[field]
@@ -168,13 +168,25 @@ def test_chat_refuses_what_the_engine_cannot_do_naming_the_field(tiny_served, fi
     assert err.value.body["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("field, value", [("n", 2), ("best_of", 3), ("echo", True), ("suffix", "x"),
-                                          ("logit_bias", {"5": 1.0})])
+@pytest.mark.parametrize("field, value", [("n", 2), ("best_of", 3), ("echo", True), ("suffix", "x")])
 def test_completions_refuse_what_the_engine_cannot_do(tiny_served, field, value):
     server, client, model = tiny_served
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt="ab", max_tokens=2, extra_body={field: value})
     assert err.value.body["param"] == field
+
+
+def test_logit_bias_stop_token_ids_and_min_tokens(tiny_served):
+    server, client, model = tiny_served
+    out = client.completions.create(model=model, prompt="ab", max_tokens=4, logit_bias={"2": 100},
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == "cccc"  # token 2 is "c" in the tiny vocabulary
+    out = client.completions.create(model=model, prompt="ab", max_tokens=4, logit_bias={"7": 100},
+                                    extra_body={"min_tokens": 2, "stop_token_ids": [2]})
+    assert out.usage.completion_tokens == 2 and out.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="ab", max_tokens=2, logit_bias={"x": 1})
+    assert err.value.body["param"] == "logit_bias"
 
 
 def test_defaults_of_unsupported_fields_and_ignored_fields_are_accepted(tiny_served):

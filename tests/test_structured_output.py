@@ -131,6 +131,7 @@ def _stub_model(tokenizer, context_length=4096):
         top = x.max(axis=-1)
         return top + np.log(np.exp(x - top[:, None]).sum(axis=-1))
     return SimpleNamespace(tokenizer=tokenizer, context_length=context_length,
+                           config=SimpleNamespace(vocab_size=tokenizer.vocab_size),
                            backend=SimpleNamespace(logsumexp=logsumexp), check_context=lambda n: None)
 
 

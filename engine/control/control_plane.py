@@ -160,6 +160,10 @@ class GenerateInput:
     plan_version: int = 0
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, -100..100
+    stop_token_ids: Sequence[int] = ()
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None  # alternatives per prompt position (0..20); None: none
     response_format: ResponseFormat | None = None  # structured output; None: free text
 
 
@@ -432,7 +436,8 @@ class ControlPlane:
             raise FailedPrecondition(f"plan {wanted} is not the active plan ({PlanStamp.of(plan)}); activate it first")
         model = runtime.model
         # sizes first: a hostile request costs a length check, not seconds of tokenizer time
-        check_request(self.limits, self._prompt_limit(model), req.request_id, req.text, req.messages, req.stop)
+        check_request(self.limits, self._prompt_limit(model), req.request_id, req.text, req.messages, req.stop,
+                      logit_bias=req.logit_bias or {}, stop_token_ids=req.stop_token_ids)
         prompt_ids = self._encode(model, req)
         params = self._sampling(plan, req)
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
@@ -443,7 +448,8 @@ class ControlPlane:
                                    max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                                    top_k=params.top_k, seed=params.seed, plan=stamp)
         spec = RequestSpec(request_id, prompt_ids, params, priority=req.priority, ignore_eos=req.ignore_eos,
-                           top_logprobs=req.top_logprobs, response_format=req.response_format, tag=stamp,
+                           top_logprobs=req.top_logprobs, prompt_logprobs=req.prompt_logprobs,
+                           response_format=req.response_format, tag=stamp,
                            on_final=trace.finish)
         return runtime.worker.submit(spec), spec.tag
 
@@ -458,10 +464,15 @@ class ControlPlane:
             seed = plan.determinism.default_seed
         if req.top_logprobs > 20:
             raise InvalidArgument(f"top_logprobs {req.top_logprobs} must be at most 20", field="top_logprobs")
+        if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= 20:
+            raise InvalidArgument(f"prompt_logprobs {req.prompt_logprobs} must be in 0..20", field="prompt_logprobs")
         try:
-            return SamplingParams(**values, seed=seed, max_tokens=req.max_tokens or d.max_tokens, stop=tuple(req.stop))
+            return SamplingParams(**values, seed=seed, max_tokens=req.max_tokens or d.max_tokens, stop=tuple(req.stop),
+                                  logit_bias=tuple(sorted((req.logit_bias or {}).items())),
+                                  stop_token_ids=tuple(req.stop_token_ids), min_tokens=req.min_tokens)
         except InvalidSamplingParams as exc:
-            raise InvalidArgument(str(exc), field=f"sampling.{exc.field}") from None
+            field = exc.field if exc.field in ("logit_bias", "stop_token_ids", "min_tokens") else f"sampling.{exc.field}"
+            raise InvalidArgument(str(exc), field=field) from None
 
     def cancel(self, request_id: str) -> bool:
         """Stop a queued or running request; NotFound for an id that is unknown, finished or already cancelled."""

@@ -9,7 +9,7 @@ lists each limit with its default.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from engine.errors import InvalidArgument
 
@@ -25,10 +25,12 @@ class RequestLimits:
     max_stop_strings: int = 16
     max_stop_bytes: int = 256  # each stop string
     max_chat_messages: int = 1024
+    max_logit_bias: int = 1024  # entries of logit_bias
+    max_stop_token_ids: int = 64
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_bytes", "max_request_id_bytes", "max_stop_strings", "max_stop_bytes",
-                     "max_chat_messages"):
+                     "max_chat_messages", "max_logit_bias", "max_stop_token_ids"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -51,8 +53,15 @@ def check_text(text: str, limit: int, field: str = "prompt") -> None:
 
 
 def check_request(limits: RequestLimits, prompt_limit: int, request_id: str = "", text: str | None = None,
-                  messages: Sequence[dict] | None = None, stop: Sequence[str] = ()) -> None:
+                  messages: Sequence[dict] | None = None, stop: Sequence[str] = (), logit_bias: Mapping = {},
+                  stop_token_ids: Sequence[int] = ()) -> None:
     """Refuse a request whose sizes exceed the limits, before it is tokenized or queued."""
+    if len(logit_bias) > limits.max_logit_bias:
+        raise InvalidArgument(f"logit_bias has {len(logit_bias):,} entries; the limit is {limits.max_logit_bias}",
+                              field="logit_bias")
+    if len(stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidArgument(f"{len(stop_token_ids):,} stop_token_ids exceed the limit of "
+                              f"{limits.max_stop_token_ids}", field="stop_token_ids")
     if _utf8_len(request_id) > limits.max_request_id_bytes:
         raise InvalidArgument(f"request_id of {_utf8_len(request_id):,} bytes exceeds the limit of "
                               f"{limits.max_request_id_bytes} bytes", field="request_id")

@@ -122,7 +122,15 @@ class TokenStream:
     def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], params: SamplingParams,
                  ignore_eos: bool = False, top_logprobs: int = 0, constraint: Constraint | None = None):
         model.check_context(len(prompt_ids))
-        self.sampler = Sampler(params, prompt_ids)
+        vocab = model.config.vocab_size
+        for field, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise InvalidArgument(f"{field}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                                      field=field)
+        # with a constraint the grammar decides the end: end-of-turn is allowed only where it accepts
+        eot = frozenset() if ignore_eos and constraint is None else frozenset(model.tokenizer.eot_ids)
+        self.sampler = Sampler(params, prompt_ids, stop_ids=eot)
         self.budget = min(params.max_tokens, model.context_length - len(prompt_ids))
         self.ids: list[int] = []
         self.text = ""
@@ -130,8 +138,7 @@ class TokenStream:
         self._top_logprobs = top_logprobs
         self._detok = StreamDecoder(model.tokenizer)
         self._stops = StopChecker(params.stop)
-        # with a constraint the grammar decides the end: end-of-turn is allowed only where it accepts
-        self._stop_ids = frozenset() if ignore_eos and constraint is None else frozenset(model.tokenizer.eot_ids)
+        self._stop_ids = eot | frozenset(params.stop_token_ids)
         self._log_z = model.backend.logsumexp
         self.constraint = constraint  # structured output (engine/runtime/constraints.py)
 

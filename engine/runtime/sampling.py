@@ -2,6 +2,8 @@
 
 Sampler chain, applied in this order on every step (like llama.cpp's sampler chain):
 
+0. bias        ``logit_bias`` added to its tokens' logits (OpenAI); before ``min_tokens`` tokens
+               are generated, the stop tokens (end of turn, ``stop_token_ids``) are set to -inf.
 1. penalties   On a float32 copy of the raw logits. Repetition (CTRL / HF / llama.cpp): for
                every distinct token in the window, a logit > 0 is divided by
                ``repetition_penalty`` and a logit <= 0 is multiplied by it (in float64, clamped
@@ -95,6 +97,9 @@ class SamplingParams:
     seed: int | None = None  # None => the Sampler draws one and exposes it
     max_tokens: int = 128
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in -100..100)
+    stop_token_ids: tuple[int, ...] = ()  # generation also ends at these (not returned)
+    min_tokens: int = 0  # stop tokens cannot be sampled before this many are generated
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -103,6 +108,9 @@ class SamplingParams:
         elif isinstance(stop, (list, tuple)):
             stop = tuple(stop)
         object.__setattr__(self, "stop", stop)
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self.validate()
 
     def validate(self) -> None:
@@ -137,6 +145,12 @@ class SamplingParams:
         check("stop", isinstance(self.stop, tuple)
               and all(isinstance(s, str) and s for s in self.stop),
               "a sequence of non-empty strings")
+        check("logit_bias", all(isinstance(e, tuple) and len(e) == 2 and _is_int(e[0]) and e[0] >= 0
+                                and _is_real(e[1]) and -100 <= e[1] <= 100 for e in self.logit_bias),
+              "token ids >= 0 mapped to biases in [-100, 100]")
+        check("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "token ids >= 0")
+        check("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+              f"an integer in [0, max_tokens={self.max_tokens}]")
 
 
 def _top_ids(values: np.ndarray, k: int) -> np.ndarray:
@@ -226,8 +240,14 @@ class Sampler:
     is None, so any result can be reproduced by passing it back.
     """
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = (), stop_ids: Sequence[int] = ()):
+        """`stop_ids`: the tokens that end generation (end of turn and `params.stop_token_ids`),
+        held back until `params.min_tokens` tokens are generated."""
         self.params = params
+        self._min_stop_ids = np.array(sorted(set(stop_ids) | set(params.stop_token_ids)), dtype=np.int64)
+        if params.logit_bias:
+            self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+            self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
         self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self._context: list[int] = [int(t) for t in prompt_ids]
@@ -244,9 +264,14 @@ class Sampler:
         return self.num_generated >= self.params.max_tokens
 
     def apply_penalties(self, logits: np.ndarray) -> np.ndarray:
-        """Step 1 of the chain: a float32 copy of ``logits`` with the penalties applied."""
+        """Steps 0 and 1 of the chain: a float32 copy of ``logits`` with the bias, the min-tokens
+        mask and the penalties applied."""
         p = self.params
         out = np.array(logits, dtype=np.float32)
+        if p.logit_bias:  # step 0
+            out[self._bias_ids] += self._bias
+        if self.num_generated < p.min_tokens and self._min_stop_ids.size:
+            out[self._min_stop_ids[self._min_stop_ids < out.size]] = -np.inf
         if p.penalty_last_n == 0 or (p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                                      and p.frequency_penalty == 0.0):
             return out

@@ -66,6 +66,7 @@ class RequestSpec:
     priority: int = 0
     ignore_eos: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None  # alternatives per prompt position; None: no prompt logprobs
     response_format: ResponseFormat | None = None  # structured output: compiled at submit, before queueing
     tag: Any = None  # e.g. the plan stamp; echoed in the Final event
     on_final: Callable[[Final], None] | None = None  # e.g. its trace; runs on the engine thread, must not raise
@@ -87,6 +88,8 @@ class Final:
     energy_source: str = ""
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive tokens
     preemptions: int = 0
+    # prompt token i+1 given tokens 0..i: (token id, logprob, [(alternative, logprob), ...]), if asked
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class RequestHandle:
@@ -114,8 +117,18 @@ class RequestHandle:
         return self._worker.cancel(self.request_id)
 
 
+# A request asking for prompt logprobs needs every prompt position's logits: (n, vocab) float32,
+# 49152 x 4 bytes a token for SmolLM2. Its prompt runs in chunks of at most this many tokens.
+PROMPT_LOGPROBS_CHUNK = 256
+
+
 class _Sequence:
     """Engine-side state of one request."""
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Still collecting prompt logprobs: one per prompt position after the first."""
+        return self.spec.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.spec.prompt_ids) - 1
 
     def __init__(self, spec: RequestSpec, stream: TokenStream, kv: PagedKV, handle: RequestHandle):
         self.spec = spec
@@ -129,6 +142,7 @@ class _Sequence:
         self.token_times: list[float] = []
         self.cancelled = False
         self.preemptions = 0
+        self.prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # filled as the prompt runs
         self.block_hashes: list[bytes] = []  # prefix hashes of the full blocks of `tokens` (prefix caching)
         self.registered = 0  # how many of kv.blocks are offered to the prefix cache
 
@@ -325,8 +339,12 @@ class EngineWorker:
                 seq = self._running.get(seq_id) or self._waiting.get(seq_id)
                 if seq is None:
                     continue
-                adopted = self.prefix_caching and seq.num_computed == 0 and self._adopt_cached_prefix(seq)
+                # prompt logprobs need every prompt position computed here: no cached prefix for them
+                adopted = (self.prefix_caching and seq.num_computed == 0 and seq.spec.prompt_logprobs is None
+                           and self._adopt_cached_prefix(seq))
                 n = min(n, len(seq.tokens) - seq.num_computed)  # a cached prefix leaves fewer to compute
+                if seq.wants_prompt_logprobs:
+                    n = min(n, PROMPT_LOGPROBS_CHUNK)
                 if not seq.kv.reserve(seq.num_computed + n):
                     if adopted:  # don't pin cached blocks while waiting for room
                         seq.kv.release()
@@ -345,7 +363,8 @@ class EngineWorker:
         for seq, n in batch:
             chunk = seq.tokens[seq.num_computed:seq.num_computed + n]
             done = seq.num_computed + n == len(seq.tokens)
-            segments.append(Segment(seq.kv, np.asarray(chunk), seq.num_computed, "last" if done else "none"))
+            want = "all" if seq.wants_prompt_logprobs else "last" if done else "none"
+            segments.append(Segment(seq.kv, np.asarray(chunk), seq.num_computed, want))
         start, j0 = time.monotonic(), self.energy.meter.energy_j()
         try:
             logits = self.model.transformer.forward(segments)
@@ -358,7 +377,9 @@ class EngineWorker:
         self.steps += 1
 
         finished, failed = [], []
-        for seq, n in batch:
+        for (seq, n), seg_logits in zip(batch, logits):
+            if seq.wants_prompt_logprobs:
+                self._collect_prompt_logprobs(seq, seq.num_computed, seg_logits)
             seq.num_computed += n
         if self.prefix_caching:
             with self._lock:
@@ -392,6 +413,23 @@ class EngineWorker:
             for seq, exc in failed:
                 self._fail([seq], exc)
         self.governor.after_step(step_j, time.monotonic() - start)
+
+    def _collect_prompt_logprobs(self, seq: _Sequence, start: int, rows: np.ndarray) -> None:
+        """Logprobs of the prompt tokens that the logits `rows` (positions start.. of this chunk) predict."""
+        n_prompt = len(seq.spec.prompt_ids)
+        first = len(seq.prompt_logprobs) - start  # rows already collected (a recompute after preemption)
+        last = min(len(rows), n_prompt - 1 - start)
+        if first >= last:
+            return
+        rows = np.asarray(rows[first:last], dtype=np.float32)
+        log_z = self.model.backend.logsumexp(rows)
+        nxt = np.asarray(seq.spec.prompt_ids[start + first + 1:start + last + 1])
+        chosen = rows[np.arange(len(rows)), nxt].astype(np.float64) - log_z
+        k = seq.spec.prompt_logprobs or 0
+        sampler = seq.stream.sampler
+        for i in range(len(rows)):
+            top = sampler.logprobs_top(rows[i], k, float(log_z[i])) if k else []
+            seq.prompt_logprobs.append((int(nxt[i]), float(chosen[i]), top))
 
     def _adopt_cached_prefix(self, seq: _Sequence) -> bool:
         """Start `seq` from the longest cached prefix of its tokens (whole blocks, always leaving at
@@ -429,7 +467,7 @@ class EngineWorker:
                       len(seq.stream.ids), seq.stream.sampler.seed, timings, seq.spec.tag, seq.stream.text,
                       list(seq.stream.ids), energy_j=self.energy.pop(seq.spec.request_id),
                       energy_source=self.energy.source, itl_s=list(np.diff(seq.token_times)),
-                      preemptions=seq.preemptions, error=error)
+                      preemptions=seq.preemptions, error=error, prompt_logprobs=list(seq.prompt_logprobs))
         try:
             self._on_finish(final)
             if seq.spec.on_final is not None:

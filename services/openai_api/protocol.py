@@ -2,12 +2,13 @@
 
 What is accepted, refused and ignored is decided here, in one place (docs/11_openai_api.md):
 - the fields the engine runs (sampling, `stop`, `seed`, `max_tokens`, logprobs, streaming);
-- vLLM's extra sampling fields (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`), which
-  the `openai` SDK sends through `extra_body`;
+- `logit_bias` (token id strings to -100..100);
+- vLLM's extra sampling fields (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+  `stop_token_ids`, `min_tokens`), which the `openai` SDK sends through `extra_body`;
 - fields that change nothing here (`user`, `metadata`, `store`, ...), accepted and ignored;
 - `response_format` (chat): `{"type": "json_object"}` and `{"type": "json_schema", "json_schema":
   {"schema": ...}}` become the engine's structured output (docs/12_structured_output.md);
-- fields the engine cannot honour yet (`n` > 1, `logit_bias`, `tools`, ...):
+- fields the engine cannot honour yet (`n` > 1, `tools`, ...):
   refused with a 400 naming the field when set to anything but their default;
 - any other field: refused as unrecognized, as OpenAI does, rather than silently dropped.
 """
@@ -27,7 +28,6 @@ from engine.runtime.constraints import ResponseFormat
 UNSUPPORTED = {
     "n": (None, 1),
     "best_of": (None, 1),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -61,9 +61,11 @@ class _Request(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> -100..100
     # refused unless default (UNSUPPORTED)
     n: int | None = None
-    logit_bias: dict[str, float] | None = None
     # accepted and ignored (IGNORED)
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -87,7 +89,16 @@ class _Request(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         return GenerateInput(request_id=request_id, sampling=sampling, max_tokens=self.requested_max_tokens() or 0,
                              stop=stop, seed=self.seed, top_logprobs=top_logprobs, ignore_eos=bool(self.ignore_eos),
-                             **prompt)
+                             logit_bias=self._logit_bias(), stop_token_ids=list(self.stop_token_ids or ()),
+                             min_tokens=self.min_tokens or 0, **prompt)
+
+    def _logit_bias(self) -> dict[int, float]:
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise InvalidArgument(f"logit_bias keys must be token ids, got {key[:40]!r}", field="logit_bias")
+            out[int(key)] = bias
+        return out
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
