@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from engine.errors import EngineError, InvalidArgument
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token_control_args(p)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids and text at the end")
+    _add_format_args(p)
 
     p = sub.add_parser("score", help="top-k logits at every position of a prompt")
     _add_prompt_args(p)
@@ -189,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also return each prompt token's logprob and K alternatives (in the final message)")
     p.add_argument("--plan", default=None, help="run under plan ID[@VERSION] (must be active)")
     p.add_argument("--json", action="store_true", help="print every response message as JSON")
+    _add_format_args(p)
 
     p = sub.add_parser("plan", help="manage Execution Plans on a running server")
     psub = p.add_subparsers(dest="plan_command", required=True)
@@ -256,10 +259,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=64, help="with --concurrency: tokens generated per request")
     p.add_argument("--batch-invariant", action="store_true",
                    help="numerics that do not depend on batch mates (the plan's determinism.batch_invariant)")
+    p.add_argument("--structured", action="store_true",
+                   help="per-step cost of structured-output masks at --concurrency levels (default 1,32)")
     p.add_argument("--prefix-cache", type=int, default=None, metavar="PREFIX_LEN",
                    help="time to first token of two requests sharing a PREFIX_LEN-token prefix, cache on and off")
     p.add_argument("--json", action="store_true")
     return parser
+
+
+def _add_format_args(p: argparse.ArgumentParser) -> None:
+    """Structured output (docs/12_structured_output.md): at most one of these."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", default=None, help="output is JSON valid under this schema file")
+    g.add_argument("--json-object", action="store_true", help="output is a JSON object")
+    g.add_argument("--regex", metavar="R", default=None, help="output matches this regular expression")
+    g.add_argument("--grammar", metavar="FILE", default=None,
+                   help="output matches this grammar: GBNF if the file ends in .gbnf or uses '::=', else Lark")
+    g.add_argument("--choice", metavar="A,B,...", default=None, help="output is exactly one of these strings")
+
+
+def _format_fields(args: argparse.Namespace) -> tuple[str, Any] | None:
+    """(kind, value) of the structured-output flag given, or None."""
+    def read(path: str, flag: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError as exc:
+            raise InvalidArgument(f"{flag} {path}: {exc.strerror or exc}", field=flag.lstrip("-")) from None
+    if args.json_schema is not None:
+        return "json_schema", read(args.json_schema, "--json-schema")
+    if args.json_object:
+        return "json_object", True
+    if args.regex is not None:
+        return "regex", args.regex
+    if args.grammar is not None:
+        text = read(args.grammar, "--grammar")
+        gbnf = args.grammar.endswith(".gbnf") or (not args.grammar.endswith(".lark") and "::=" in text)
+        return ("gbnf" if gbnf else "lark"), text
+    if args.choice is not None:
+        return "choice", [c for c in args.choice.split(",") if c]
+    return None
 
 
 def _load(args: argparse.Namespace):
@@ -292,9 +330,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 stop_token_ids=tuple(args.stop_token_id), min_tokens=args.min_tokens)
     except InvalidSamplingParams as exc:
         raise InvalidArgument(str(exc), field=exc.field) from None
+    fmt = _format_fields(args)
     model = _load(args)
     try:
-        gen = Generation(model, _prompt_ids(model, args, chat=args.chat), params, ignore_eos=args.ignore_eos)
+        constraint = None
+        if fmt is not None:
+            from engine.runtime.constraints import ResponseFormat, compile_format
+            kind, value = fmt
+            constraint = compile_format(model.tokenizer, ResponseFormat(kind, "" if kind == "json_object" else value))
+        gen = Generation(model, _prompt_ids(model, args, chat=args.chat), params, ignore_eos=args.ignore_eos,
+                         constraint=constraint)
         for event in gen:
             if not args.json:
                 sys.stdout.write(event.text)
@@ -399,6 +444,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from engine.runtime.bench import bench, bench_prefix_cache
+    if args.structured:
+        return _bench_structured(args)
     if args.concurrency:
         return _bench_concurrency(args)
     model = _load(args)
@@ -515,6 +562,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.plan:
         plan_id, _, version = args.plan.partition("@")
         fields["plan"] = {"id": plan_id, "version": int(version or 0)}
+    fmt = _format_fields(args)
+    if fmt is not None:
+        fields["response_format"] = dict([fmt])
     with _client(args) as client:
         prompt = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"text": args.prompt})
         for response in client.generate(**prompt, **fields):
@@ -555,6 +605,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else:
             for e in client.history(args.id, args.limit).events:
                 print(f"{e.seq:5d} {e.at.ToJsonString()} {e.action:<9} {e.plan_id}@{e.version} {e.hash[:12]} {e.actor}")
+    return 0
+
+
+def _bench_structured(args: argparse.Namespace) -> int:
+    from engine.runtime.bench import bench_structured
+    try:
+        levels = [int(x) for x in (args.concurrency or "1,32").split(",") if x]
+    except ValueError:
+        raise InvalidArgument(f"--concurrency takes integers like 1,32, got {args.concurrency!r}") from None
+    if not levels or min(levels) < 1 or max(levels) > 256:
+        raise InvalidArgument(f"--concurrency levels must be in 1..256, got {args.concurrency!r}")
+    model = _load(args)
+    try:
+        rows = bench_structured(model, levels, gen_len=args.gen_len, repeats=args.repeats)
+    finally:
+        model.close()
+    if args.json:
+        _print_json({"weights": args.weights, "gen_len": args.gen_len, "repeats": args.repeats, "levels": rows})
+        return 0
+    print(f"weights={args.weights} gen_len={args.gen_len} repeats={args.repeats} (medians)")
+    print(f"{'conc':>4} {'mask ms/step':>12} {'us/stream':>10} {'step ms (schema)':>16} {'step ms (free)':>14} "
+          f"{'mask share':>10}")
+    for r in rows:
+        print(f"{r['concurrency']:>4} {r['mask_ms_per_step']:>12} {r['mask_us_per_stream']:>10} "
+              f"{r['step_ms_structured']:>16} {r['step_ms_free']:>14} {r['mask_share_of_step']:>10.2%}")
     return 0
 
 

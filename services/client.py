@@ -23,6 +23,21 @@ def plan_to_json(plan: plan_pb2.ExecutionPlan) -> str:
     return json_format.MessageToJson(plan, preserving_proto_field_name=True, indent=2)
 
 
+def response_format_pb(value: pb.ResponseFormat | dict) -> pb.ResponseFormat:
+    """A ResponseFormat from one key of: json_schema (a dict or its JSON text), json_object (True),
+    regex, lark, gbnf (strings), choice (a list of strings); or the message itself."""
+    if isinstance(value, pb.ResponseFormat):
+        return value
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError("response_format takes one key: json_schema, json_object, regex, lark, gbnf or choice")
+    (kind, v), = value.items()
+    if kind == "json_schema" and not isinstance(v, str):
+        v = json.dumps(v)
+    if kind == "choice":
+        return pb.ResponseFormat(choice=pb.Choices(values=list(v)))
+    return pb.ResponseFormat(**{kind: v})
+
+
 class PlanEngineClient:
     """Thin wrapper over the generated stub: keyword arguments in, protobuf messages out."""
 
@@ -41,8 +56,11 @@ class PlanEngineClient:
 
     def generate(self, text: str | None = None, ids: Sequence[int] | None = None,
                  messages: Sequence[dict] | None = None, **fields: Any) -> Iterator[pb.GenerateResponse]:
-        """Stream GenerateResponses. `fields` are GenerateRequest fields (max_tokens, seed, stop, sampling=...)."""
+        """Stream GenerateResponses. `fields` are GenerateRequest fields (max_tokens, seed, stop, sampling=...);
+        `response_format` may be a dict such as {"json_schema": {...}} or {"regex": "[0-9]+"} (response_format_pb)."""
         sampling = fields.pop("sampling", None)
+        if fields.get("response_format") is not None:
+            fields["response_format"] = response_format_pb(fields["response_format"])
         request = pb.GenerateRequest(**fields)
         if sampling:
             request.sampling.CopyFrom(pb.SamplingParams(**sampling))

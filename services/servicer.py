@@ -18,6 +18,7 @@ from engine.control.suggestions import SuggestionRecord, SuggestionReviewer, Ver
 from engine.errors import FailedPrecondition, InvalidArgument, RequestFailed
 from engine.model import registry
 from engine.model.gguf_file import ModelFile
+from engine.runtime.constraints import ResponseFormat
 from engine.runtime.generate import TokenEvent
 from engine.runtime.worker import Final
 from services.agent_auth import bearer_token
@@ -63,7 +64,23 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         min_tokens=request.min_tokens,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
         n=request.n or 1,
+        response_format=response_format(request.response_format) if request.HasField("response_format") else None,
     )
+
+
+def response_format(fmt: pb.ResponseFormat) -> ResponseFormat:
+    kind = fmt.WhichOneof("format")
+    if kind is None:
+        raise InvalidArgument("response_format is set but empty: set one of json_schema, json_object, regex, "
+                              "lark, gbnf, choice", field="response_format")
+    if kind == "json_object":
+        if not fmt.json_object:
+            raise InvalidArgument("response_format.json_object must be true (or leave response_format unset)",
+                                  field="response_format.json_object")
+        return ResponseFormat("json_object")
+    if kind == "choice":
+        return ResponseFormat("choice", tuple(fmt.choice.values))
+    return ResponseFormat(kind, getattr(fmt, kind))
 
 
 class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):

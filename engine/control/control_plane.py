@@ -36,6 +36,7 @@ from engine.control.plans import PlanEnvironment, changes_require_reload, prepar
 from engine.errors import DataLoss, EngineError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from engine.memory.paged import BlockArena
 from engine.model.registry import resolve
+from engine.runtime.constraints import ResponseFormat
 from engine.runtime.generate import LoadedModel
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
 from engine.runtime.worker import EngineWorker, Final, RequestHandle, RequestSpec, WorkerLimits
@@ -164,6 +165,7 @@ class GenerateInput:
     min_tokens: int = 0
     prompt_logprobs: int | None = None  # alternatives per prompt position (0..20); None: none
     n: int = 1  # completions of the prompt (each its own seed: seed + index)
+    response_format: ResponseFormat | None = None  # structured output; None: free text
 
 
 class ControlPlane:
@@ -447,7 +449,8 @@ class ControlPlane:
                                    max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                                    top_k=params.top_k, seed=params.seed, plan=stamp)
         spec = RequestSpec(request_id, prompt_ids, params, priority=req.priority, ignore_eos=req.ignore_eos,
-                           top_logprobs=req.top_logprobs, prompt_logprobs=req.prompt_logprobs, n=req.n, tag=stamp,
+                           top_logprobs=req.top_logprobs, prompt_logprobs=req.prompt_logprobs, n=req.n,
+                           response_format=req.response_format, tag=stamp,
                            on_final=trace.finish)
         return runtime.worker.submit(spec), spec.tag
 

@@ -176,3 +176,84 @@ def bench_prefix_cache(model: LoadedModel, prefix_len: int = 1000, suffix_len: i
             "cache_on_first_ttft_s": round(med[True][0], 4), "cache_on_second_ttft_s": round(med[True][1], 4),
             "cache_off_first_ttft_s": round(med[False][0], 4), "cache_off_second_ttft_s": round(med[False][1], 4),
             "second_vs_first_with_cache": round(med[True][0] / med[True][1], 1)}
+
+
+# A long JSON output (40 records) so every stream is still inside the grammar after `gen_len` tokens.
+STRUCTURED_BENCH_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["records"],
+    "properties": {"records": {"type": "array", "minItems": 40, "maxItems": 40, "items": {
+        "type": "object", "additionalProperties": False, "required": ["id", "name", "tags", "score", "ok"],
+        "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9999},
+                       "name": {"type": "string", "maxLength": 12},
+                       "tags": {"type": "array", "maxItems": 3, "items": {"enum": ["a", "b", "c"]}},
+                       "score": {"type": "number", "minimum": -1, "maximum": 1},
+                       "ok": {"type": "boolean"}}}}}}
+
+
+def bench_structured(model: LoadedModel, levels: list[int], gen_len: int = 48, repeats: int = 3) -> list[dict[str, Any]]:
+    """Per-step cost of structured output at each concurrency level (docs/12_structured_output.md).
+
+    `n` requests share a chat prompt and sample (temperature 1) `gen_len` tokens under
+    STRUCTURED_BENCH_SCHEMA, batched by one worker; each request's Constraint times its mask and
+    advance per step. The step's cost is the sum over the `n` streams (they run one after another
+    on the engine thread). The same requests without the schema give the baseline inter-token
+    latency. Medians over `repeats` runs of the per-step medians: the machine is shared and noisy.
+    """
+    import json
+    from unittest import mock
+
+    from engine.memory.paged import BlockArena
+    from engine.runtime import worker as worker_module
+    from engine.runtime.constraints import ResponseFormat, compile_format
+    from engine.runtime.worker import EngineWorker, RequestSpec, WorkerLimits
+    from engine.scheduler.base import create_policy
+
+    c = model.config
+    prompt = model.encode_prompt(messages=[{"role": "user", "content": "List forty records as JSON."}])
+    fmt = ResponseFormat("json_schema", json.dumps(STRUCTURED_BENCH_SCHEMA))
+    compile_format(model.tokenizer, fmt)  # the llguidance tokenizer and the compiled schema: once per process
+
+    def run(n: int, structured: bool) -> tuple[list[float], list[float]]:
+        made = []
+
+        def recording(tokenizer, f):
+            made.append(compile_format(tokenizer, f))
+            return made[-1]
+
+        block = 16
+        arena = BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, n * -(-(len(prompt) + gen_len) // block) + n, block)
+        worker = EngineWorker(model, create_policy("throughput"),
+                              WorkerLimits(max_batch_size=n, max_batched_tokens=max(512, n * len(prompt)),
+                                           max_queue=n, max_tokens_per_request=gen_len), arena=arena)
+        try:
+            with mock.patch.object(worker_module, "compile_format", recording):
+                handles = [worker.submit(RequestSpec("", prompt, SamplingParams(temperature=1.0, seed=i,
+                                                                               max_tokens=gen_len),
+                                                     ignore_eos=not structured,
+                                                     response_format=fmt if structured else None))
+                           for i in range(n)]
+            finals = [list(h.events())[-1] for h in handles]
+        finally:
+            worker.close()
+        itl = [x for f in finals for x in f.itl_s]
+        steps = min((len(m.step_seconds) for m in made), default=0)
+        per_step = [sum(m.step_seconds[k] for m in made) for k in range(1, steps)]  # step 0 rides on the prefill
+        return per_step, itl
+
+    rows = []
+    run(1, True)  # warm-up: pages in weights
+    for n in levels:
+        cost, per_token, itl_on, itl_off = [], [], [], []
+        for _ in range(repeats):
+            per_step, itl = run(n, True)
+            cost.append(float(np.median(per_step)))
+            per_token.append(float(np.median(per_step)) / n)
+            itl_on.append(float(np.median(itl)))
+            itl_off.append(float(np.median(run(n, False)[1])))
+        mask_ms, step_ms = float(np.median(cost)) * 1e3, float(np.median(itl_on)) * 1e3
+        rows.append({"concurrency": n, "mask_ms_per_step": round(mask_ms, 3),
+                     "mask_us_per_stream": round(float(np.median(per_token)) * 1e6, 1),
+                     "step_ms_structured": round(step_ms, 1),
+                     "step_ms_free": round(float(np.median(itl_off)) * 1e3, 1),
+                     "mask_share_of_step": round(mask_ms / step_ms, 4) if step_ms else 0.0})
+    return rows

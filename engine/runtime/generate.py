@@ -20,6 +20,7 @@ from engine.model.chat import ChatTemplate
 from engine.model.gguf_file import ModelConfig, ModelFile
 from engine.model.integrity import check_finite
 from engine.model.tokenizer import StreamDecoder, Tokenizer
+from engine.runtime.constraints import Constraint
 from engine.runtime.model import Segment, Transformer, load_weights
 from engine.runtime.sampling import Sampler, SamplingParams, StopChecker
 
@@ -120,7 +121,7 @@ class TokenStream:
     """
 
     def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], params: SamplingParams,
-                 ignore_eos: bool = False, top_logprobs: int = 0):
+                 ignore_eos: bool = False, top_logprobs: int = 0, constraint: Constraint | None = None):
         model.check_context(len(prompt_ids))
         vocab = model.config.vocab_size
         for field, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
@@ -128,7 +129,8 @@ class TokenStream:
             if bad:
                 raise InvalidArgument(f"{field}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                                       field=field)
-        eot = frozenset() if ignore_eos else frozenset(model.tokenizer.eot_ids)
+        # with a constraint the grammar decides the end: end-of-turn is allowed only where it accepts
+        eot = frozenset() if ignore_eos and constraint is None else frozenset(model.tokenizer.eot_ids)
         self.sampler = Sampler(params, prompt_ids, stop_ids=eot)
         self.budget = min(params.max_tokens, model.context_length - len(prompt_ids))
         self.ids: list[int] = []
@@ -139,6 +141,7 @@ class TokenStream:
         self._stops = StopChecker(params.stop)
         self._stop_ids = eot | frozenset(params.stop_token_ids)
         self._log_z = model.backend.logsumexp
+        self.constraint = constraint  # structured output (engine/runtime/constraints.py)
 
     def accept(self, logits: np.ndarray) -> TokenEvent | None:
         """Sample the next token from `logits`; the event to stream, or None (nothing to show).
@@ -147,7 +150,11 @@ class TokenStream:
         """
         # the normalizer of the reported logprobs, from the backend (numpy's float32 exp is slow)
         log_z = float(self._log_z(np.asarray(logits, dtype=np.float32)[None])[0])
-        token, logprob = self.sampler.sample(logits, log_z)
+        if self.constraint is None:
+            token, logprob = self.sampler.sample(logits, log_z)
+        else:  # tokens the grammar forbids become -inf; the logprob stays the raw logits' (log_z)
+            token, logprob = self.sampler.sample(self.constraint.mask(logits), log_z)
+            self.constraint.advance(token)
         if token in self._stop_ids:
             tail = self.finish("stop")
             self.text += tail
@@ -157,6 +164,8 @@ class TokenStream:
         top = self.sampler.logprobs_top(logits, self._top_logprobs, log_z) if self._top_logprobs else []
         if stopped:
             self.finish_reason = "stop"
+        elif self.constraint is not None and self.constraint.is_finished:
+            text += self.finish("stop")  # the grammar is complete: nothing more may follow
         elif len(self.ids) >= self.budget:
             text += self.finish("length")
         self.text += text
@@ -185,9 +194,9 @@ class Generation:
     """One request's token stream: iterate for TokenEvents; `completion` holds the result."""
 
     def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], params: SamplingParams,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, constraint: Constraint | None = None):
         self.model = model
-        self.stream = TokenStream(model, prompt_ids, params, ignore_eos)
+        self.stream = TokenStream(model, prompt_ids, params, ignore_eos, constraint=constraint)
         self.completion = Completion(prompt_ids=list(prompt_ids), seed=self.stream.sampler.seed)
 
     def __iter__(self) -> Iterator[TokenEvent]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from engine.memory.paged import BlockArena, PagedKV, block_hashes
+from engine.runtime.constraints import ResponseFormat, compile_format
 from engine.runtime.generate import LoadedModel, TokenEvent, TokenStream
 from engine.runtime.model import Segment
 from engine.runtime.sampling import SamplingParams
@@ -67,6 +68,7 @@ class RequestSpec:
     top_logprobs: int = 0
     prompt_logprobs: int | None = None  # alternatives per prompt position; None: no prompt logprobs
     n: int = 1  # completions of this prompt; choice i > 0 samples with seed + i and shares the prompt's blocks
+    response_format: ResponseFormat | None = None  # structured output: compiled at submit, before queueing
     tag: Any = None  # e.g. the plan stamp; echoed in the Final event
     on_final: Callable[[Final], None] | None = None  # e.g. its trace; runs on the engine thread, must not raise
 
@@ -214,7 +216,10 @@ class EngineWorker:
         if spec.params.max_tokens > limits.max_tokens_per_request:
             raise InvalidArgument(f"max_tokens {spec.params.max_tokens} exceeds the plan's limit "
                                   f"{limits.max_tokens_per_request}", field="max_tokens")
-        stream = TokenStream(self.model, spec.prompt_ids, spec.params, spec.ignore_eos, spec.top_logprobs)
+        constraint = None if spec.response_format is None else compile_format(self.model.tokenizer,
+                                                                              spec.response_format)
+        stream = TokenStream(self.model, spec.prompt_ids, spec.params, spec.ignore_eos, spec.top_logprobs,
+                             constraint=constraint)
         with self._lock:
             if self.lost is not None:
                 raise Unavailable(f"the engine worker stopped ({self.lost}); the server needs a restart")
@@ -443,7 +448,10 @@ class EngineWorker:
         for i in range(1, parent.spec.n):
             params = replace(parent.spec.params, seed=(parent.stream.sampler.seed + i) % (1 << 63))
             spec = replace(parent.spec, params=params, on_final=None, prompt_logprobs=None, n=1)  # forks no further
-            stream = TokenStream(self.model, spec.prompt_ids, params, spec.ignore_eos, spec.top_logprobs)
+            constraint = None if spec.response_format is None else compile_format(self.model.tokenizer,
+                                                                                  spec.response_format)
+            stream = TokenStream(self.model, spec.prompt_ids, params, spec.ignore_eos, spec.top_logprobs,
+                                 constraint=constraint)  # a structured-output choice gets its own matcher
             child = _Sequence(spec, stream, PagedKV(self.arena, parent.kv.max_positions), parent.handle, index=i)
             child.arrival, child.first_scheduled = parent.arrival, parent.first_scheduled
             child.block_hashes, child.registered = parent.block_hashes[:full], min(parent.registered, full)

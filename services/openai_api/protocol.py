@@ -7,24 +7,27 @@ What is accepted, refused and ignored is decided here, in one place (docs/11_ope
   `stop_token_ids`, `min_tokens`), which the `openai` SDK sends through `extra_body`;
 - fields that change nothing here (`user`, `metadata`, `store`, ...), accepted and ignored;
 - `n` (1..16 choices, sharing the prompt's cache; choice i samples with seed + i);
-- fields the engine cannot honour yet (`best_of`, `response_format`, `tools`, ...):
+- `response_format` (chat): `{"type": "json_object"}` and `{"type": "json_schema", "json_schema":
+  {"schema": ...}}` become the engine's structured output (docs/12_structured_output.md);
+- fields the engine cannot honour yet (`best_of`, `tools`, ...):
   refused with a 400 naming the field when set to anything but their default;
 - any other field: refused as unrecognized, as OpenAI does, rather than silently dropped.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.control.control_plane import GenerateInput
 from engine.errors import InvalidArgument
+from engine.runtime.constraints import ResponseFormat
 
 # Set to anything but these, a field is refused: the engine cannot do it (yet).
 UNSUPPORTED = {
     "best_of": (None, 1),
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -154,7 +157,37 @@ class ChatCompletionRequest(_Request):
 
     def to_input(self, request_id: str) -> GenerateInput:
         self.check_supported()
-        return self.generate_input(request_id, self.top_logprobs_wanted() or 0, messages=self.chat_messages())
+        req = self.generate_input(request_id, self.top_logprobs_wanted() or 0, messages=self.chat_messages())
+        req.response_format = self.engine_response_format()
+        return req
+
+    def engine_response_format(self) -> ResponseFormat | None:
+        """OpenAI's response_format as the engine's: text (None), json_object, or json_schema."""
+        rf = self.response_format
+        if rf is None:
+            return None
+        kind = rf.get("type")
+        if kind == "text" and len(rf) == 1:
+            return None
+        if kind == "json_object" and len(rf) == 1:
+            return ResponseFormat("json_object")
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise InvalidArgument("response_format.json_schema must be an object with a 'schema' "
+                                      "(and optionally 'name', 'strict', 'description')",
+                                      field="response_format.json_schema")
+            unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+            if unknown:
+                raise InvalidArgument(f"response_format.json_schema has unrecognized fields {unknown}",
+                                      field="response_format.json_schema")
+            if not isinstance(spec["schema"], (dict, bool)):
+                raise InvalidArgument("response_format.json_schema.schema must be a JSON object",
+                                      field="response_format.json_schema.schema")
+            return ResponseFormat("json_schema", json.dumps(spec["schema"]))
+        raise InvalidArgument(f"response_format {rf!r} is not supported: use {{\"type\": \"text\"}}, "
+                              f"{{\"type\": \"json_object\"}} or {{\"type\": \"json_schema\", \"json_schema\": "
+                              f"{{\"schema\": ...}}}}"[:400], field="response_format")
 
     def chat_messages(self) -> list[dict[str, str]]:
         out = []
