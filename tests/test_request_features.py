@@ -219,3 +219,16 @@ def test_n_through_the_server(served):
     with pytest.raises(grpc.RpcError) as err:
         generate(client, n=17)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n 17" in err.value.details()
+
+
+def test_n_choices_each_follow_the_response_format(tiny_model):
+    from engine.runtime.constraints import ResponseFormat
+    w = small_worker(tiny_model)
+    try:
+        spec = RequestSpec("", [6, 0, 1], SamplingParams(max_tokens=8, temperature=1.5, seed=2), n=4,
+                           response_format=ResponseFormat("choice", ("abcd", "cdab", "cdcd")))
+        finals = [e for e in w.submit(spec).events() if hasattr(e, "finish_reason")]
+    finally:
+        w.close()
+    assert sorted(f.index for f in finals) == [0, 1, 2, 3]
+    assert all(f.text in ("abcd", "cdab", "cdcd") and f.finish_reason == "stop" for f in finals), finals
