@@ -353,7 +353,7 @@ def test_the_build_context_holds_the_project_and_nothing_else():
                            capture_output=True, text=True).stdout.split()
     sent = [p for p in files if not dockerignored(p, patterns)]
     assert {"pyproject.toml", "README.md", "deploy/healthcheck.py"} <= set(sent)
-    for package in ("engine/", "backends/", "services/"):
+    for package in ("engine/", "backends/", "services/", "protos/"):  # every package pyproject.toml installs
         assert any(p.startswith(package) and p.endswith(".py") for p in sent), package
     assert not [p for p in sent if p.startswith(("tests/", ".git", "docs/", ".ci/"))]
     assert dockerignored("engine/__pycache__/x.pyc", patterns)
