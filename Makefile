@@ -39,8 +39,8 @@ test: setup $(VENV)/.kernels-check  ## the whole suite, as CI runs it (with the 
 test-fast: setup  ## skip the slow whole-model numerics tests (and the kernel checks if not installed)
 	$(BIN)/python -m pytest -m "not slow and not container"
 
-test-containers: setup  ## build the image and run it: tests/deploy/ (podman; CI runs .ci/containers.sh first)
-	$(BIN)/python -m pytest tests/deploy -m container
+test-containers: setup  ## build the image and run it with podman: tests/deploy/, measurements printed (.ci/containers.sh sets podman up)
+	$(BIN)/python -m pytest tests/deploy -m container -s
 
 # podman: --format docker keeps HEALTHCHECK (OCI images have no field for it); --ignorefile is the
 # allowlist BuildKit finds beside the Dockerfile; RUN steps use the host network and trust the

@@ -8,23 +8,16 @@ depend on the machine and its load (run with -s to see them)."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 
 import pytest
 
-from podman_cli import Container, host_ca_mount, image_inspect, image_size, podman
+from podman_cli import Container, free_port, host_ca_mount, image_inspect, image_size, podman
 
 pytestmark = pytest.mark.container
 
 PROMPT = "What is the capital of France?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def on_host_network(port: int) -> list[str]:
