@@ -1,8 +1,8 @@
 """deploy/: the Kubernetes manifests rendered with kustomize and validated against the
 Kubernetes JSON schemas (offline, kubernetes-validate's bundled copies), checked against the
 code they configure (CLI flags, metric names, plan and agent-policy files), and the image
-definition linted (hadolint, plus the checks below). Building the image needs a Docker
-engine, which CI lacks: nothing here builds or runs it.
+definition linted (hadolint, plus the checks below). Building and running the image is
+tests/deploy/'s work (podman; marked `container`, run by CI after this suite).
 """
 
 from __future__ import annotations
