@@ -25,7 +25,8 @@ DEFAULT_BASE_IMAGE = "localhost/plan-engine-base:bookworm"
 SERVICE = "planengine.v1.ControlPlane"
 
 
-def podman(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def podman(*args: str, check: bool = True, timeout: float = 300,
+           env: dict | None = None) -> subprocess.CompletedProcess:
     """`podman ARGS`; `env` adds variables to podman's environment (`--env NAME` passes one on
     to the container without putting its value on a command line)."""
     result = subprocess.run(["podman", *args], check=False, capture_output=True, text=True, timeout=timeout,
@@ -95,7 +96,9 @@ def build(log: Path) -> Built:
         result = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=1800, check=False)
     seconds = time.monotonic() - t0
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n" + log.read_text()[-4000:])
+        hint = "" if base else \
+            f" (no {DEFAULT_BASE_IMAGE}, so the Dockerfile's registry base; .ci/containers.sh makes it)"
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}){hint}:\n" + log.read_text()[-4000:])
     return Built(plain=image, baked=image + "-model", base=base or "(the Dockerfile's default)", seconds=seconds,
                  log=log)
 
@@ -118,7 +121,8 @@ class Container:
         self.image = image
 
     @classmethod
-    def run(cls, image: str, *args: str, options: list[str], prefix: str = "pe", env: dict | None = None) -> "Container":
+    def run(cls, image: str, *args: str, options: list[str], prefix: str = "pe",
+            env: dict | None = None) -> "Container":
         """`podman run -d OPTIONS IMAGE ARGS`. No systemd here to run the HEALTHCHECK's timer, so
         its interval is off and the tests run the check themselves (`podman healthcheck run`)."""
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -156,7 +160,8 @@ class Container:
                     continue
                 seconds = time.monotonic() - t0
                 check = self.healthcheck()
-                assert check.returncode == 0, f"SERVING on {target} but the HEALTHCHECK fails: {check.stdout}{check.stderr}"
+                assert check.returncode == 0, \
+                    f"SERVING on {target} but the HEALTHCHECK fails: {check.stdout}{check.stderr}"
                 return seconds
             if self.healthcheck().returncode == 0:
                 return time.monotonic() - t0

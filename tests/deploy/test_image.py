@@ -15,7 +15,8 @@ import pytest
 
 from podman_cli import Container, free_port, host_ca_mount, image_inspect, image_size, podman
 
-pytestmark = pytest.mark.container
+# the first test to run builds the images (session fixture): minutes on a cold machine
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 PROMPT = "What is the capital of France?"
 
@@ -47,7 +48,8 @@ def test_the_image_runs_as_uid_10001_with_its_healthcheck_and_extension(images):
         ids = podman("run", "--rm", "--network=none", "--no-healthcheck", "--entrypoint", "id", image).stdout
         assert ids.startswith("uid=10001(planengine) gid=10001(planengine)"), ids
     # the AVX2 extension was compiled in the build stage, not silently replaced by numpy
-    podman("run", "--rm", "--network=none", "--no-healthcheck", "--entrypoint", "python", images.plain, "-c", "import backends.cpu._ops_avx2")
+    podman("run", "--rm", "--network=none", "--no-healthcheck", "--entrypoint", "python", images.plain,
+           "-c", "import backends.cpu._ops_avx2")
     # only the baked variant holds the model (its sha256 was checked when it was pulled in the build)
     [baked] = models_in(images.baked).values()
     [plain] = models_in(images.plain).values()

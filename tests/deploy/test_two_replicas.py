@@ -13,7 +13,6 @@ delays are printed (run with -s)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 import time
@@ -29,7 +28,8 @@ from grpc_health.v1 import health_pb2
 from podman_cli import REPO, Container, free_port, grpc_health
 from test_postgres_store import start_postgres, wait_served
 
-pytestmark = pytest.mark.container
+# the first test to run builds the images (session fixture): minutes on a cold machine
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 K8S = REPO / "deploy" / "k8s" / "base"
 # docs/07_deploy.md: "a replica serves a plan activated elsewhere within 2 s plus the time to
@@ -293,9 +293,10 @@ def test_sigterm_drains_an_in_flight_stream_within_the_grace_period(fleet):
     stopper.join(fleet.grace_s + 60)
     in_flight.join()
     assert refused == grpc.StatusCode.UNAVAILABLE  # new work is turned away...
-    assert in_flight.error is None and in_flight.final.finish_reason == "length" and in_flight.tokens == 96  # ...old finishes
+    # ...while the one in flight finishes
+    assert in_flight.error is None and in_flight.final.finish_reason == "length" and in_flight.tokens == 96
     assert replica_b.container.state()["ExitCode"] == 0  # it exited by itself: podman never needed SIGKILL
-    assert re.search(r"^draining\.\.\.$", replica_b.container.logs(tail=20), re.MULTILINE)
+    assert "draining..." in replica_b.container.logs(tail=20)
     assert served(a).hash  # A serves on
     print(f"\nSIGTERM to B with a stream in flight ({tokens_when_draining} of 96 tokens sent when health left "
           f"SERVING): drained and exited 0 in {stopping['s']:.1f} s (server grace {grace_arg:.0f} s, "
