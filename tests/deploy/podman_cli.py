@@ -187,4 +187,5 @@ class Container:
         podman("start", self.name)
 
     def remove(self) -> None:
-        podman("rm", "--force", "--time", "0", self.name, check=False)
+        """The container and its anonymous volume (the image's VOLUME: a copy of a baked model)."""
+        podman("rm", "--force", "--volumes", "--time", "0", self.name, check=False)
