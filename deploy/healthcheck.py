@@ -1,7 +1,9 @@
 """The image's HEALTHCHECK: exit 0 when the server answers grpc.health.v1 SERVING, else 1.
 
-    python healthcheck.py [HOST:PORT]   (default 127.0.0.1:50051; $PLAN_ENGINE_HEALTH_SERVICE
-                                         names the service, default planengine.v1.ControlPlane)
+    python healthcheck.py [HOST:PORT]   (default 127.0.0.1:$PLAN_ENGINE_PORT, the port `serve` takes
+                                         when --port is not given, else 50051;
+                                         $PLAN_ENGINE_HEALTH_SERVICE names the service, default
+                                         planengine.v1.ControlPlane)
 
 Docker and Compose use it; Kubernetes uses its native gRPC probes instead. Plaintext only:
 a server started with --tls-cert needs a TLS-aware check (so do Kubernetes' gRPC probes).
@@ -19,7 +21,7 @@ SERVICE = "planengine.v1.ControlPlane"
 
 
 def main(argv: list[str]) -> int:
-    target = argv[1] if len(argv) > 1 else "127.0.0.1:50051"
+    target = argv[1] if len(argv) > 1 else f"127.0.0.1:{os.environ.get('PLAN_ENGINE_PORT', '50051')}"
     service = os.environ.get("PLAN_ENGINE_HEALTH_SERVICE", SERVICE)
     try:
         with grpc.insecure_channel(target) as channel:

@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gRPC control-plane server")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
+    # from the environment too, so that a container's HEALTHCHECK (deploy/healthcheck.py) checks the port served
+    p.add_argument("--port", type=int, default=int(os.environ.get("PLAN_ENGINE_PORT", "50051")),
+                   help="port (0 picks a free one; default: $PLAN_ENGINE_PORT or 50051)")
     p.add_argument("--store", default=os.environ.get("PLAN_ENGINE_STORE"),
                    help="plan store: a SQLite file, or postgresql://USER@HOST/DB shared by replicas "
                         "($PLAN_ENGINE_STORE; default: a SQLite file next to the model cache)")

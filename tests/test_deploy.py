@@ -1,8 +1,8 @@
 """deploy/: the Kubernetes manifests rendered with kustomize and validated against the
 Kubernetes JSON schemas (offline, kubernetes-validate's bundled copies), checked against the
 code they configure (CLI flags, metric names, plan and agent-policy files), and the image
-definition linted (hadolint, plus the checks below). Building the image needs a Docker
-engine, which CI lacks: nothing here builds or runs it.
+definition linted (hadolint, plus the checks below). Building and running the image is
+tests/deploy/'s work (podman; marked `container`, run by CI after this suite).
 """
 
 from __future__ import annotations
@@ -327,8 +327,14 @@ def test_the_dockerfile_avoids_the_obvious_mistakes():
     from services.cli import build_parser
     cmd = json.loads(next(a for w, a in tail if w == "CMD"))
     assert json.loads(next(a for w, a in tail if w == "ENTRYPOINT")) == ["plan-engine"]
-    parsed = build_parser().parse_args(cmd)
+    # ...serving the port the HEALTHCHECK checks: both read PLAN_ENGINE_PORT
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for w, a in tail if w == "ENV")))
+    import os
+    from unittest import mock
+    with mock.patch.dict(os.environ, {"PLAN_ENGINE_PORT": env["PLAN_ENGINE_PORT"]}):
+        parsed = build_parser().parse_args(cmd)
     assert (parsed.command, parsed.host, parsed.port) == ("serve", "0.0.0.0", 50051)
+    assert not any(a.startswith("--port") for a in cmd)
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -354,7 +360,7 @@ def test_the_build_context_holds_the_project_and_nothing_else():
                            capture_output=True, text=True).stdout.split()
     sent = [p for p in files if not dockerignored(p, patterns)]
     assert {"pyproject.toml", "README.md", "deploy/healthcheck.py"} <= set(sent)
-    for package in ("engine/", "backends/", "services/"):
+    for package in ("engine/", "backends/", "services/", "protos/"):  # every package pyproject.toml installs
         assert any(p.startswith(package) and p.endswith(".py") for p in sent), package
     assert not [p for p in sent if p.startswith(("tests/", ".git", "docs/", ".ci/"))]
     assert dockerignored("engine/__pycache__/x.pyc", patterns)
@@ -373,9 +379,13 @@ def test_the_healthcheck_script_reports_health(tmp_path):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
 
-    def check() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), f"127.0.0.1:{port}"],
-                              check=False, capture_output=True, text=True, timeout=30)
+    def check(by_env: bool = False) -> subprocess.CompletedProcess:
+        """HOST:PORT given, or (as the image's HEALTHCHECK runs it) the port from PLAN_ENGINE_PORT."""
+        import os
+        target = [] if by_env else [f"127.0.0.1:{port}"]
+        return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), *target], check=False,
+                              capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "PLAN_ENGINE_PORT": str(port)})
     try:
         servicer.set("planengine.v1.ControlPlane", health_pb2.HealthCheckResponse.NOT_SERVING)
         result = check()
@@ -383,6 +393,8 @@ def test_the_healthcheck_script_reports_health(tmp_path):
         servicer.set("planengine.v1.ControlPlane", health_pb2.HealthCheckResponse.SERVING)
         result = check()
         assert result.returncode == 0 and "SERVING" in result.stdout
+        result = check(by_env=True)
+        assert result.returncode == 0 and result.stdout.startswith(f"127.0.0.1:{port} ")
     finally:
         server.stop(0)
     result = check()  # nobody listening
