@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[])
     _add_token_control_args(p)
+    p.add_argument("--n", type=int, default=1, help="completions of the prompt (1..16), each with seed + index")
     p.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
                    help="also return each prompt token's logprob and K alternatives (in the final message)")
     p.add_argument("--plan", default=None, help="run under plan ID[@VERSION] (must be active)")
@@ -557,6 +558,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               "min_tokens": args.min_tokens}
     if args.prompt_logprobs is not None:
         fields["prompt_logprobs"] = args.prompt_logprobs
+    if args.n != 1:
+        fields["n"] = args.n
     if args.seed is not None:
         fields["seed"] = args.seed
     if args.temperature is not None:
@@ -569,14 +572,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fields["response_format"] = dict([fmt])
     with _client(args) as client:
         prompt = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"text": args.prompt})
+        texts: dict[int, str] = {}  # with --n > 1: each choice's text, printed as it finishes
         for response in client.generate(**prompt, **fields):
             if args.json:
                 _print_json(json_format.MessageToDict(response, preserving_proto_field_name=True))
+            elif response.HasField("delta") and args.n > 1:
+                texts[response.index] = texts.get(response.index, "") + response.delta.text
             elif response.HasField("delta"):
                 sys.stdout.write(response.delta.text)
                 sys.stdout.flush()
             else:
                 f = response.final
+                if args.n > 1:
+                    sys.stdout.write(f"[{response.index}] {texts.get(response.index, '')}")
                 print(f"\n[{f.usage.completion_tokens} tokens, finish: {f.finish_reason}, ttft "
                       f"{f.timings.time_to_first_token_s:.2f} s, plan {f.plan.id}@{f.plan.version}#{f.plan.hash[:12]}]",
                       file=sys.stderr)

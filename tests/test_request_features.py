@@ -232,3 +232,20 @@ def test_n_choices_each_follow_the_response_format(tiny_model):
         w.close()
     assert sorted(f.index for f in finals) == [0, 1, 2, 3]
     assert all(f.text in ("abcd", "cdab", "cdcd") and f.finish_reason == "stop" for f in finals), finals
+
+
+def test_cli_generate_flags_for_each_feature(served):
+    import json as _json
+    from test_cli import cli
+    server, _ = served
+    r = cli("generate", "abcd", "--server", f"127.0.0.1:{server.port}", "-n", "3", "--json", "--n", "2",
+            "--logit-bias", "2=100", "--min-tokens", "1", "--stop-token-id", "5", "--prompt-logprobs", "1")
+    assert r.returncode == 0, r.stderr
+    messages = [_json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    finals = [m for m in messages if "final" in m]
+    assert sorted(m.get("index", 0) for m in finals) == [0, 1]
+    assert all(m["final"]["prompt_logprobs"] for m in finals[:1])
+    deltas = [i for m in messages if "delta" in m for i in m["delta"].get("token_ids", [])]
+    assert deltas and set(deltas) == {2}  # the bias forces "c"
+    r = cli("generate", "abcd", "--server", f"127.0.0.1:{server.port}", "--logit-bias", "x")
+    assert r.returncode != 0 and "--logit-bias takes ID=BIAS" in r.stderr
