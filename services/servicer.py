@@ -20,6 +20,7 @@ from engine.model import registry
 from engine.model.gguf_file import ModelFile
 from engine.runtime.constraints import ResponseFormat
 from engine.runtime.generate import TokenEvent
+from engine.runtime.tools import Tool, ToolCall
 from engine.runtime.worker import Final
 from services.agent_auth import bearer_token
 from services.streams import Closing, requests_until_idle
@@ -49,7 +50,7 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         request_id=request.request_id,
         text=request.text if kind == "text" else None,
         ids=list(request.token_ids.ids) if kind == "token_ids" else None,
-        messages=[{"role": m.role, "content": m.content} for m in request.chat.messages] if kind == "chat" else None,
+        messages=[_message(m) for m in request.chat.messages] if kind == "chat" else None,
         sampling={f: getattr(request.sampling, f) for f in SAMPLING_FIELDS if request.sampling.HasField(f)},
         max_tokens=request.max_tokens,
         stop=list(request.stop),
@@ -64,6 +65,8 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         min_tokens=request.min_tokens,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
         n=request.n or 1,
+        tools=[Tool(t.name, t.description, t.parameters or '{"type": "object"}') for t in request.tools],
+        tool_choice=request.tool_choice or "auto",
         response_format=response_format(request.response_format) if request.HasField("response_format") else None,
     )
 
@@ -81,6 +84,15 @@ def response_format(fmt: pb.ResponseFormat) -> ResponseFormat:
     if kind == "choice":
         return ResponseFormat("choice", tuple(fmt.choice.values))
     return ResponseFormat(kind, getattr(fmt, kind))
+
+
+def _message(m: pb.ChatMessage) -> dict:
+    out = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [ToolCall(c.name, c.arguments, c.id) for c in m.tool_calls]
+    if m.role == "tool":
+        out["name"], out["tool_call_id"] = m.name, m.tool_call_id
+    return out
 
 
 class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
@@ -227,7 +239,9 @@ def _final(f: Final, include_text: bool = False) -> pb.GenerateFinal:
         joules_per_token=f.energy_j / f.completion_tokens if f.completion_tokens else 0.0,
         energy_source=f.energy_source,
         prompt_logprobs=[pb.PromptLogprob(token_id=t, logprob=lp, top_logprobs=[
-            pb.TopLogprob(token_id=a, logprob=alp) for a, alp in top]) for t, lp, top in f.prompt_logprobs])
+            pb.TopLogprob(token_id=a, logprob=alp) for a, alp in top]) for t, lp, top in f.prompt_logprobs],
+        tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in f.tool_calls],
+        content=f.content or "")
 
 
 _FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,

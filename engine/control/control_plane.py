@@ -22,7 +22,7 @@ import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,6 +39,7 @@ from engine.model.registry import resolve
 from engine.runtime.constraints import ResponseFormat
 from engine.runtime.generate import LoadedModel
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
+from engine.runtime.tools import Tool, parse_output, tool_chat
 from engine.runtime.worker import EngineWorker, Final, RequestHandle, RequestSpec, WorkerLimits
 from engine.scheduler.base import create_policy
 from engine.scheduler.power import PowerGovernor
@@ -166,6 +167,25 @@ class GenerateInput:
     prompt_logprobs: int | None = None  # alternatives per prompt position (0..20); None: none
     n: int = 1  # completions of the prompt (each its own seed: seed + index)
     response_format: ResponseFormat | None = None  # structured output; None: free text
+    tools: Sequence[Tool] = ()  # with chat messages: the model calls one or replies (engine/runtime/tools.py)
+    tool_choice: str = "auto"
+
+
+class ToolCallHandle:
+    """A request with tools: each Final gets the tool calls (or the reply) parsed out of its text."""
+
+    def __init__(self, handle: RequestHandle):
+        self._handle = handle
+        self.request_id = handle.request_id
+
+    def events(self, poll_s: float = 0.1, alive=lambda: True):
+        for event in self._handle.events(poll_s, alive):
+            if isinstance(event, Final) and not event.error:
+                event.content, event.tool_calls = parse_output(event.text)
+            yield event
+
+    def cancel(self) -> bool:
+        return self._handle.cancel()
 
 
 class ControlPlane:
@@ -439,6 +459,17 @@ class ControlPlane:
         # sizes first: a hostile request costs a length check, not seconds of tokenizer time
         check_request(self.limits, self._prompt_limit(model), req.request_id, req.text, req.messages, req.stop,
                       logit_bias=req.logit_bias or {}, stop_token_ids=req.stop_token_ids, n=req.n)
+        parse_tools = False
+        if req.messages is not None and (req.tools or any(m.get("role") == "tool" or m.get("tool_calls")
+                                                          for m in req.messages)):
+            messages, tool_format = tool_chat(req.messages, req.tools, req.tool_choice or "auto")
+            if tool_format is not None and req.response_format is not None:
+                raise InvalidArgument("tools and response_format cannot be combined: with tools, the answer's "
+                                      "format is the tool-call format", field="response_format")
+            req = replace(req, messages=messages, response_format=tool_format or req.response_format)
+            parse_tools = tool_format is not None
+        elif req.tools:
+            raise InvalidArgument("tools need a chat prompt (messages)", field="tools")
         prompt_ids = self._encode(model, req)
         params = self._sampling(plan, req)
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
@@ -452,7 +483,8 @@ class ControlPlane:
                            top_logprobs=req.top_logprobs, prompt_logprobs=req.prompt_logprobs, n=req.n,
                            response_format=req.response_format, tag=stamp,
                            on_final=trace.finish)
-        return runtime.worker.submit(spec), spec.tag
+        handle = runtime.worker.submit(spec)
+        return (ToolCallHandle(handle) if parse_tools else handle), spec.tag
 
     @staticmethod
     def _sampling(plan: plan_pb2.ExecutionPlan, req: GenerateInput) -> SamplingParams:

@@ -92,6 +92,8 @@ class Final:
     # prompt token i+1 given tokens 0..i: (token id, logprob, [(alternative, logprob), ...]), if asked
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     index: int = 0  # which of the request's n completions
+    content: str | None = None  # with tools: the reply parsed out of `text` (engine/runtime/tools.py)
+    tool_calls: list[Any] = field(default_factory=list)  # with tools: the calls parsed out of `text`
 
 
 class RequestHandle:
