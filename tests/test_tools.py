@@ -100,3 +100,36 @@ def test_a_two_turn_tool_call_round_trip_through_grpc(model_path, tmp_path):
             assert (final.content and not final.tool_calls) or (not final.content and len(final.tool_calls) == 1)
     finally:
         server.stop(5)
+
+
+@pytest.mark.slow
+def test_tools_through_the_openai_sdk(model_path, tmp_path):
+    import openai
+    server = create_server(ServerConfig(port=0, http_port=0, store_path=tmp_path / "plans.sqlite3"))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="x", max_retries=0,
+                               timeout=120)
+        model = client.models.list().data[0].id
+        tools = [{"type": "function", "function": {"name": WEATHER.name, "description": WEATHER.description,
+                                                   "parameters": json.loads(WEATHER.parameters)}}]
+        messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+        out = client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=64,
+                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), json.loads(WEATHER.parameters))
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 degrees Celsius."}]
+        chunks = list(client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=96,
+                                                     stream=True))
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish in (["stop"], ["tool_calls"])
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        if finish == ["stop"]:
+            assert "".join(d.content or "" for d in deltas).strip()
+        else:
+            assert any(d.tool_calls for d in deltas)
+    finally:
+        server.stop(5)

@@ -100,7 +100,8 @@ def create_app(control: ControlPlane, operators: OperatorTokens | None = None, a
         except EngineError as exc:
             raise from_engine(exc, fields) from None
         ctx = Context(request_id, model, fingerprint(stamp), tokenizer.token_bytes, logprobs,
-                      include_usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n or 1)
+                      include_usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n or 1,
+                      tools=bool(getattr(body, "tools", None)) and getattr(body, "tool_choice", None) != "none")
         headers = {PLAN_HEADER: ctx.fingerprint, "x-request-id": request_id}
         if not limiter:
             limiter.append(anyio.CapacityLimiter(max_streams))

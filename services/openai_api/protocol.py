@@ -24,12 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.control.control_plane import GenerateInput
 from engine.errors import InvalidArgument
 from engine.runtime.constraints import ResponseFormat
+from engine.runtime.tools import Tool, ToolCall
 
 # Set to anything but these, a field is refused: the engine cannot do it (yet).
 UNSUPPORTED = {
     "best_of": (None, 1),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "modalities": (None, ["text"]),
@@ -159,7 +158,32 @@ class ChatCompletionRequest(_Request):
         self.check_supported()
         req = self.generate_input(request_id, self.top_logprobs_wanted() or 0, messages=self.chat_messages())
         req.response_format = self.engine_response_format()
+        req.tools, req.tool_choice = self.engine_tools()
         return req
+
+    def engine_tools(self) -> tuple[list[Tool], str]:
+        """OpenAI's function tools and tool_choice as the engine's (a named function: only that
+        tool, required)."""
+        tools = []
+        for i, t in enumerate(self.tools or ()):
+            fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise InvalidArgument(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                                      field=f"tools[{i}]")
+            tools.append(Tool(fn["name"], str(fn.get("description") or ""),
+                              json.dumps(fn.get("parameters") or {"type": "object"})))
+        choice = self.tool_choice if self.tool_choice is not None else "auto"
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            chosen = [t for t in tools if t.name == name]
+            if not chosen:
+                raise InvalidArgument(f"tool_choice names no tool of the request: {str(choice)[:80]}",
+                                      field="tool_choice")
+            return chosen, "required"
+        if choice not in ("auto", "required", "none"):
+            raise InvalidArgument(f"tool_choice {str(choice)[:40]!r} must be auto, required, none or a function",
+                                  field="tool_choice")
+        return tools, choice
 
     def engine_response_format(self) -> ResponseFormat | None:
         """OpenAI's response_format as the engine's: text (None), json_object, or json_schema."""
@@ -193,9 +217,8 @@ class ChatCompletionRequest(_Request):
         out = []
         for i, m in enumerate(self.messages):
             where = f"messages[{i}]"
-            if m.role in ("tool", "function") or m.tool_calls:
-                raise InvalidArgument(f"{where}: tool calls and tool results are not supported by this server yet",
-                                      field=where)
+            if m.role == "function":
+                raise InvalidArgument(f"{where}: the 'function' role is deprecated; use 'tool'", field=where)
             if isinstance(m.content, list):
                 for j, part in enumerate(m.content):
                     if part.type != "text" or part.text is None:
@@ -205,8 +228,30 @@ class ChatCompletionRequest(_Request):
             else:
                 content = m.content or ""
             # "developer" is OpenAI's newer name for the system turn; templates know "system"
-            out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.tool_calls:
+                message["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(m.tool_calls)]
+            if m.role == "tool":
+                message["tool_call_id"], message["name"] = m.tool_call_id or "", self._tool_name(m.tool_call_id)
+            out.append(message)
         return out
+
+    def _tool_name(self, call_id: str | None) -> str:
+        """The name of the tool an earlier assistant message called under `call_id` (OpenAI's tool
+        messages carry only the id)."""
+        for m in self.messages:
+            for c in m.tool_calls or ():
+                if isinstance(c, dict) and c.get("id") == call_id:
+                    return str((c.get("function") or {}).get("name") or "")
+        return ""
+
+
+def _tool_call(call: Any, where: str) -> ToolCall:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidArgument(f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                              f"\"arguments\"}}}}", field=where)
+    return ToolCall(fn["name"], str(fn.get("arguments") or "{}"), str(call.get("id") or ""))
 
 
 class CompletionRequest(_Request):

@@ -29,6 +29,7 @@ class Context:
     logprobs: int | None  # None: no logprobs; n: the sampled token's, plus n alternatives
     include_usage: bool = False
     n: int = 1  # choices
+    tools: bool = False  # the request offered tools: answers are parsed, not streamed as raw JSON
 
     def token(self, token_id: int) -> tuple[str, bytes]:
         raw = self.token_bytes(token_id)
@@ -88,7 +89,12 @@ class Formatter:
             if isinstance(event, Final):
                 if event.error or event.finish_reason == "error":
                     raise failed(event)
-                yield self._with_usage(self._chunk(self._finish_delta(), None, event.finish_reason, event.index))
+                if self.ctx.tools:  # the parsed answer, in one delta (the raw JSON was not streamed)
+                    delta, finish = self._tools_delta(event)
+                    yield self._with_usage(self._chunk(delta, None, None, event.index))
+                    yield self._with_usage(self._chunk(self._finish_delta(), None, finish, event.index))
+                else:
+                    yield self._with_usage(self._chunk(self._finish_delta(), None, event.finish_reason, event.index))
                 finals.append(event)
                 if len(finals) < self.ctx.n:
                     continue
@@ -97,11 +103,16 @@ class Formatter:
                     tail["usage"] = usage(finals)
                     yield tail
                 return
+            if self.ctx.tools:
+                continue  # JSON of the tool-call format: the parsed answer comes with the Final
             if not event.text and (event.token_id is None or self.ctx.logprobs is None):
                 continue  # nothing visible yet (a pending UTF-8 sequence or stop string), nothing to report
             lp = (self._logprobs([event], event.index) if self.ctx.logprobs is not None and event.token_id is not None
                   else None)
             yield self._with_usage(self._chunk(self._text_delta(event.text), lp, None, event.index))
+
+    def _tools_delta(self, final: Final) -> tuple[Any, str]:
+        raise ApiError(400, "tools are served on chat completions only")  # pragma: no cover
 
     def _with_usage(self, chunk: dict[str, Any]) -> dict[str, Any]:
         if self.ctx.include_usage:  # as OpenAI: every chunk says usage null but the extra last one
@@ -127,14 +138,26 @@ class Formatter:
         raise NotImplementedError
 
 
+def _tool_calls(final: Final) -> list[dict[str, Any]]:
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in final.tool_calls]
+
+
 class ChatFormat(Formatter):
     object_name = "chat.completion"
     chunk_name = "chat.completion.chunk"
 
     def _choice(self, final: Final, tokens: list[TokenEvent]) -> dict[str, Any]:
-        return {"index": final.index, "message": {"role": "assistant", "content": final.text, "refusal": None},
+        message: dict[str, Any] = {"role": "assistant", "content": final.text, "refusal": None}
+        finish = final.finish_reason
+        if self.ctx.tools:  # the answer was a tool call or a reply in the generic format
+            message["content"] = final.content if not final.tool_calls else None
+            if final.tool_calls:
+                message["tool_calls"] = _tool_calls(final)
+                finish = "tool_calls"
+        return {"index": final.index, "message": message,
                 "logprobs": self._logprobs(tokens, final.index) if self.ctx.logprobs is not None else None,
-                "finish_reason": final.finish_reason}
+                "finish_reason": finish}
 
     def _first_chunk(self, index: int) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""}, None, None, index)
@@ -145,6 +168,11 @@ class ChatFormat(Formatter):
 
     def _text_delta(self, text: str) -> dict[str, str]:
         return {"content": text}
+
+    def _tools_delta(self, final: Final) -> tuple[dict[str, Any], str]:
+        if final.tool_calls:
+            return {"tool_calls": [{"index": i, **c} for i, c in enumerate(_tool_calls(final))]}, "tool_calls"
+        return {"content": final.content if final.content is not None else final.text}, final.finish_reason
 
     def _finish_delta(self) -> dict[str, str]:
         return {}
