@@ -76,9 +76,10 @@ def test_a_block_is_never_freed_twice():
 
 # --- the worker, on the tiny model ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def model(tiny):
-    m = LoadedModel(tiny)
+@pytest.fixture(scope="module", params=[False, True], ids=["default", "batch_invariant"])
+def model(tiny, request):
+    """The tiny model as the default plan runs it, and with batch-invariant kernels."""
+    m = LoadedModel(tiny, batch_invariant=request.param)
     yield m
     m.close()
 
