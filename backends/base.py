@@ -9,6 +9,7 @@ converts at the edges it chooses.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -76,15 +77,21 @@ class Backend(ABC):
         """RMSNorm (arXiv:1910.07467) over the last axis, scaled by w."""
 
     @abstractmethod
-    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Rotary position embedding of (n, heads, head_dim) at `positions` (n,)."""
+    def rope(self, x: np.ndarray, positions: np.ndarray, table: Any = None) -> np.ndarray:
+        """Rotary position embedding of (n, heads, head_dim) at `positions` (n,), with the
+        rotation `table` from `configure_rope` (None: the one configured last)."""
 
     @abstractmethod
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray,
+                  window: int = 0) -> np.ndarray:
         """Causal grouped-query attention of one sequence.
 
-        q: (n, n_heads, head_dim) at absolute `q_positions`; k, v: (n_kv_heads, t, head_dim),
-        the sequence's keys and values for positions 0..t-1. Returns (n, n_heads * head_dim).
+        q: (n, n_heads, head_dim) at `q_positions`; k, v: (n_kv_heads, t, head_dim), the
+        sequence's keys and values for positions 0..t-1 of the same numbering (a caller
+        passing a suffix of the cache renumbers). Scores are scaled by 1/sqrt(head_dim).
+        With `window` > 0 the query at p sees only keys p - window < j <= p (sliding-window
+        attention, as llama.cpp's LLAMA_SWA_TYPE_STANDARD and transformers).
+        Returns (n, n_heads * head_dim).
         """
 
     def decode_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -125,8 +132,23 @@ class Backend(ABC):
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
         """SwiGLU (arXiv:2002.05202): silu(gate) * up of (n, 2f) packed [gate | up] → (n, f)."""
 
-    def configure_rope(self, dim: int, theta: float, style: str, max_positions: int) -> None:
-        """Precompute rotary tables; called once the model's hyperparameters are known."""
+    def gelu_tanh_mul(self, gate_up: np.ndarray) -> np.ndarray:
+        """GeGLU (arXiv:2002.05202) with the tanh approximation of GELU (gemma):
+        gelu_tanh(gate) * up of (n, 2f) packed [gate | up] → (n, f)."""
+        f = gate_up.shape[-1] // 2
+        gate, up = gate_up[:, :f], gate_up[:, f:]
+        inner = np.float32(math.sqrt(2.0 / math.pi)) * (gate + np.float32(0.044715) * gate * gate * gate)
+        return np.float32(0.5) * gate * (np.float32(1.0) + np.tanh(inner)) * up
+
+    def configure_rope(self, dim: int, theta: float, style: str, max_positions: int,
+                       freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> Any:
+        """Precompute a rotary table and return it (for `rope`'s `table`); called once the
+        model's hyperparameters are known. Pair i of position p rotates by
+        p * freq_scale * theta^(-2i/dim) / freq_factors[i] (linear scaling, Llama 3 factors)."""
+
+    def check_model(self, config: Any, variants: Sequence[str]) -> None:
+        """Refuse (UnsupportedModel) a model whose `variants` (ModelConfig.variants: what it
+        computes beyond the plain llama decoder) this backend cannot compute."""
 
     def close(self) -> None:
         """Release device memory."""
@@ -155,6 +177,7 @@ class ProfiledBackend:
     # Op name in the profile for each backend method.
     OPS = {"linear": "matmul", "attention": "attention", "decode_attention": "attention",
            "paged_decode_attention": "attention", "rms_norm": "norm", "rope": "rope", "silu_mul": "activation",
+           "gelu_tanh_mul": "activation",
            "embedding": "embedding"}
 
     def __init__(self, inner: Backend, profile: OpProfile):
