@@ -30,6 +30,19 @@ class TensorData(NamedTuple):
     shape: tuple[int, ...]
 
 
+class RopeYarn(NamedTuple):
+    """YaRN rope scaling (arXiv:2309.00071) as llama.cpp's rope_yarn computes it: pair i mixes
+    the interpolated frequency (times freq_scale) and the original one by a ramp between the
+    correction dims of beta_fast and beta_slow rotations over original_context positions;
+    cos and sin are scaled by mscale."""
+
+    ext_factor: float
+    beta_fast: float
+    beta_slow: float
+    original_context: int
+    mscale: float
+
+
 class Backend(ABC):
     """Numeric ops of a decoder-only transformer."""
 
@@ -141,10 +154,12 @@ class Backend(ABC):
         return np.float32(0.5) * gate * (np.float32(1.0) + np.tanh(inner)) * up
 
     def configure_rope(self, dim: int, theta: float, style: str, max_positions: int,
-                       freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> Any:
+                       freq_scale: float = 1.0, freq_factors: np.ndarray | None = None,
+                       yarn: RopeYarn | None = None) -> Any:
         """Precompute a rotary table and return it (for `rope`'s `table`); called once the
         model's hyperparameters are known. Pair i of position p rotates by
-        p * freq_scale * theta^(-2i/dim) / freq_factors[i] (linear scaling, Llama 3 factors)."""
+        p * freq_scale * theta^(-2i/dim) / freq_factors[i] (linear scaling, Llama 3 factors),
+        or by YaRN's mix of the scaled and unscaled frequencies (`rope_angles`)."""
 
     def check_model(self, config: Any, variants: Sequence[str]) -> None:
         """Refuse (UnsupportedModel) a model whose `variants` (ModelConfig.variants: what it
@@ -152,6 +167,29 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release device memory."""
+
+
+def rope_angles(dim: int, theta: float, max_positions: int, freq_scale: float = 1.0,
+                freq_factors: np.ndarray | None = None, yarn: RopeYarn | None = None) -> tuple[np.ndarray, float]:
+    """Rotation angles (max_positions, dim/2) in float64, and the cos/sin scale (YaRN's mscale).
+
+    RoPE, arXiv:2104.09864: pair i rotates by pos * theta^(-2i/dim). YaRN, arXiv:2309.00071,
+    as ggml's rope_yarn / ggml_rope_yarn_corr_dims compute it."""
+    extrap = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if freq_factors is not None:
+        extrap = extrap / np.asarray(freq_factors, dtype=np.float64)
+    inv_freq, mscale = extrap * freq_scale, 1.0
+    if yarn is not None and yarn.ext_factor != 0.0:
+        def corr_dim(rotations: float) -> float:
+            return dim * math.log(yarn.original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        low = max(0.0, math.floor(corr_dim(yarn.beta_fast)))
+        high = min(dim - 1.0, math.ceil(corr_dim(yarn.beta_slow)))
+        ramp = 1.0 - np.clip((np.arange(dim // 2) - low) / max(0.001, high - low), 0.0, 1.0)
+        mix = ramp * yarn.ext_factor
+        inv_freq = inv_freq * (1.0 - mix) + extrap * mix
+        mscale = yarn.mscale
+    positions = np.arange(max_positions, dtype=np.float64)
+    return np.outer(positions, inv_freq), mscale
 
 
 @dataclass

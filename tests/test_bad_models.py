@@ -73,10 +73,16 @@ def test_mixture_of_experts_is_refused_as_such(tmp_path):
     refused(path, "mixture-of-experts is not supported")
 
 
-@pytest.mark.parametrize("scaling", ["yarn", "longrope"])
+@pytest.mark.parametrize("scaling", ["longrope", "dynamic"])
 def test_unimplemented_rope_scaling_is_refused_by_key(tmp_path, scaling):
     path = write(tmp_path / "rope.gguf", {"rope.scaling.type": scaling, "rope.scaling.factor": 4.0})
     refused(path, f"llama.rope.scaling.type = '{scaling}'.*not supported")
+
+
+def test_yarn_log_multiplier_is_refused_by_key(tmp_path):
+    path = write(tmp_path / "yarn.gguf", {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+                                          "rope.scaling.yarn_log_multiplier": 0.1})
+    refused(path, "llama.rope.scaling.yarn_log_multiplier")
 
 
 def test_logit_softcapping_is_refused_by_key(tmp_path):
@@ -109,7 +115,8 @@ def test_value_length_other_than_key_length_is_refused(tmp_path):
 
 
 def test_rope_freqs_and_linear_scaling_change_the_numbers(tmp_path):
-    """Both are applied, not ignored: each changes the logits of a long enough sequence."""
+    """Each is applied, not ignored: each changes the logits of a long enough sequence (and each
+    is checked against transformers in test_architectures)."""
     ids = list(range(VOCAB)) * 4
     plain = score(LoadedModel(write(tmp_path / "a.gguf")), ids)
     linear = score(LoadedModel(write(tmp_path / "b.gguf", {"rope.scaling.type": "linear",
@@ -117,6 +124,9 @@ def test_rope_freqs_and_linear_scaling_change_the_numbers(tmp_path):
     assert np.abs(linear - plain).max() > 1e-3
     freqs = score(LoadedModel(write(tmp_path / "c.gguf", extra={"rope_freqs.weight": (DIM // 8,)})), ids)
     assert np.abs(freqs - plain).max() > 1e-3
+    yarn = score(LoadedModel(write(tmp_path / "d.gguf", {"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0,
+                                                         "rope.scaling.original_context_length": 16})), ids)
+    assert np.abs(yarn - linear).max() > 1e-3
 
 
 def test_qkv_and_output_biases_under_llama_are_applied(tmp_path):

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from backends.base import Backend, TensorData
+from backends.base import Backend, RopeYarn, TensorData, rope_angles
 from backends.cpu import invariant
 from backends.cpu.quantized import FLOAT_TYPES, BlockTable, QuantizedLinear, QuantizedMatmul, as_blocks, block_part
 from engine.errors import InvalidArgument
@@ -154,14 +154,13 @@ class CpuBackend(Backend):
         return x * (1.0 / np.sqrt(ms + eps)) * w
 
     def configure_rope(self, dim: int, theta: float, style: str, max_positions: int,
-                       freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> Any:
-        # RoPE, arXiv:2104.09864: pair i rotates by pos * theta^(-2i/dim); linear scaling
-        # multiplies the positions by freq_scale, Llama 3 divides each frequency by its factor.
-        inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-        if freq_factors is not None:
-            inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
-        angles = np.outer(np.arange(max_positions, dtype=np.float64) * freq_scale, inv_freq)  # (positions, dim/2)
-        table = (np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), style)
+                       freq_scale: float = 1.0, freq_factors: np.ndarray | None = None,
+                       yarn: RopeYarn | None = None) -> Any:
+        angles, mscale = rope_angles(dim, theta, max_positions, freq_scale, freq_factors, yarn)  # (positions, dim/2)
+        if mscale == 1.0:
+            table = (np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), style)
+        else:
+            table = ((np.cos(angles) * mscale).astype(np.float32), (np.sin(angles) * mscale).astype(np.float32), style)
         self._cos, self._sin, self._rope_style = table
         return table
 

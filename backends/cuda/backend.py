@@ -229,8 +229,8 @@ class CudaBackend(Backend):
                                    f"({config.architecture}); run this model on the cpu backend")
 
     def configure_rope(self, dim: int, theta: float, style: str, max_positions: int,
-                       freq_scale: float = 1.0, freq_factors: Any = None) -> None:
-        if freq_scale != 1.0 or freq_factors is not None:  # check_model refuses these models first
+                       freq_scale: float = 1.0, freq_factors: Any = None, yarn: Any = None) -> None:
+        if freq_scale != 1.0 or freq_factors is not None or yarn is not None:  # check_model refuses these models first
             raise UnsupportedModel("the cuda backend does not compute scaled rope")
         cos, sin = rope_tables(dim, theta, max_positions)
         self._cos, self._sin = self.device.upload(cos), self.device.upload(sin)

@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
+from backends.base import RopeYarn
 from engine.errors import ModelFormatError, UnsupportedModel
 from engine.model.arch import ARCHITECTURES, Architecture
 
@@ -42,10 +43,11 @@ class ModelConfig:
     rope_style: str
     norm_eps: float
     tied_output: bool
-    # RoPE: positions times rope_freq_scale (1 / the file's linear `rope.scaling.factor`);
-    # rope_freqs: the `rope_freqs.weight` tensor divides each frequency (Llama 3.1+).
+    # RoPE: positions times rope_freq_scale (1 / the file's `rope.scaling.factor`, linear or
+    # yarn); rope_freqs: the `rope_freqs.weight` tensor divides each frequency (Llama 3.1+).
     rope_freq_scale: float = 1.0
     rope_freqs: bool = False
+    rope_yarn: RopeYarn | None = None  # YaRN (arXiv:2309.00071) when rope.scaling.type = yarn
     # sliding-window attention: per layer the window (0 = the whole context), and the RoPE
     # base of the sliding layers
     layer_windows: tuple[int, ...] = ()
@@ -71,7 +73,8 @@ class ModelConfig:
             f"{arch.activation} feed-forward": arch.activation != "silu",
             "embedding scale": self.embed_scale != 1.0,
             "rope frequency factors (rope_freqs)": self.rope_freqs,
-            "linear rope scaling": self.rope_freq_scale != 1.0,
+            "linear rope scaling": self.rope_freq_scale != 1.0 and self.rope_yarn is None,
+            "yarn rope scaling": self.rope_yarn is not None,
             "rope dimension below head_dim": self.rope_dim != self.head_dim,
             "sliding-window attention": self.sliding_window > 0,
             "attention scale": not math.isclose(self.attention_scale, self.head_dim ** -0.5, rel_tol=1e-6),
@@ -136,15 +139,26 @@ def read_config(path: object, metadata: Mapping[str, Any], tensors: Mapping[str,
     if not get("attention.causal", True):
         raise refuse("attention.causal", "only causal (decoder) attention is supported")
 
-    # rope scaling: none or linear; the Llama 3 kind comes as the rope_freqs.weight tensor
+    # rope scaling: none, linear or yarn; the Llama 3 kind comes as the rope_freqs.weight tensor
     scaling = str(get("rope.scaling.type", "linear"))  # llama.cpp's default when absent
     factor = float(get("rope.scaling.factor", 0.0) or get("rope.scale_linear", 0.0) or 0.0)
-    if scaling not in ("none", "linear"):
-        raise refuse("rope.scaling.type", f"rope scaling {scaling!r} is not supported (supported: none, linear)")
-    freq_scale = 1.0 / factor if (scaling == "linear" and factor not in (0.0, 1.0)) else 1.0
-    get("rope.scaling.original_context_length")  # only yarn reads it, and yarn is refused above
+    if scaling not in ("none", "linear", "yarn"):
+        raise refuse("rope.scaling.type", f"rope scaling {scaling!r} is not supported (supported: none, linear, yarn)")
+    freq_scale = 1.0 / factor if (scaling != "none" and factor not in (0.0, 1.0)) else 1.0
+    context_length = int(get("context_length", required=True))
+    orig_ctx = int(get("rope.scaling.original_context_length", context_length))
     if float(get("rope.scaling.attn_factor", 1.0)) != 1.0:
         raise refuse("rope.scaling.attn_factor", "a rope attention factor is not supported")
+    yarn = None
+    if scaling == "yarn" and freq_scale != 1.0:
+        if float(get("rope.scaling.yarn_log_multiplier", 0.0)) != 0.0:
+            raise refuse("rope.scaling.yarn_log_multiplier", "YaRN's mscale_all_dim is not supported")
+        # transformers' attention_factor, else llama.cpp's 1 + 0.1 ln(factor) (llama_context)
+        mscale = float(get("rope.scaling.yarn_attn_factor", 0.0)) or 1.0 + 0.1 * math.log(1.0 / freq_scale)
+        yarn = RopeYarn(ext_factor=float(get("rope.scaling.yarn_ext_factor", 1.0)),
+                        beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
+                        beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
+                        original_context=orig_ctx, mscale=mscale)
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if float(get(key, 0.0)) != 0.0:
             raise refuse(key, "logit soft-capping is not supported")
@@ -175,7 +189,7 @@ def read_config(path: object, metadata: Mapping[str, Any], tensors: Mapping[str,
         head_dim=head_dim,
         ffn_dim=int(per_layer("feed_forward_length", required=True)),
         vocab_size=int(get("vocab_size", embd.shape[0])),
-        context_length=int(get("context_length", required=True)),
+        context_length=context_length,
         rope_theta=rope_theta,
         rope_dim=rope_dim,
         rope_style=arch.rope_style,
@@ -183,6 +197,7 @@ def read_config(path: object, metadata: Mapping[str, Any], tensors: Mapping[str,
         tied_output="output.weight" not in tensors,
         rope_freq_scale=freq_scale,
         rope_freqs=arch.rope_freqs and "rope_freqs.weight" in tensors,
+        rope_yarn=yarn,
         layer_windows=windows,
         rope_theta_swa=theta_swa,
         attention_scale=scale,

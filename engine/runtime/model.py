@@ -179,7 +179,7 @@ class Transformer:
         c = config
         # one rotary table per distinct RoPE base: global layers, and sliding ones where they differ
         self.rope_global = backend.configure_rope(c.rope_dim, c.rope_theta, c.rope_style, c.context_length,
-                                                  c.rope_freq_scale, weights.rope_freqs)
+                                                  c.rope_freq_scale, weights.rope_freqs, c.rope_yarn)
         self.rope_swa = self.rope_global
         if c.sliding_window and c.rope_theta_swa != c.rope_theta:
             self.rope_swa = backend.configure_rope(c.rope_dim, c.rope_theta_swa, c.rope_style, c.context_length)
