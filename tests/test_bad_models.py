@@ -232,3 +232,10 @@ def test_cuda_backend_refuses_what_it_does_not_compute():
     config = ModelFile(Path(__file__).parent / "fixtures" / "arch" / "gemma3.gguf").config()
     with pytest.raises(UnsupportedModel, match="the cuda backend does not compute per-head q/k RMSNorm"):
         CudaBackend.check_model(None, config, config.variants())  # type: ignore[arg-type]
+
+
+def test_model_without_chat_template_is_told(tmp_path, caplog):
+    """No tokenizer.chat_template: chat falls back to ChatML as llama.cpp's does, and the load says so."""
+    model = LoadedModel(write(tmp_path / "t.gguf"))
+    assert model.chat_template.is_fallback
+    assert "has no chat template (tokenizer.chat_template)" in caplog.text
