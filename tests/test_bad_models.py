@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from tiny_gguf import tiny_writer
 
 from backends.cpu.backend import CpuBackend
 from engine.errors import ModelFormatError, UnsupportedModel
 from engine.model.gguf_file import ModelFile
 from engine.runtime.generate import LoadedModel, score
-from tiny_gguf import tiny_writer
 
 DIM, FFN, VOCAB = 32, 64, 8
 

@@ -1,4 +1,8 @@
-"""The llama-family decoder, as one forward pass over a backend.
+"""The decoder of every architecture in engine/model/arch/, as one forward pass over a backend.
+
+The llama block, top to bottom, with each architecture's variants (biases, q/k norms, post
+norms, GeGLU, embedding scale, sliding windows, per-layer RoPE bases) switched on by its
+flags and by the tensors its file holds; docs/10_architectures.md.
 
 `Transformer.forward` takes a batch of sequence segments (each: its KV cache,
 the new tokens and the position of the first), concatenates their tokens for
@@ -14,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-
 from gguf import GGMLQuantizationType as T
 
 from backends.base import Backend, TensorData
