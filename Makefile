@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 PORT ?= 50051
 METRICS_PORT ?= 9464
+HTTP_PORT ?= 8000
 
 .PHONY: setup run serve test test-fast bench clean protos
 
@@ -20,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 run: setup  ## answer a question with the embedded default model (SmolLM2-135M-Instruct)
 	$(BIN)/plan-engine run "$(PROMPT)" --chat
 
-serve: setup  ## the gRPC control plane on the default model and the default plan
-	$(BIN)/plan-engine serve --port $(PORT) --metrics-port $(METRICS_PORT)
+serve: setup  ## the gRPC control plane (and the OpenAI-compatible HTTP API) on the default model and plan
+	$(BIN)/plan-engine serve --port $(PORT) --metrics-port $(METRICS_PORT) --http-port $(HTTP_PORT)
 
 $(VENV)/.kernels-check: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev,kernels-check]'

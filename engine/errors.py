@@ -44,6 +44,17 @@ class Unavailable(EngineError):
     code = "UNAVAILABLE"
 
 
+class RequestFailed(EngineError):
+    """The engine could not finish a request (e.g. the model produced non-finite logits);
+    other requests are unaffected. The message names the cause."""
+
+
+class DataLoss(EngineError):
+    """Stored data that cannot be read back (a corrupt row or database file): named, never served."""
+
+    code = "DATA_LOSS"
+
+
 class ModelNotFound(NotFound):
     """A model name that is neither in the registry nor an existing file."""
 
@@ -62,3 +73,16 @@ class DownloadError(Unavailable):
 
 class ContextOverflow(InvalidArgument):
     """A prompt (plus requested tokens) longer than the context allows."""
+
+
+SHOWN_CHARS = 120  # how much of a client's value an error message echoes
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters with its full length noted:
+    a client's 100,000-character value must not come back in a status (gRPC's metadata limit)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, bytes)) else f"{len(text)} characters shown"
+    return f"{text[:limit]}... ({size})"

@@ -18,7 +18,7 @@ import grpc
 from services.handlers import deny_handler
 
 from engine.control.suggestions import AgentPolicy
-from services.auth import OPEN_SERVICES
+from services.auth import OPEN_SERVICES, metadata_bearer
 
 _SERVICE = "/planengine.v1.ControlPlane/"
 AGENT_METHODS = frozenset(_SERVICE + m for m in (
@@ -27,11 +27,8 @@ AGENT_METHODS = frozenset(_SERVICE + m for m in (
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    """The token of an `authorization: Bearer <token>` metadata entry, if any."""
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):]
-    return None
+    """The token of an `authorization: Bearer <token>` metadata entry, if any (scheme in any case)."""
+    return metadata_bearer(metadata)
 
 
 class AgentAuthInterceptor(grpc.ServerInterceptor):

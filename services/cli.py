@@ -62,6 +62,27 @@ def _parse_ids(text: str) -> list[int]:
         raise InvalidArgument(f"--ids must be comma-separated integers, got {text!r}", field="ids") from None
 
 
+def _add_token_control_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit before sampling (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
+                   help="also stop at this token id (repeatable)")
+    p.add_argument("--min-tokens", type=int, default=0, help="no end-of-turn or stop token before this many tokens")
+
+
+def _logit_bias(items: Sequence[str]) -> dict[int, float]:
+    out = {}
+    for item in items:
+        tid, sep, bias = item.partition("=")
+        try:
+            out[int(tid)] = float(bias)
+        except ValueError:
+            raise InvalidArgument(f"--logit-bias takes ID=BIAS, got {item!r}", field="logit_bias") from None
+        if not sep:
+            raise InvalidArgument(f"--logit-bias takes ID=BIAS, got {item!r}", field="logit_bias")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plan-engine", description="Run GGUF language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_token_control_args(p)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids and text at the end")
 
@@ -123,13 +145,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--agent-policy", default=None, help="WeOS agent policy (JSON): agent tokens, the plan fields "
                    "each may change, bounds, rate and mode; none = no agent may suggest")
+    p.add_argument("--insecure-operator", action="store_true",
+                   help="with --agent-policy and no --token: let every caller without an agent token act as an "
+                        "operator (refused otherwise; logs a warning)")
+    p.add_argument("--model-dir", action="append", default=None,
+                   help="a directory (or file) plans' model paths may name (repeatable; default: the model cache "
+                        "and the --plan/--default-plan model); registry names are always allowed")
     p.add_argument("--max-message-mb", type=int, default=16)
     p.add_argument("--grace", type=float, default=30.0, help="seconds a drain waits for in-flight requests")
+    p.add_argument("--max-workers", type=int, default=64,
+                   help="RPC threads; open Generate/WatchMetrics/Suggest streams take all but --reserved-threads")
+    p.add_argument("--reserved-threads", type=int, default=8, help="threads kept for unary RPCs and health checks")
+    p.add_argument("--max-idle-streams-per-client", type=int, default=8,
+                   help="WatchMetrics + Suggest streams one client (token or address) may hold open")
+    p.add_argument("--suggest-idle", type=float, default=300.0, help="seconds before an idle Suggest stream is closed")
+    p.add_argument("--max-prompt-bytes", type=int, default=4 << 20,
+                   help="UTF-8 bytes of a prompt or a Tokenize text (the model's context may allow fewer)")
+    p.add_argument("--max-request-id-bytes", type=int, default=128)
+    p.add_argument("--max-stop-strings", type=int, default=16)
+    p.add_argument("--max-stop-bytes", type=int, default=256, help="bytes of each stop string")
+    p.add_argument("--max-chat-messages", type=int, default=1024)
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port")
     p.add_argument("--trace-exporter", choices=("auto", "none", "console", "otlp"), default="auto",
                    help="OpenTelemetry spans: auto = OTLP when an endpoint is set, else none (default: auto)")
     p.add_argument("--otlp-endpoint", default=None,
                    help="OTLP/gRPC collector, e.g. http://localhost:4317 (default: $OTEL_EXPORTER_OTLP_ENDPOINT)")
+    p.add_argument("--untraced-services", default=None, metavar="NAMES",
+                   help="comma-separated gRPC services that make no span ('' traces every call; default: "
+                        "grpc.health.v1.Health and both reflection services)")
 
     p = sub.add_parser("generate", help="stream a completion from a running server")
     p.add_argument("prompt")
@@ -139,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", "-t", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[])
+    _add_token_control_args(p)
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                   help="also return each prompt token's logprob and K alternatives (in the final message)")
     p.add_argument("--plan", default=None, help="run under plan ID[@VERSION] (must be active)")
     p.add_argument("--json", action="store_true", help="print every response message as JSON")
 
@@ -208,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=64, help="with --concurrency: tokens generated per request")
     p.add_argument("--batch-invariant", action="store_true",
                    help="numerics that do not depend on batch mates (the plan's determinism.batch_invariant)")
+    p.add_argument("--prefix-cache", type=int, default=None, metavar="PREFIX_LEN",
+                   help="time to first token of two requests sharing a PREFIX_LEN-token prefix, cache on and off")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -237,7 +287,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                                 frequency_penalty=args.frequency_penalty, seed=args.seed,
-                                max_tokens=args.max_tokens, stop=tuple(args.stop))
+                                max_tokens=args.max_tokens, stop=tuple(args.stop),
+                                logit_bias=tuple(sorted(_logit_bias(args.logit_bias).items())),
+                                stop_token_ids=tuple(args.stop_token_id), min_tokens=args.min_tokens)
     except InvalidSamplingParams as exc:
         raise InvalidArgument(str(exc), field=exc.field) from None
     model = _load(args)
@@ -346,11 +398,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engine.runtime.bench import bench
+    from engine.runtime.bench import bench, bench_prefix_cache
     if args.concurrency:
         return _bench_concurrency(args)
     model = _load(args)
     try:
+        if args.prefix_cache is not None:
+            if not 0 < args.prefix_cache < model.context_length - 18:
+                raise InvalidArgument(f"--prefix-cache must be in 1..{model.context_length - 19}", field="prefix_cache")
+            result = bench_prefix_cache(model, prefix_len=args.prefix_cache, rounds=args.repeats)
+            if args.json:
+                _print_json(result)
+            else:
+                for k, v in result.items():
+                    print(f"{k:32s} {v}")
+            return 0
         if not (0 < args.pp < model.context_length and 0 < args.tg < model.context_length):
             raise InvalidArgument(f"--pp and --tg must be in 1..{model.context_length - 1}", field="pp")
         result = bench(model, pp=args.pp, tg=args.tg, repeats=args.repeats, profile=args.profile or args.json)
@@ -367,6 +429,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for r in prof["ops"]:
             print(f"  {r['op']:<38} {r['count']:>7} {r['seconds']:>9.4f} s {100 * r['share']:6.1f} %")
     return 0
+
+
+def _untraced(names: str | None) -> dict[str, tuple[str, ...]]:
+    if names is None:
+        return {}  # the server's default
+    return {"untraced_services": tuple(n.strip() for n in names.split(",") if n.strip())}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -393,11 +461,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                            agent_policy=Path(args.agent_policy) if args.agent_policy else None,
                            tls_key=Path(args.tls_key) if args.tls_key else None, grace_s=args.grace,
-                           metrics_port=args.metrics_port, tracer_provider=tracer_provider))
+                           metrics_port=args.metrics_port, http_port=args.http_port,
+                           tracer_provider=tracer_provider,
+                           max_workers=args.max_workers, reserved_threads=args.reserved_threads,
+                           max_idle_streams_per_client=args.max_idle_streams_per_client,
+                           suggest_idle_s=args.suggest_idle, request_limits=_request_limits(args),
+                           insecure_operator=args.insecure_operator,
+                           model_dirs=[Path(d) for d in args.model_dir] if args.model_dir is not None else None,
+                           **_untraced(args.untraced_services)))
     finally:
         if tracer_provider is not None:
             tracer_provider.shutdown()  # exports the spans still batched
     return 0
+
+
+def _request_limits(args):
+    from engine.control.limits import RequestLimits
+    try:
+        return RequestLimits(max_prompt_bytes=args.max_prompt_bytes, max_request_id_bytes=args.max_request_id_bytes,
+                             max_stop_strings=args.max_stop_strings, max_stop_bytes=args.max_stop_bytes,
+                             max_chat_messages=args.max_chat_messages)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def _store_target(store: str | None):
@@ -418,7 +503,11 @@ def _read_plan(path: str):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
-    fields: dict[str, Any] = {"max_tokens": args.max_tokens, "stop": args.stop}
+    fields: dict[str, Any] = {"max_tokens": args.max_tokens, "stop": args.stop,
+                              "logit_bias": _logit_bias(args.logit_bias), "stop_token_ids": args.stop_token_id,
+                              "min_tokens": args.min_tokens}
+    if args.prompt_logprobs is not None:
+        fields["prompt_logprobs"] = args.prompt_logprobs
     if args.seed is not None:
         fields["seed"] = args.seed
     if args.temperature is not None:

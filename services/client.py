@@ -55,6 +55,7 @@ class PlanEngineClient:
         return self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout)
 
     def cancel(self, request_id: str) -> bool:
+        """True once the request is being stopped; an unknown or finished id raises RpcError NOT_FOUND."""
         return self._call("Cancel", pb.CancelRequest(request_id=request_id)).cancelled
 
     def submit_plan(self, plan: plan_pb2.ExecutionPlan | dict | str, activate: bool = False) -> pb.SubmitPlanResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -19,18 +20,23 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from engine.control.control_plane import ControlPlane
+from engine.control.limits import RequestLimits
 from engine.control.plan_store import PlanStore, SqlitePlanStore
 from engine.control.plans import PlanEnvironment
 from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
+from engine.errors import InvalidArgument
+from engine.model import registry
 from services.agent_auth import AgentAuthInterceptor
 from protos.planengine.v1 import control_plane_pb2, control_plane_pb2_grpc, plan_pb2
 from services.auth import BearerTokenInterceptor
 from services.errors import ErrorMappingInterceptor
-from services.tracing import server_interceptor
+from services.openai_api import HttpServer, create_app
+from services.reflection import enable_server_reflection
+from services.tracing import UNTRACED_SERVICES, server_interceptor
 from services.servicer import ControlPlaneServicer
+from services.streams import Closing, StreamLimitInterceptor, StreamLimits
 
 log = logging.getLogger(__name__)
 
@@ -61,35 +67,71 @@ class ServerConfig:
     initial_plan: plan_pb2.ExecutionPlan | None = None  # stored and activated at start if given
     initial_plan_if_none: bool = False  # ...only when no plan is active: a fleet's restarted replica overrides nothing
     max_message_bytes: int = 16 * 1024 * 1024
-    max_workers: int = 64  # concurrent RPCs (each Generate stream holds one thread)
+    max_workers: int = 64  # threads for RPCs (each open Generate, WatchMetrics or Suggest stream holds one)
+    reserved_threads: int = 8  # never taken by streams: unary RPCs and health checks always find a thread
+    max_idle_streams_per_client: int = 8  # WatchMetrics + Suggest streams per client (token or address)
+    suggest_idle_s: float = 300.0  # a Suggest stream that sends nothing for this long is closed
+    request_limits: RequestLimits = field(default_factory=RequestLimits)  # prompt, request_id, stop, chat sizes
     auth_tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no authentication
     agent_policy: Path | None = None  # WeOS agents' tokens and authority (JSON); None = no agent may suggest
+    insecure_operator: bool = False  # allow an agent policy without operator tokens (every caller an operator)
+    # Where plans' model paths may lie (directories, or single files); registry names are always
+    # allowed. None: the model cache, plus the initial plan's model file. [] : registry names only.
+    model_dirs: list[Path] | None = None
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve TLS
     tls_key: Path | None = None
     grace_s: float = 30.0  # how long a drain waits for in-flight requests
     tracer_provider: Any = None  # OpenTelemetry TracerProvider (tracing.configure_tracing); None = no tracing
+    untraced_services: tuple[str, ...] = UNTRACED_SERVICES  # no span for these (health, reflection)
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0 picks one); None = off
+    http_port: int | None = None  # serve the OpenAI-compatible HTTP API on this port (0 picks one); None = off
+
+
+def allowed_model_dirs(config: ServerConfig) -> list[Path]:
+    """`config.model_dirs`, or by default the model cache and the initial plan's own model file:
+    what the operator started the server with, and nothing else of the host's files."""
+    if config.model_dirs is not None:
+        return [Path(d).expanduser() for d in config.model_dirs]
+    dirs = [registry.cache_dir()]
+    model = config.initial_plan.model if config.initial_plan is not None else ""
+    if model and model not in registry.REGISTRY:
+        dirs.append(Path(model).expanduser())
+    return dirs
 
 
 class PlanEngineServer:
     """A started server: its gRPC server, port, control plane and health servicer."""
 
     def __init__(self, grpc_server: grpc.Server, port: int, control: ControlPlane, health_servicer, store,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, closing: Closing | None = None,
+                 streams: StreamLimitInterceptor | None = None):
         self.grpc_server = grpc_server
+        self.closing = closing or Closing()
+        self.streams = streams
         self.port = port
         self.metrics_port = metrics_port
         self.control = control
         self.health = health_servicer
         self.store = store
+        self.http: HttpServer | None = None  # the OpenAI-compatible API, when config.http_port is set
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new RPCs, let in-flight requests finish within `grace_s`."""
+        """Drain: health NOT_SERVING, refuse new RPCs and HTTP connections, let in-flight requests
+        finish within `grace_s`."""
         self.health.enter_graceful_shutdown()
+        self.closing.set()  # WatchMetrics and Suggest streams end now; Generate streams finish below
+        if self.http is not None:
+            self.http.begin_stop(grace_s)  # closes its socket; responses in flight go on
         # grpc's grace covers RPCs already running (open Generate streams); it refuses new ones at once
         done = self.grpc_server.stop(grace_s)
         self.control.close(grace_s)
         done.wait()
+        if self.http is not None:
+            self.http.stop(grace_s)  # every request has its final event by now: the streams end
         self.store.close()
 
 
@@ -98,14 +140,26 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
     if config.tracer_provider is not None:
         # first: its span then covers authentication and error mapping, continues the client's
         # traceparent, and stays open for a whole Generate stream
-        interceptors.append(server_interceptor(config.tracer_provider))
+        interceptors.append(server_interceptor(config.tracer_provider, config.untraced_services))
     operators = BearerTokenInterceptor(config.auth_tokens) if config.auth_tokens else None
     agents = AgentPolicy.load(config.agent_policy) if config.agent_policy else AgentPolicy()
+    if agents.agents and operators is None:
+        if not config.insecure_operator:
+            raise InvalidArgument("an agent policy without operator tokens would let any caller act as an operator "
+                                  "(submit and activate plans, approve suggestions): give --token (or "
+                                  "PLAN_ENGINE_TOKENS), or --insecure-operator to accept that", field="token")
+        log.warning("INSECURE: --insecure-operator: agents are authenticated but every caller without an agent "
+                    "token has operator rights (no --token)")
     if agents.agents:  # agent tokens open only the agent RPCs; other calls go on to the operator check
         interceptors.append(AgentAuthInterceptor(agents, operators))
     elif operators is not None:
         interceptors.append(operators)
     interceptors.append(ErrorMappingInterceptor())
+    if config.max_workers <= config.reserved_threads:
+        raise ValueError(f"max_workers {config.max_workers} must exceed reserved_threads {config.reserved_threads}")
+    streams = StreamLimitInterceptor(StreamLimits(config.max_workers - config.reserved_threads,
+                                                  config.max_idle_streams_per_client, config.suggest_idle_s))
+    interceptors.append(streams)  # inside error mapping: its RESOURCE_EXHAUSTED is mapped like any other
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
@@ -121,11 +175,15 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
 
     set_serving(False)
     store, suggestion_log = open_store(config.store_path or default_store_path())
-    control = ControlPlane(store, PlanEnvironment(), on_serving=set_serving, tracer_provider=config.tracer_provider)
-    servicer = ControlPlaneServicer(control)
+    model_dirs = allowed_model_dirs(config)
+    log.info("model paths allowed in: %s (and registry names)", ", ".join(map(str, model_dirs)) or "nothing")
+    control = ControlPlane(store, PlanEnvironment(model_dirs=model_dirs), on_serving=set_serving,
+                           tracer_provider=config.tracer_provider, limits=config.request_limits)
+    closing = Closing()
+    servicer = ControlPlaneServicer(control, closing, config.suggest_idle_s)
     servicer.reviewer = SuggestionReviewer(control, agents, suggestion_log)
     control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
 
     address = f"{config.host}:{config.port}"
     if config.tls_cert and config.tls_key:
@@ -137,25 +195,38 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
         store.close()
         raise OSError(f"cannot bind {address}")
     server.start()  # health answers NOT_SERVING while the model loads
+    http = None
     try:
+        if config.http_port is not None:  # answers 503 while the model loads, as health does
+            http = HttpServer(create_app(control, operators.tokens if operators else None,
+                                         agents if agents.agents else None, max_streams=config.max_workers),
+                              config.host, config.http_port).start()
         keep = config.initial_plan_if_none and store.active() is not None
         control.start(None if keep else config.initial_plan)
     except BaseException:
+        if http is not None:
+            http.stop(0)
         server.stop(0)
         store.close()
         raise
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = control.metrics.serve_http(config.host, config.metrics_port)
-    return PlanEngineServer(server, port, control, health_servicer, store, metrics_port)
+    started = PlanEngineServer(server, port, control, health_servicer, store, metrics_port, closing, streams)
+    started.http = http
+    return started
 
 
 def serve(config: ServerConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully."""
     server = create_server(config)
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    if server.http_port is not None:
+        metrics += f", OpenAI HTTP API on :{server.http_port}/v1"
     print(f"plan-engine serving on {config.host}:{server.port} "
           f"(plan {server.control.runtime.plan.id}@{server.control.runtime.plan.version}{metrics})", flush=True)
+    if server.control.fallback:
+        print(f"FALLBACK: {server.control.fallback}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -8,7 +8,6 @@ whole stream.
 from __future__ import annotations
 
 import json
-import time
 from typing import Iterator
 
 import grpc
@@ -16,12 +15,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.control.control_plane import ControlPlane, GenerateInput, PlanStamp
 from engine.control.suggestions import SuggestionRecord, SuggestionReviewer, Verdict
-from engine.errors import FailedPrecondition, InvalidArgument
+from engine.errors import FailedPrecondition, InvalidArgument, RequestFailed
 from engine.model import registry
 from engine.model.gguf_file import ModelFile
 from engine.runtime.generate import TokenEvent
 from engine.runtime.worker import Final
 from services.agent_auth import bearer_token
+from services.streams import Closing, requests_until_idle
 from protos.planengine.v1 import control_plane_pb2 as pb
 from protos.planengine.v1 import control_plane_pb2_grpc as pb_grpc
 from protos.planengine.v1 import suggestion_pb2 as sg
@@ -58,12 +58,18 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         plan_version=request.plan.version,
         top_logprobs=request.top_logprobs if request.logprobs else 0,
         ignore_eos=request.ignore_eos,
+        logit_bias=dict(request.logit_bias),
+        stop_token_ids=list(request.stop_token_ids),
+        min_tokens=request.min_tokens,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
     )
 
 
 class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
-    def __init__(self, control: ControlPlane):
+    def __init__(self, control: ControlPlane, closing: Closing | None = None, suggest_idle_s: float = 300.0):
         self.control = control
+        self.closing = closing or Closing()  # set by the server when it stops: waiting streams end at once
+        self.suggest_idle_s = suggest_idle_s
 
     # --- plans ---------------------------------------------------------------------------
     def SubmitPlan(self, request: pb.SubmitPlanRequest, context: grpc.ServicerContext) -> pb.SubmitPlanResponse:
@@ -77,8 +83,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         return self.control.runtime.plan
 
     def ListPlans(self, request: pb.ListPlansRequest, context: grpc.ServicerContext) -> pb.ListPlansResponse:
-        active = self.control.store.active()
-        return pb.ListPlansResponse(plans=self.control.store.list_latest(), active_id=active.id if active else "",
+        plans, active = self.control.list_plans()
+        return pb.ListPlansResponse(plans=plans, active_id=active.id if active else "",
                                     active_version=active.version if active else 0)
 
     def ActivatePlan(self, request: pb.ActivatePlanRequest, context: grpc.ServicerContext):
@@ -111,7 +117,10 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                                                   for t, lp in event.top_logprobs)
                 yield pb.GenerateResponse(request_id=handle.request_id, delta=delta)
             elif isinstance(event, Final):
-                yield pb.GenerateResponse(request_id=handle.request_id, final=_final(event))
+                if event.error:  # the engine ended this request (alone) with an error: an error status
+                    raise RequestFailed(f"request {handle.request_id} failed in the engine: {event.error}")
+                yield pb.GenerateResponse(request_id=handle.request_id,
+                                          final=_final(event, include_text=request.include_text))
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         return pb.CancelResponse(cancelled=self.control.cancel(request.request_id))
@@ -128,7 +137,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
 
     def InspectModel(self, request: pb.InspectModelRequest, context: grpc.ServicerContext):
         name = request.model or self.control.runtime.plan.model
-        info = ModelFile(registry.resolve(name, pull_missing=False)).describe()
+        info = ModelFile(self.control.env.resolve_model(name, pull_missing=False)).describe()
         details = {k: info[k] for k in ("name", "config", "tensor_types", "tokenizer", "metadata")}
         return pb.InspectModelResponse(
             path=info["path"], architecture=info["architecture"], supported=info["supported"],
@@ -144,9 +153,14 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         interval = request.interval_s or 1.0
         if not 0.05 <= interval <= 3600:
             raise InvalidArgument(f"interval_s {interval} must be in 0.05..3600", field="interval_s")
-        while context.is_active():
-            yield metrics_snapshot(self.control.metrics.snapshot())
-            time.sleep(interval)
+        # wakes at once when the client goes (cancel, deadline) or the server stops
+        wake, key = self.closing.waiter(context)
+        try:
+            while context.is_active() and not self.closing.is_set():
+                yield metrics_snapshot(self.control.metrics.snapshot())
+                wake.wait(interval)
+        finally:
+            self.closing.unsubscribe(key)
 
     # --- WeOS agents ---------------------------------------------------------------------
     # Set by create_server; without one the suggestion RPCs answer FAILED_PRECONDITION.
@@ -161,7 +175,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                 context: grpc.ServicerContext) -> Iterator[sg.SuggestionVerdict]:
         reviewer = self._reviewer()
         agent = reviewer.authenticate(bearer_token(context.invocation_metadata()))
-        for suggestion in request_iterator:  # one verdict each, in order
+        # one verdict each, in order; an idle stream is closed, and every stream when the server stops
+        for suggestion in requests_until_idle(request_iterator, self.suggest_idle_s, self.closing):
             yield _verdict(reviewer.review(agent, suggestion))
 
     def ListSuggestions(self, request: pb.ListSuggestionsRequest,
@@ -183,15 +198,22 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         return _suggestion_record(record)
 
 
-def _final(f: Final) -> pb.GenerateFinal:
+def _final(f: Final, include_text: bool = False) -> pb.GenerateFinal:
     return pb.GenerateFinal(
-        finish_reason=f.finish_reason,
+        finish_reason=f.finish_reason, reason=_FINISH_REASONS.get(f.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        text=f.text if include_text else "",
         usage=pb.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens),
         timings=pb.Timings(queue_s=f.timings["queue_s"], time_to_first_token_s=f.timings["ttft_s"],
                            decode_s=f.timings["decode_s"], total_s=f.timings["total_s"]),
         plan=_stamp(f.tag), seed=f.seed, energy_j=f.energy_j,
         joules_per_token=f.energy_j / f.completion_tokens if f.completion_tokens else 0.0,
-        energy_source=f.energy_source)
+        energy_source=f.energy_source,
+        prompt_logprobs=[pb.PromptLogprob(token_id=t, logprob=lp, top_logprobs=[
+            pb.TopLogprob(token_id=a, logprob=alp) for a, alp in top]) for t, lp, top in f.prompt_logprobs])
+
+
+_FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                   "cancelled": pb.FINISH_REASON_CANCELLED, "error": pb.FINISH_REASON_ERROR}
 
 
 def _latency(summary: dict | None) -> pb.LatencySummary:

@@ -5,7 +5,7 @@ The engine's own spans (engine.telemetry.tracing) hang under the span this opens
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -21,6 +21,11 @@ _SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EX
                             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
 
 
+# Probes and tooling: a Kubernetes probe every ~10 s per pod would otherwise be a trace each.
+UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+                     "grpc.reflection.v1alpha.ServerReflection")
+
+
 class TracingServerInterceptor(grpc.ServerInterceptor):
     """The standard OpenTelemetry server interceptor, plus the status codes it misses.
 
@@ -31,19 +36,28 @@ class TracingServerInterceptor(grpc.ServerInterceptor):
     with `context.abort()` or `set_code()`, but not one set with `abort_with_status()`,
     which is how `services.errors` answers domain errors; the wrapper below reads the
     final code after the handler and records it on the server span.
+
+    Calls to the services named in `untraced` (full names, e.g. `grpc.health.v1.Health`)
+    make no span at all.
     """
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None):
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None,
+                 untraced: Iterable[str] = UNTRACED_SERVICES):
         from opentelemetry.instrumentation.grpc import server_interceptor as otel_server_interceptor
         self._otel = otel_server_interceptor(tracer_provider=tracer_provider)
+        self._untraced = tuple(f"/{name}/" for name in untraced)
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        if self._untraced and details.method.startswith(self._untraced):
+            return continuation(details)
         return self._otel.intercept_service(lambda d: _record_status(continuation(d)), details)
 
 
-def server_interceptor(tracer_provider: trace.TracerProvider | None = None) -> grpc.ServerInterceptor:
-    """The interceptor that makes one SERVER span per RPC, named `/package.Service/Method`."""
-    return TracingServerInterceptor(tracer_provider)
+def server_interceptor(tracer_provider: trace.TracerProvider | None = None,
+                       untraced: Iterable[str] = UNTRACED_SERVICES) -> grpc.ServerInterceptor:
+    """The interceptor that makes one SERVER span per RPC, named `/package.Service/Method`,
+    except for calls to the `untraced` services."""
+    return TracingServerInterceptor(tracer_provider, untraced)
 
 
 def _record_status(handler: Any) -> Any:

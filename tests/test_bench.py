@@ -34,3 +34,11 @@ def test_concurrency_levels_count_every_token(tiny, mode):
 @pytest.mark.parametrize("levels", ["0", "a,b", "1,300"])
 def test_bad_levels_are_a_clean_error(tiny, levels):
     assert_clean_error(cli("bench", "--model", str(tiny), "--concurrency", levels), "--concurrency")
+
+
+def test_prefix_cache_bench_reports_both_ttfts(tiny):
+    result = cli("bench", "--model", str(tiny), "--prefix-cache", "40", "--repeats", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["prefix_len"] == 40 and out["rounds"] == 1
+    assert all(out[f"cache_{s}_{n}_ttft_s"] >= 0 for s in ("on", "off") for n in ("first", "second"))

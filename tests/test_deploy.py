@@ -114,7 +114,7 @@ def test_probes_are_native_grpc_health_checks_on_the_served_port(rendered):
     server = container(rendered)
     from services.server import SERVICE_NAME
     assert "--port=50051" in server["args"] and "--host=0.0.0.0" in server["args"]
-    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"grpc": 50051, "metrics": 9090}
+    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"grpc": 50051, "metrics": 9090, "http": 8000}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == 50051, probe
     assert server["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
@@ -126,7 +126,8 @@ def test_the_server_arguments_are_ones_the_cli_accepts(rendered):
     from services.cli import build_parser
     server = container(rendered)
     args = build_parser().parse_args(server["args"])  # exits (SystemExit) on an unknown flag
-    assert (args.command, args.host, args.port, args.metrics_port) == ("serve", "0.0.0.0", 50051, 9090)
+    assert (args.command, args.host, args.port, args.metrics_port, args.http_port) == \
+        ("serve", "0.0.0.0", 50051, 9090, 8000)
     mounted = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
     assert Path(args.default_plan).parent.as_posix() == mounted["config"]
     assert Path(args.agent_policy).parent.as_posix() == mounted["config"]

@@ -58,26 +58,26 @@ def test_scrape_over_http():
 
     a = labels(PLAN_A)
     for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
-        assert value(s, f"planengine:{name}_count", **a) == n
-        assert value(s, f"planengine:{name}_bucket", **a, le="+Inf") == n
-        assert value(s, f"planengine:{name}_count", **labels(PLAN_B)) == 1
-    assert value(s, "planengine:inter_token_latency_seconds_count", **a) == 3 * n
-    assert value(s, "planengine:inter_token_latency_seconds_sum", **a) == pytest.approx(0.09 * n)
-    assert value(s, "planengine:e2e_request_latency_seconds_sum", **a) == pytest.approx(sum(1.0 + i for i in range(1, 6)))
+        assert value(s, f"planengine_{name}_count", **a) == n
+        assert value(s, f"planengine_{name}_bucket", **a, le="+Inf") == n
+        assert value(s, f"planengine_{name}_count", **labels(PLAN_B)) == 1
+    assert value(s, "planengine_inter_token_latency_seconds_count", **a) == 3 * n
+    assert value(s, "planengine_inter_token_latency_seconds_sum", **a) == pytest.approx(0.09 * n)
+    assert value(s, "planengine_e2e_request_latency_seconds_sum", **a) == pytest.approx(sum(1.0 + i for i in range(1, 6)))
     # TTFT 0.1..0.5 s: two at or under vLLM's 0.25 s bucket
-    assert value(s, "planengine:time_to_first_token_seconds_bucket", **a, le="0.25") == 2
+    assert value(s, "planengine_time_to_first_token_seconds_bucket", **a, le="0.25") == 2
 
-    assert value(s, "planengine:prompt_tokens_total", **a) == sum(10 + i for i in range(1, 6))
-    assert value(s, "planengine:generation_tokens_total", **a) == 4 * n
-    assert value(s, "planengine:energy_joules_total", **a) == pytest.approx(0.5 * 15)
-    assert value(s, "planengine:request_success_total", **a, finished_reason="stop") == 4
-    assert value(s, "planengine:request_success_total", **a, finished_reason="length") == 1
-    assert value(s, "planengine:generation_tokens_total", **labels(PLAN_B)) == 4
+    assert value(s, "planengine_prompt_tokens_total", **a) == sum(10 + i for i in range(1, 6))
+    assert value(s, "planengine_generation_tokens_total", **a) == 4 * n
+    assert value(s, "planengine_energy_joules_total", **a) == pytest.approx(0.5 * 15)
+    assert value(s, "planengine_request_success_total", **a, finished_reason="stop") == 4
+    assert value(s, "planengine_request_success_total", **a, finished_reason="length") == 1
+    assert value(s, "planengine_generation_tokens_total", **labels(PLAN_B)) == 4
 
-    assert value(s, "planengine:num_requests_running", **a) == 3
-    assert value(s, "planengine:num_requests_waiting", **a) == 7
-    assert value(s, "planengine:kv_cache_usage_perc", **a) == 0.25
-    assert value(s, "planengine:power_watts", **a) == 42.5
+    assert value(s, "planengine_num_requests_running", **a) == 3
+    assert value(s, "planengine_num_requests_waiting", **a) == 7
+    assert value(s, "planengine_kv_cache_usage_perc", **a) == 0.25
+    assert value(s, "planengine_power_watts", **a) == 42.5
 
     # closed: the port no longer answers
     with pytest.raises(OSError):
@@ -87,8 +87,8 @@ def test_scrape_over_http():
 def test_registries_are_separate():
     first, second = ServingMetrics(), ServingMetrics()
     observe(first, PLAN_A, 1)
-    assert b"planengine:prompt_tokens_total" in first.prometheus_text()
-    assert b'planengine:prompt_tokens_total{' not in second.prometheus_text()
+    assert b"planengine_prompt_tokens_total" in first.prometheus_text()
+    assert b'planengine_prompt_tokens_total{' not in second.prometheus_text()
 
 
 def test_snapshot_percentiles_and_totals():
@@ -157,7 +157,7 @@ def test_bad_input_changes_nothing():
     with pytest.raises(InvalidArgument):
         metrics.set_kv_usage(PLAN_A, 1.5)
     assert metrics.snapshot()["requests_total"] == 0
-    assert b"planengine:request_success_total{" not in metrics.prometheus_text()
+    assert b"planengine_request_success_total{" not in metrics.prometheus_text()
 
 
 def test_cancelled_before_first_token_and_forget():
@@ -167,8 +167,8 @@ def test_cancelled_before_first_token_and_forget():
     metrics.set_running(PLAN_A, 1)
     text = metrics.prometheus_text().decode()
     assert 'finished_reason="cancelled"' in text
-    assert "planengine:time_to_first_token_seconds_count{" not in text
+    assert "planengine_time_to_first_token_seconds_count{" not in text
     metrics.forget(PLAN_A)
     text = metrics.prometheus_text().decode()
-    assert "planengine:num_requests_running{" not in text
-    assert "planengine:e2e_request_latency_seconds_count{" in text  # history stays
+    assert "planengine_num_requests_running{" not in text
+    assert "planengine_e2e_request_latency_seconds_count{" in text  # history stays

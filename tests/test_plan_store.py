@@ -170,7 +170,7 @@ def test_schema_is_versioned_and_the_database_can_be_shared(tmp_path):
         conn.execute("INSERT INTO suggestions (body) VALUES ('x')")
     store.submit(make_plan(seed=1))
     rows = dict(db.connection().execute("SELECT component, version FROM schema_version"))
-    assert rows == {"plans": 1, "suggestions": 1}
+    assert rows == {"plans": 2, "suggestions": 1}  # plans 2: activation_failed events
     assert db.connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.connection().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with pytest.raises(FailedPrecondition, match="schema version 1, newer than this server's 0"):

@@ -305,7 +305,7 @@ def test_changing_any_content_field_changes_the_hash(env):
     base = good(env)
     seen = {plan_hash(base)}
     leaves = list(_content_leaves(plan_pb2.ExecutionPlan.DESCRIPTOR))
-    assert len(leaves) == 23  # model, backend, weights, policy, 3+3+3+3+6 sub-fields, profiling
+    assert len(leaves) == 24  # model, backend, weights, policy, 3+4+3+3+6 sub-fields, profiling
     for path, field in leaves:
         plan = plan_pb2.ExecutionPlan()
         plan.CopyFrom(base)
@@ -326,6 +326,16 @@ def test_changing_any_content_field_changes_the_hash(env):
         h = plan_hash(plan)
         assert h not in seen, path
         seen.add(h)
+
+
+def test_an_unset_optional_field_leaves_the_hash_of_older_plans_alone(env):
+    """kv_cache.prefix_caching came later: plans without it hash as they did before it existed."""
+    from engine.control.plans import canonical_json
+    plan = good(env)
+    assert b"prefix_caching" not in canonical_json(plan)
+    before = plan_hash(plan)
+    plan.kv_cache.prefix_caching = True
+    assert plan_hash(plan) != before  # set explicitly, it is content like any other field
 
 
 # --------------------------------------------------------------------------- patches

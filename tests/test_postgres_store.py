@@ -195,7 +195,7 @@ def test_url_recognition_and_the_shared_schema(store, dsn):
     db.ensure_schema("suggestions", [["CREATE TABLE suggestions (id BIGSERIAL PRIMARY KEY, body TEXT)"]])  # no-op
     with db.transaction() as conn:
         rows = dict(conn.execute("SELECT component, version FROM schema_version").fetchall())
-    assert rows == {"plans": 1, "suggestions": 1}
+    assert rows == {"plans": 2, "suggestions": 1}  # plans 2: activation_failed events
     with pytest.raises(FailedPrecondition, match="schema version 1, newer than this server's 0"):
         db.ensure_schema("suggestions", [])
     shared = PostgresPlanStore(db)
@@ -639,7 +639,7 @@ def test_two_server_replicas_share_the_active_plan(pg, model_path, tmp_path):
     agents: dict[str, PlanEngineClient] = {}
 
     def start(name: str) -> None:
-        procs[name], port = serve(dsn, env, tmp_path, "--agent-policy", str(policy))
+        procs[name], port = serve(dsn, env, tmp_path, "--agent-policy", str(policy), "--insecure-operator")
         clients[name] = PlanEngineClient(f"127.0.0.1:{port}", timeout=60)
         agents[name] = PlanEngineClient(f"127.0.0.1:{port}", token="tuner-token", timeout=60)
 

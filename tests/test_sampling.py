@@ -299,3 +299,31 @@ def test_no_stop_strings_passes_text_through():
 def test_stop_checker_rejects_empty_stop_strings():
     with pytest.raises(ValueError):
         StopChecker([""])
+
+
+# --- extreme but valid values (issue 13): the sampler must never raise on finite logits ---------
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-40, 1e-45, 5e-324])
+def test_a_tiny_temperature_samples_the_best_token(logits, temperature):
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=1))
+    token, logprob = sampler.sample(logits)
+    assert token == int(np.argmax(logits))
+    assert np.isfinite(logprob)
+
+
+@pytest.mark.parametrize("penalty", [1e-38, 1e-300, 1e38])
+def test_an_extreme_repetition_penalty_stays_finite(logits, penalty):
+    sampler = Sampler(SamplingParams(temperature=0.7, repetition_penalty=penalty, seed=3), prompt_ids=[1, 2, 3])
+    for _ in range(5):
+        token, logprob = sampler.sample(logits)
+        assert 0 <= token < logits.size and np.isfinite(logprob)
+    assert np.isfinite(sampler.apply_penalties(logits)).all()
+
+
+def test_non_finite_logits_raise_a_named_error():
+    from engine.runtime.sampling import NonFiniteLogits
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=1))
+    bad = np.zeros(8, np.float32)
+    bad[3] = np.nan
+    with pytest.raises(NonFiniteLogits, match="NaN"):
+        sampler.sample(bad)

@@ -132,8 +132,11 @@ def test_cancel_mid_stream_frees_memory(served):
     assert client.cancel("to-cancel") is True
     rest = list(stream)
     assert rest[-1].final.finish_reason == "cancelled" and rest[-1].final.usage.completion_tokens < 400
+    assert rest[-1].final.reason == pb.FINISH_REASON_CANCELLED
     assert _kv_bytes(server) == 0
-    assert client.cancel("to-cancel") is False
+    with pytest.raises(grpc.RpcError) as err:  # finished: no longer known
+        client.cancel("to-cancel")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_client_disconnect_and_deadline_free_memory(served):
@@ -332,7 +335,7 @@ def test_metrics_energy_and_prometheus(model_path, tmp_path):
         labels = 'model_name="smollm2-135m-instruct-q4_1",plan_id="default",plan_version="1"'
         for name, count in [("time_to_first_token_seconds", 3), ("e2e_request_latency_seconds", 3),
                             ("request_queue_time_seconds", 3), ("inter_token_latency_seconds", 12)]:
-            line = next(ln for ln in text.splitlines() if ln.startswith(f"planengine:{name}_count"))
+            line = next(ln for ln in text.splitlines() if ln.startswith(f"planengine_{name}_count"))
             assert labels in line and float(line.rsplit(" ", 1)[1]) == count, line
         watch = client.stub.WatchMetrics(pb.WatchMetricsRequest(interval_s=0.1))
         first, second = next(watch), next(watch)

@@ -29,17 +29,22 @@ def tiny_writer(path: Path, arch: str = "llama", dim: int = 32, ffn: int = 64) -
     return w
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type: GGMLQuantizationType | None = None) -> Path:
+def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type: GGMLQuantizationType | None = None,
+                    nan_tensor: str | None = None) -> Path:
     """A 1-layer llama-shaped model (dim 32, vocab 8) with a byte-level BPE vocabulary.
 
-    `odd_tensor_type` stores blk.0.ffn_up.weight as raw bytes of that type instead of F32.
+    `odd_tensor_type` stores blk.0.ffn_up.weight as raw bytes of that type instead of F32;
+    `nan_tensor` names a tensor whose first element is NaN (a corrupt model).
     """
     dim, ffn, vocab = 32, 64, 8
     w = tiny_writer(path, arch, dim, ffn)
     rng = np.random.default_rng(0)
 
     def t(name: str, *shape: int) -> None:
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32) * 0.1)
+        values = rng.standard_normal(shape).astype(np.float32) * 0.1
+        if name == nan_tensor:
+            values.flat[0] = np.nan
+        w.add_tensor(name, values)
 
     t("token_embd.weight", vocab, dim)
     t("output_norm.weight", dim)

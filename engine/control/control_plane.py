@@ -5,23 +5,35 @@ its engine worker). Activating a plan that changes the model, weight format,
 backend or KV geometry loads the new runtime first and switches only once it is
 ready; requests in flight finish on the old one, which is then closed. A plan
 that changes only policy or limits is applied to the running worker live.
+
+Load before commit: the store records a version as active only after its runtime
+is loaded (`_activation`: load, then the store's write, then the switch), so a
+kill at any moment leaves an active plan that loaded once. A load that fails
+writes nothing but an "activation_failed" event; a store write that fails (a
+lost compare-and-swap) discards the loaded runtime. At start, an active plan
+that no longer loads (its file replaced, the server's backends changed) is
+reported and the newest version that loads is served instead (`fallback`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from backends.base import OpProfile, ProfiledBackend
+from engine.control.limits import RequestLimits, check_request, check_text, prompt_byte_limit
 from engine.control.metrics_hub import MetricsHub
-from engine.control.plan_store import PlanEvent, PlanStore
+from engine.control.plan_store import PlanEvent, PlanStore, label
 from engine.control.plans import PlanEnvironment, changes_require_reload, prepare, validate
-from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
+from engine.errors import DataLoss, EngineError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from engine.memory.paged import BlockArena
 from engine.model.registry import resolve
 from engine.runtime.generate import LoadedModel
@@ -60,7 +72,23 @@ class PlanStamp:
         return f"{self.id}@{self.version}#{self.hash[:12]}"
 
 
+LONG_PROMPT_CHARS = 64 * 1024  # longer prompts are tokenized at low priority (ControlPlane._encode)
+
+
+def _lower_thread_priority() -> None:
+    """Make the calling thread yield the CPU to the engine (Linux: nice is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
 KV_DTYPES = {plan_pb2.KV_CACHE_DTYPE_F32: np.float32, plan_pb2.KV_CACHE_DTYPE_F16: np.float16}
+
+
+def prefix_caching(plan: plan_pb2.ExecutionPlan) -> bool:
+    """kv_cache.prefix_caching: unset means on."""
+    return not plan.kv_cache.HasField("prefix_caching") or plan.kv_cache.prefix_caching
 
 
 def worker_limits(plan: plan_pb2.ExecutionPlan) -> WorkerLimits:
@@ -75,9 +103,10 @@ class Runtime:
     """One plan made real: its model loaded on its backend, its KV arena, and a worker running it."""
 
     def __init__(self, plan: plan_pb2.ExecutionPlan, meter: PowerMeter,
-                 on_finish: Callable[[Final], None] = lambda final: None):
+                 on_finish: Callable[[Final], None] = lambda final: None,
+                 on_lost: Callable[[str], None] = lambda reason: None, path: Path | None = None):
         self.plan = plan
-        self.model = LoadedModel(resolve(plan.model), backend=BACKEND_NAMES[plan.backend],
+        self.model = LoadedModel(path or resolve(plan.model), backend=BACKEND_NAMES[plan.backend],
                                  weights=WEIGHT_NAMES[plan.weights],
                                  context_length=plan.limits.context_length or None,
                                  batch_invariant=plan.determinism.batch_invariant)
@@ -88,7 +117,9 @@ class Runtime:
         self.set_profiling(plan.profiling)
         self.worker = EngineWorker(self.model, create_policy(POLICY_NAMES[plan.scheduler_policy]),
                                    worker_limits(plan), arena=arena,
-                                   governor=PowerGovernor(meter, plan.limits.max_watts), on_finish=on_finish)
+                                   governor=PowerGovernor(meter, plan.limits.max_watts), on_finish=on_finish,
+                                   on_lost=on_lost, prefix_caching=prefix_caching(plan),
+                                   cache_salt=f"{plan.model}|{plan.backend}|{plan.weights}".encode())
 
     def set_profiling(self, enabled: bool) -> None:
         """Time every backend op (plan.profiling); the profile restarts when it is switched on."""
@@ -108,6 +139,9 @@ class Runtime:
         self.model.close()
 
 
+FALLBACK_TRIES = 8  # stored versions a start tries to load when the active one cannot load
+
+
 @dataclass
 class GenerateInput:
     """A Generate request in domain terms (the servicer builds it from protobuf)."""
@@ -125,6 +159,10 @@ class GenerateInput:
     plan_version: int = 0
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, -100..100
+    stop_token_ids: Sequence[int] = ()
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None  # alternatives per prompt position (0..20); None: none
 
 
 class ControlPlane:
@@ -132,8 +170,9 @@ class ControlPlane:
 
     def __init__(self, store: PlanStore, env: PlanEnvironment,
                  on_serving: Callable[[bool], None] = lambda serving: None, meter: PowerMeter | None = None,
-                 tracer_provider: Any = None):
+                 tracer_provider: Any = None, limits: RequestLimits = RequestLimits()):
         self.store = store
+        self.limits = limits
         self._tracer = engine_tracer(tracer_provider)  # None: the global provider, a no-op unless one is set
         self.env = env
         self.meter = meter or default_meter()
@@ -142,25 +181,85 @@ class ControlPlane:
         self._on_finish = self.metrics.on_finish
         self._runtime: Runtime | None = None
         self._switch = threading.Lock()  # one activation at a time
+        # long prompts are tokenized here, at a lower CPU priority than the engine's threads
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize",
+                                              initializer=_lower_thread_priority)
         self._retiring: list[threading.Thread] = []
         self._watch = None  # follows activations made by other replicas, when the store is shared
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, initial: plan_pb2.ExecutionPlan | None = None, actor: str = "server") -> plan_pb2.ExecutionPlan:
-        """Load the active plan (storing and activating `initial` first if there is none or it is given)."""
+        """Load the active plan (storing and activating `initial` first if there is none or it is
+        given: loaded first, stored only once it runs). An active plan that cannot load is
+        reported and the newest stored version that loads is served instead (`self.fallback`
+        says which and why); with none that loads, this raises, naming what failed."""
+        self._on_serving(False)
         active = self.store.active()
         if initial is not None or active is None:
             plan = prepare(initial if initial is not None else plan_pb2.ExecutionPlan(id="default"), self.env)
-            active = self.store.submit(plan, actor=actor, activate=True)
-        self._on_serving(False)
-        with plan_apply_span(self._tracer, None, active, reload=True):
-            self._runtime = Runtime(active, self.meter, self._on_finish)
+            with plan_apply_span(self._tracer, None, plan, reload=True):
+                runtime = self._load_or_record(plan, actor)
+            try:
+                active = self.store.submit(plan, actor=actor, activate=True)
+            except BaseException:
+                runtime.retire(0)
+                raise
+            runtime.plan = active
+        else:
+            try:
+                with plan_apply_span(self._tracer, None, active, reload=True):
+                    runtime = self._load_or_record(active, actor, check=True)
+            except Exception as exc:  # noqa: BLE001 - any load failure: try the others, then report
+                runtime, active = self._fall_back(active, exc, actor)
+        self._runtime = runtime
         self._on_serving(True)
         log.info("serving plan %s (%s)", PlanStamp.of(active), active.model)
         watch = getattr(self.store, "watch_active", None)
         if watch is not None:  # a store shared by replicas: apply what the others activate
             self._watch = watch(self._follow)
         return active
+
+    fallback: str | None = None  # set when start() serves another version than the stored active one
+
+    def _fall_back(self, broken: plan_pb2.ExecutionPlan, error: Exception,
+                   actor: str) -> tuple[Runtime, plan_pb2.ExecutionPlan]:
+        """The newest stored version that loads, made active in the store, after `broken` (the
+        active one) failed with `error`. Raises EngineError naming what failed when none loads."""
+        log.error("the active plan %s cannot load: %s; looking for the newest version that loads",
+                  label(broken), error)
+        tried = [f"{label(broken)}: {error}"]
+        for candidate in self._fallback_candidates(broken):
+            if len(tried) > FALLBACK_TRIES:
+                break
+            try:
+                runtime = self._load(candidate, check=True)
+            except Exception as exc:  # noqa: BLE001
+                log.error("fallback: %s cannot load either: %s", label(candidate), exc)
+                tried.append(f"{label(candidate)}: {exc}")
+                continue
+            reason = f"{label(broken)} cannot load ({error})"
+            try:
+                now, _ = self.store.rollback(candidate.id, candidate.version,
+                                             actor=f"{actor} (fallback: {reason})"[:500])
+            except BaseException:
+                runtime.retire(0)
+                raise
+            runtime.plan = now
+            self.fallback = f"the active plan {reason}; serving {label(now)}, the newest version that loads"
+            log.error("FALLBACK: %s", self.fallback)
+            return runtime, now
+        raise EngineError(f"no stored plan version loads: {'; '.join(tried)}"[:4000])
+
+    def _fallback_candidates(self, broken: plan_pb2.ExecutionPlan):
+        """Older versions of the broken plan's id, newest first, then the newest version of every other id."""
+        for version in range(broken.version - 1, 0, -1):
+            try:
+                yield self.store.get(broken.id, version)
+            except (DataLoss, NotFound) as exc:
+                log.error("fallback: skipping %s@%d: %s", broken.id, version, exc)
+        for plan in self.store.list_latest():
+            if plan.id != broken.id:
+                yield plan
 
     def close(self, grace_s: float | None = None) -> None:
         if self._watch is not None:
@@ -172,6 +271,16 @@ class ControlPlane:
         for t in self._retiring:
             t.join()
         self.metrics.close()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    def _worker_lost(self, reason: str) -> None:
+        """The active runtime's engine thread stopped: health turns NOT_SERVING (new requests get
+        UNAVAILABLE from the worker) until a restart or a new plan's runtime replaces it."""
+        runtime = self._runtime
+        if runtime is not None and runtime.worker.lost is None:
+            return  # a retiring runtime's worker: not the one serving
+        log.critical("engine worker lost (%s): reporting NOT_SERVING", reason)
+        self._on_serving(False)
 
     @property
     def runtime(self) -> Runtime:
@@ -183,44 +292,56 @@ class ControlPlane:
     def submit_plan(self, plan: plan_pb2.ExecutionPlan, activate: bool = False, actor: str = "") -> tuple[
             plan_pb2.ExecutionPlan, bool]:
         plan = prepare(plan, self.env)
-        stored = self.store.submit(plan, actor=actor)
-        if activate:
-            self.activate(stored.id, stored.version, actor=actor)
-        return stored, activate
+        if not activate:
+            return self.store.submit(plan, actor=actor), False
+        with self._switch:
+            def commit():
+                stored = self.store.submit(plan, actor=actor, activate=True)
+                return stored, stored
+            return self._activation(plan, commit, actor), True
 
     def activate(self, plan_id: str, version: int = 0, actor: str = "") -> tuple[
             plan_pb2.ExecutionPlan, plan_pb2.ExecutionPlan | None]:
         with self._switch:
             target = self.store.get(plan_id, version)
-            self._apply(target)
-            return self.store.activate(target.id, target.version, actor=actor)
+            return self._activation(target, lambda: (target, self.store.activate(target.id, target.version,
+                                                                                 actor=actor)),
+                                    actor, check=True)
 
     def rollback(self, plan_id: str = "", version: int = 0, actor: str = "") -> tuple[
             plan_pb2.ExecutionPlan, plan_pb2.ExecutionPlan | None]:
         with self._switch:
             target = self.store.rollback_target(plan_id, version)
-            self._apply(target)
-            return self.store.rollback(target.id, target.version, actor=actor)
+            return self._activation(target, lambda: (target, self.store.rollback(target.id, target.version,
+                                                                                 actor=actor)),
+                                    actor, check=True)
 
     def submit_if_active(self, plan: plan_pb2.ExecutionPlan, base_version: int, actor: str = "") -> tuple[
             plan_pb2.ExecutionPlan, plan_pb2.ExecutionPlan]:
         """Store `plan` and make it active only if `plan.id`@`base_version` is still the active
         plan in the store, which replicas may share: of two racing on one base version, one wins
-        and the other gets the store's stale FailedPrecondition (with `current_version`). It
-        commits before loading; a plan that then fails to load is rolled back in the store."""
+        and the other gets the store's stale FailedPrecondition (with `current_version`). The
+        model loads first; the compare-and-swap commits only once it is ready (a loser's loaded
+        runtime is discarded), and a plan that fails to load stores nothing."""
         plan = prepare(plan, self.env)
         with self._switch:
-            stored, previous = self.store.submit_if_active(plan, base_version, actor=actor)
-            try:
-                self._apply(stored)
-            except BaseException:
-                if self.store.active() == stored:  # undo ours, not a later activation by another replica
-                    self.store.rollback(actor=f"{actor} (load failed)".strip())
-                raise
-            return stored, previous
+            def commit():
+                stored, previous = self.store.submit_if_active(plan, base_version, actor=actor)
+                return stored, (stored, previous)
+            return self._activation(plan, commit, actor)
 
     def history(self, plan_id: str = "", limit: int = 100) -> list[PlanEvent]:
         return self.store.history(plan_id, limit or 100)
+
+    def list_plans(self) -> tuple[list[plan_pb2.ExecutionPlan], plan_pb2.ExecutionPlan | None]:
+        """The newest version of every plan (corrupt rows left out and logged) and the active plan
+        (None, logged, when its row is corrupt): one damaged row never hides the others."""
+        try:
+            active = self.store.active()
+        except DataLoss as exc:
+            log.error("plan store: %s", exc)
+            active = None
+        return self.store.list_latest(), active
 
     def _follow(self, _plan: plan_pb2.ExecutionPlan | None) -> None:
         """The shared store says the active plan changed, maybe in another replica: run it.
@@ -231,27 +352,78 @@ class ControlPlane:
             if plan is None or runtime is None or PlanStamp.of(plan) == PlanStamp.of(runtime.plan):
                 return
             log.info("following plan %s, activated by another replica", PlanStamp.of(plan))
-            self._apply(plan)
+            self._activation(plan, lambda: (plan, None), "", check=True, record=False)
 
-    def _apply(self, target: plan_pb2.ExecutionPlan) -> None:
-        """Make `target` the running plan: live if possible, else load-then-switch."""
+    def _activation(self, target: plan_pb2.ExecutionPlan, commit: Callable[[], tuple[plan_pb2.ExecutionPlan, Any]],
+                    actor: str, *, check: bool = False, record: bool = True) -> Any:
+        """Make `target` the running plan, load before commit: its runtime is loaded (unless the
+        change applies live) while the current one serves; then `commit()` writes the store and
+        returns (the stored plan to run, the result); then the switch. A failed load raises after
+        an "activation_failed" event (`record`); a failed commit discards the loaded runtime.
+        `check`: validate a stored plan again (the server may have changed since). Holds _switch."""
         current = self.runtime
         with plan_apply_span(self._tracer, current.plan, target) as span:
-            validate(target, self.env, stored=True)  # the server may have changed since it was stored
             reload = changes_require_reload(current.plan, target)
             span.set_attribute(PLAN_RELOAD, reload)
-            if not reload:
-                current.worker.set_policy(create_policy(POLICY_NAMES[target.scheduler_policy]))
-                current.worker.set_limits(worker_limits(target))
-                if target.profiling != current.plan.profiling:
-                    current.set_profiling(target.profiling)
-                current.plan = target
-                return
-            fresh = Runtime(target, self.meter, self._on_finish)  # loads while the current runtime keeps serving
+            if reload:
+                fresh = self._load_or_record(target, actor, check=check, record=record)
+            else:
+                self._check_or_record(target, actor, check, record)
+                fresh = None
+            try:
+                plan, result = commit()
+            except BaseException:
+                if fresh is not None:
+                    fresh.retire(0)
+                raise
+        if fresh is None:
+            current.worker.set_policy(create_policy(POLICY_NAMES[plan.scheduler_policy]))
+            current.worker.set_limits(worker_limits(plan))
+            if plan.profiling != current.plan.profiling:
+                current.set_profiling(plan.profiling)
+            current.plan = plan
+            return result
+        fresh.plan = plan
         self._runtime = fresh
+        self._on_serving(True)  # e.g. after a lost worker, a freshly loaded runtime serves again
         t = threading.Thread(target=current.retire, name="retire-runtime", daemon=True)
         t.start()
         self._retiring = [x for x in self._retiring if x.is_alive()] + [t]
+        return result
+
+    def _load(self, plan: plan_pb2.ExecutionPlan, check: bool = False) -> Runtime:
+        if check:
+            validate(plan, self.env, stored=True)
+        return Runtime(plan, self.meter, self._on_finish, self._worker_lost, path=self.env.resolve_model(plan.model))
+
+    def _check_or_record(self, plan: plan_pb2.ExecutionPlan, actor: str, check: bool, record: bool = True) -> None:
+        if not check:
+            return
+        try:
+            validate(plan, self.env, stored=True)
+        except Exception as exc:
+            if record:
+                self._activation_failed(plan, actor, exc)
+            raise
+
+    def _load_or_record(self, plan: plan_pb2.ExecutionPlan, actor: str, *, check: bool = False,
+                        record: bool = True) -> Runtime:
+        try:
+            return self._load(plan, check)
+        except Exception as exc:
+            if record:
+                self._activation_failed(plan, actor, exc)
+            raise
+
+    def _activation_failed(self, plan: plan_pb2.ExecutionPlan, actor: str, exc: Exception) -> None:
+        """Log and audit a failed activation; the store is otherwise unchanged."""
+        what = label(plan) if plan.version else f"{plan.id} (not stored)"
+        detail = f"{type(exc).__name__}: {exc}"
+        log.error("activation of %s failed: %s", what, detail)
+        try:
+            self.store.activation_failed(plan, actor, detail)
+        except Exception:  # noqa: BLE001 - the original error is what the caller must see
+            log.exception("could not record the failed activation of %s", what)
 
     # --- requests ------------------------------------------------------------------------
     def generate(self, req: GenerateInput) -> tuple[RequestHandle, PlanStamp]:
@@ -261,7 +433,10 @@ class ControlPlane:
             wanted = f"{req.plan_id}@{req.plan_version or 'latest'}"
             raise FailedPrecondition(f"plan {wanted} is not the active plan ({PlanStamp.of(plan)}); activate it first")
         model = runtime.model
-        prompt_ids = model.encode_prompt(text=req.text, ids=req.ids, messages=req.messages)
+        # sizes first: a hostile request costs a length check, not seconds of tokenizer time
+        check_request(self.limits, self._prompt_limit(model), req.request_id, req.text, req.messages, req.stop,
+                      logit_bias=req.logit_bias or {}, stop_token_ids=req.stop_token_ids)
+        prompt_ids = self._encode(model, req)
         params = self._sampling(plan, req)
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
         stamp = PlanStamp.of(plan)
@@ -271,7 +446,8 @@ class ControlPlane:
                                    max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                                    top_k=params.top_k, seed=params.seed, plan=stamp)
         spec = RequestSpec(request_id, prompt_ids, params, priority=req.priority, ignore_eos=req.ignore_eos,
-                           top_logprobs=req.top_logprobs, tag=stamp, on_final=trace.finish)
+                           top_logprobs=req.top_logprobs, prompt_logprobs=req.prompt_logprobs, tag=stamp,
+                           on_final=trace.finish)
         return runtime.worker.submit(spec), spec.tag
 
     @staticmethod
@@ -285,16 +461,39 @@ class ControlPlane:
             seed = plan.determinism.default_seed
         if req.top_logprobs > 20:
             raise InvalidArgument(f"top_logprobs {req.top_logprobs} must be at most 20", field="top_logprobs")
+        if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= 20:
+            raise InvalidArgument(f"prompt_logprobs {req.prompt_logprobs} must be in 0..20", field="prompt_logprobs")
         try:
-            return SamplingParams(**values, seed=seed, max_tokens=req.max_tokens or d.max_tokens, stop=tuple(req.stop))
+            return SamplingParams(**values, seed=seed, max_tokens=req.max_tokens or d.max_tokens, stop=tuple(req.stop),
+                                  logit_bias=tuple(sorted((req.logit_bias or {}).items())),
+                                  stop_token_ids=tuple(req.stop_token_ids), min_tokens=req.min_tokens)
         except InvalidSamplingParams as exc:
-            raise InvalidArgument(str(exc), field=f"sampling.{exc.field}") from None
+            field = exc.field if exc.field in ("logit_bias", "stop_token_ids", "min_tokens") else f"sampling.{exc.field}"
+            raise InvalidArgument(str(exc), field=field) from None
 
     def cancel(self, request_id: str) -> bool:
+        """Stop a queued or running request; NotFound for an id that is unknown, finished or already cancelled."""
         runtime = self._runtime
-        return runtime is not None and runtime.worker.cancel(request_id)
+        if runtime is None or not runtime.worker.cancel(request_id):
+            raise NotFound(f"no request {request_id!r} is queued or running (unknown, finished or already cancelled)")
+        return True
+
+    def _encode(self, model: LoadedModel, req: GenerateInput) -> list[int]:
+        """The prompt's token ids. A long text is tokenized on a low-priority thread: with two cores
+        and the engine's kernels on both, tokenizing a maximal prompt at normal priority took a core
+        from every other client's decode steps."""
+        size = len(req.text or "") + sum(len(m.get("content", "")) for m in req.messages or ())
+        if size < LONG_PROMPT_CHARS:
+            return model.encode_prompt(text=req.text, ids=req.ids, messages=req.messages)
+        return self._tokenizing.submit(model.encode_prompt, text=req.text, ids=req.ids,
+                                       messages=req.messages).result()
+
+    def _prompt_limit(self, model: LoadedModel) -> int:
+        return prompt_byte_limit(self.limits, model.context_length, model.tokenizer.max_token_bytes)
 
     def tokenize(self, text: str, parse_special: bool = False) -> tuple[list[int], list[str]]:
-        tok = self.runtime.model.tokenizer
+        model = self.runtime.model
+        check_text(text, self._prompt_limit(model), field="text")
+        tok = model.tokenizer
         ids = tok.encode(text, parse_special=parse_special)
         return ids, [tok.id_to_piece(i) for i in ids]

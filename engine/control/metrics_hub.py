@@ -24,6 +24,8 @@ class MetricsHub:
         self._runtime = runtime
         self._start_j = meter.energy_j()
         self._labels: PlanLabels | None = None  # the plan the gauges were last set under
+        self._prefix_seen: tuple[Any, tuple[int, int, int]] = (None, (0, 0, 0))  # worker, its counts last tick
+        self._prefix_lock = threading.Lock()  # tick runs on the ticker and in snapshot()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, args=(tick_s,), name="metrics-tick", daemon=True)
         self._ticker.start()
@@ -56,6 +58,14 @@ class MetricsHub:
         self.metrics.set_waiting(labels, stats["waiting"])
         self.metrics.set_kv_usage(labels, stats["kv_usage"])
         self.metrics.set_power(labels, stats["power_w"])
+        worker = runtime.worker
+        totals = (stats["prefix_cache_queries"], stats["prefix_cache_hits"], stats["prefix_cache_evictions"])
+        with self._prefix_lock:
+            seen_worker, seen = self._prefix_seen
+            if seen_worker is not worker:  # a new runtime's worker counts from zero
+                seen = (0, 0, 0)
+            self.metrics.add_prefix_cache(labels, *(max(0, now - before) for now, before in zip(totals, seen)))
+            self._prefix_seen = (worker, totals)
 
     def _tick_loop(self, tick_s: float) -> None:
         while not self._stop.wait(tick_s):

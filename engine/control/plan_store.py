@@ -18,6 +18,7 @@ with `ensure_schema`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -29,13 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from google.protobuf.message import DecodeError
+
 from engine.control.plans import ExecutionPlan, plan_hash
-from engine.errors import EngineError, FailedPrecondition, InvalidArgument, NotFound
+from engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 
 __all__ = ["PlanEvent", "PlanStore", "SqliteDatabase", "SqlitePlanStore"]
 
+log = logging.getLogger(__name__)
+
+SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 11, 13, 26  # sqlite3.h result codes
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another's transaction before failing
-ACTIONS = ("submit", "activate", "rollback")
+ACTIONS = ("submit", "activate", "rollback", "activation_failed")
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class PlanEvent:
     """One entry of the audit history. `at` is unix time in seconds."""
 
     seq: int
-    action: str  # "submit" | "activate" | "rollback"
+    action: str  # "submit" | "activate" | "rollback" | "activation_failed" (version 0: never stored)
     plan_id: str
     version: int
     hash: str
@@ -104,6 +110,11 @@ class PlanStore(ABC):
         """Audit events, newest first; only those of `plan_id` when given."""
 
     @abstractmethod
+    def activation_failed(self, plan: ExecutionPlan, actor: str, detail: str) -> None:
+        """Record that `plan` could not be activated (its model did not load) and nothing changed:
+        an "activation_failed" event, with version 0 when the plan was never stored."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
 
@@ -137,13 +148,29 @@ class SqliteDatabase:
         self._lock = threading.Lock()
         self._closed = False
 
+    def error(self, exc: sqlite3.Error) -> Exception:
+        """The domain error for a SQLite failure that a client or an operator can act on, naming
+        the file: a full disk is RESOURCE_EXHAUSTED, a damaged file DATA_LOSS; others unchanged."""
+        text = str(exc)
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code of an extended one
+        if code == SQLITE_FULL or "database or disk is full" in text:
+            return ResourceExhausted(f"the plan store {self.path} is full ({text}): free disk space; "
+                                     "nothing was written")
+        if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
+            return DataLoss(f"the plan store {self.path} is not a readable SQLite database ({text}); "
+                            "restore it from a backup or move it away to start with an empty store")
+        return exc
+
     def connection(self) -> sqlite3.Connection:
         """This thread's connection, opened (and configured) on first use."""
         if self._closed:
             raise FailedPrecondition(f"the database {self.path} is closed")
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
-            conn = self._open()
+            try:
+                conn = self._open()
+            except sqlite3.Error as exc:
+                raise self.error(exc) from exc
             self._local.conn, self._local.pid = conn, os.getpid()
             with self._lock:
                 self._all.append(conn)
@@ -171,14 +198,20 @@ class SqliteDatabase:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
         conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # a failed COMMIT leaves it open too
-                conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # a failed COMMIT leaves it open too
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            mapped = self.error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
 
     def ensure_schema(self, component: str, migrations: Sequence[Sequence[str]]) -> None:
         """Bring `component`'s tables to version len(migrations): migrations[i] (a list of SQL
@@ -242,20 +275,54 @@ _MIGRATIONS: list[list[str]] = [
     ],
 ]
 
+_MIGRATIONS.append([  # 2: "activation_failed" events, of plan versions that may never have been stored
+    """CREATE TABLE plan_events_2 (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        action TEXT NOT NULL CHECK (action IN ('submit', 'activate', 'rollback', 'activation_failed')),
+        plan_id TEXT NOT NULL,
+        version INTEGER NOT NULL,  -- 0: a plan that failed before it was stored
+        hash TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        at REAL NOT NULL,
+        detail TEXT NOT NULL)""",
+    "INSERT INTO plan_events_2 SELECT seq, action, plan_id, version, hash, actor, at, detail FROM plan_events",
+    "DROP TABLE plan_events",
+    "ALTER TABLE plan_events_2 RENAME TO plan_events",
+    "CREATE INDEX plan_events_by_plan ON plan_events (plan_id, seq)",
+])
+
 _ACTIVE_ROW = "SELECT seq, plan_id, version FROM activations WHERE undone = 0 ORDER BY seq DESC LIMIT 1"
+MAX_DETAIL = 1000  # characters of an event's detail (a description, an error)
 
 
 def label(plan: ExecutionPlan | None) -> str:
     return f"{plan.id}@{plan.version}" if plan is not None else "none"
 
 
-def parse_stored(body: bytes, stored_hash: str) -> ExecutionPlan:
-    """A stored plan, its hash re-verified: a damaged row is reported, never served."""
-    plan = ExecutionPlan.FromString(body)
-    if plan.hash != stored_hash or plan_hash(plan) != stored_hash:
-        # only a damaged database or a foreign writer can get here
-        raise EngineError(f"stored plan {label(plan)} is corrupt: its content does not match hash {stored_hash}")
+def parse_stored(body: bytes, stored_hash: str, plan_id: str, version: int) -> ExecutionPlan:
+    """A stored plan, its hash re-verified: a damaged row is reported (DATA_LOSS naming it), never served."""
+    # only a damaged database or a foreign writer can fail here
+    try:
+        plan = ExecutionPlan.FromString(bytes(body))
+    except DecodeError as exc:
+        raise DataLoss(f"stored plan {shown(plan_id)[1:-1]}@{version} is corrupt: its body does not parse "
+                       f"({exc})") from None
+    if plan.hash != stored_hash or plan_hash(plan) != stored_hash or (plan.id, plan.version) != (plan_id, version):
+        raise DataLoss(f"stored plan {shown(plan_id)[1:-1]}@{version} is corrupt: its content does not match "
+                       f"hash {shown(stored_hash)}")
     return plan
+
+
+def parse_rows(rows: Sequence[tuple]) -> list[ExecutionPlan]:
+    """(body, hash, id, version) rows as plans, skipping (and logging) corrupt ones, so one damaged
+    row does not hide the others from a listing."""
+    plans = []
+    for row in rows:
+        try:
+            plans.append(parse_stored(*row))
+        except DataLoss as exc:
+            log.error("plan store: %s; left out of the listing", exc)
+    return plans
 
 
 def read_version(conn, plan_id: str, version: int, placeholder: str = "?") -> ExecutionPlan:
@@ -263,19 +330,19 @@ def read_version(conn, plan_id: str, version: int, placeholder: str = "?") -> Ex
     SQL here differs only in the parameter placeholder); NotFound says which ids or versions exist."""
     p = placeholder
     if version:
-        row = conn.execute(f"SELECT body, hash FROM plans WHERE id = {p} AND version = {p}",
+        row = conn.execute(f"SELECT body, hash, id, version FROM plans WHERE id = {p} AND version = {p}",
                            (plan_id, version)).fetchone()
     else:
-        row = conn.execute(f"SELECT body, hash FROM plans WHERE id = {p} ORDER BY version DESC LIMIT 1",
+        row = conn.execute(f"SELECT body, hash, id, version FROM plans WHERE id = {p} ORDER BY version DESC LIMIT 1",
                            (plan_id,)).fetchone()
     if row is not None:
         return parse_stored(*row)
     newest = conn.execute(f"SELECT MAX(version) FROM plans WHERE id = {p}", (plan_id,)).fetchone()[0]
     if newest is not None:
-        raise NotFound(f"plan {plan_id!r} has no version {version} (versions 1..{newest})")
+        raise NotFound(f"plan {shown(plan_id)} has no version {version} (versions 1..{newest})")
     ids = [r[0] for r in conn.execute("SELECT DISTINCT id FROM plans ORDER BY id LIMIT 11")]
     known = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "") if ids else "none"
-    raise NotFound(f"no plan with id {plan_id!r} (stored plans: {known})")
+    raise NotFound(f"no plan with id {shown(plan_id)} (stored plans: {known})")
 
 
 class SqlitePlanStore(PlanStore):
@@ -302,9 +369,9 @@ class SqlitePlanStore(PlanStore):
 
     def list_latest(self) -> list[ExecutionPlan]:
         rows = self.db.connection().execute(
-            "SELECT p.body, p.hash FROM plans p JOIN (SELECT id, MAX(version) AS v FROM plans GROUP BY id) n "
-            "ON p.id = n.id AND p.version = n.v ORDER BY p.id").fetchall()
-        return [self._parse(*row) for row in rows]
+            "SELECT p.body, p.hash, p.id, p.version FROM plans p JOIN (SELECT id, MAX(version) AS v FROM plans "
+            "GROUP BY id) n ON p.id = n.id AND p.version = n.v ORDER BY p.id").fetchall()
+        return parse_rows(rows)
 
     def _active(self, conn: sqlite3.Connection) -> tuple[int, ExecutionPlan] | None:
         row = conn.execute(_ACTIVE_ROW).fetchone()
@@ -320,6 +387,10 @@ class SqlitePlanStore(PlanStore):
             conn.execute("COMMIT")
         return current[1] if current else None
 
+    def activation_failed(self, plan: ExecutionPlan, actor: str, detail: str) -> None:
+        with self.db.transaction() as conn:
+            self._event(conn, "activation_failed", plan, actor, detail[:MAX_DETAIL])
+
     def history(self, plan_id: str = "", limit: int = 100) -> list[PlanEvent]:
         sql = "SELECT seq, action, plan_id, version, hash, actor, at, detail FROM plan_events"
         args: tuple = ()
@@ -334,7 +405,7 @@ class SqlitePlanStore(PlanStore):
     def _event(conn: sqlite3.Connection, action: str, plan: ExecutionPlan, actor: str, detail: str) -> None:
         conn.execute("INSERT INTO plan_events (action, plan_id, version, hash, actor, at, detail) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (action, plan.id, plan.version, plan.hash, actor, time.time(), detail))
+                     (action, plan.id, plan.version, plan.hash or plan_hash(plan), actor, time.time(), detail))
 
     def _activate(self, conn: sqlite3.Connection, plan: ExecutionPlan,
                   actor: str) -> tuple[ExecutionPlan, ExecutionPlan | None]:
@@ -354,7 +425,7 @@ class SqlitePlanStore(PlanStore):
             newest = conn.execute("SELECT version, hash, body FROM plans WHERE id = ? ORDER BY version DESC LIMIT 1",
                                   (plan.id,)).fetchone()
             if newest is not None and newest[1] == digest:
-                stored = self._parse(newest[2], newest[1])
+                stored = self._parse(newest[2], newest[1], plan.id, newest[0])
             else:
                 stored = ExecutionPlan()
                 stored.CopyFrom(plan)
@@ -384,7 +455,7 @@ class SqlitePlanStore(PlanStore):
             raise FailedPrecondition("no plan is active, so there is nothing to roll back")
         seq, previous = current
         if plan_id and not version and plan_id != previous.id:
-            raise FailedPrecondition(f"plan {plan_id!r} is not the active plan ({label(previous)})")
+            raise FailedPrecondition(f"plan {shown(plan_id)} is not the active plan ({label(previous)})")
         # The activation before the current one, and the one before it of the same plan id.
         earlier = "SELECT plan_id, version FROM activations WHERE undone = 0 AND seq < ?{} ORDER BY seq DESC LIMIT 1"
         before = conn.execute(earlier.format(""), (seq,)).fetchone()
@@ -453,7 +524,7 @@ class SqlitePlanStore(PlanStore):
             newest = conn.execute("SELECT version, hash, body FROM plans WHERE id = ? ORDER BY version DESC LIMIT 1",
                                   (plan.id,)).fetchone()
             if newest is not None and newest[1] == digest:
-                stored = self._parse(newest[2], newest[1])
+                stored = self._parse(newest[2], newest[1], plan.id, newest[0])
             else:
                 stored = ExecutionPlan()
                 stored.CopyFrom(plan)

@@ -46,12 +46,13 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.internal import type_checkers
 
-from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, UnsupportedModel
+from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, shown
 from engine.model import registry
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
 from protos.planengine.v1 import plan_pb2
@@ -203,16 +204,17 @@ class GgufModelReader:
     so a replaced file is read again). Reading a header takes ~1 s for the default model,
     which validation must not pay on every submit. Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_dirs: Sequence[os.PathLike[str] | str] | None = None) -> None:
         self._cache: dict[tuple[str, int, int], ModelInfo] = {}
         self._lock = threading.Lock()
+        self.model_dirs = model_dirs
 
     def __call__(self, name: str) -> ModelInfo:
         from engine.model.gguf_file import (
             ModelFile,  # the gguf reader is only needed here
         )
 
-        path = registry.resolve(name, pull_missing=False)
+        path = registry.resolve(name, pull_missing=False, allowed=self.model_dirs)
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         with self._lock:
@@ -263,16 +265,24 @@ class PlanEnvironment:
     `backends` maps each available backend ("cpu") to the weight formats it supports
     ("f32",); None probes the backends package. `max_kv_bytes` bounds a plan's KV arena
     (None: half of physical memory). `model_reader(name) -> ModelInfo` raises ModelNotFound /
-    ModelFormatError / UnsupportedModel; the default reads (and caches) GGUF headers. Tests
-    use `PlanEnvironment.with_models({...})`.
+    InvalidArgument (ModelFormatError, UnsupportedModel, a path it refuses); the default reads
+    (and caches) GGUF headers. `model_dirs`: where model paths may lie (directories, or single
+    files); None: anywhere (local use; a server always sets it). Tests use
+    `PlanEnvironment.with_models({...})`.
     """
 
     def __init__(self, backends: Mapping[str, Iterable[str]] | None = None, max_kv_bytes: int | None = None,
-                 model_reader: Callable[[str], ModelInfo] | None = None):
+                 model_reader: Callable[[str], ModelInfo] | None = None,
+                 model_dirs: Sequence[os.PathLike[str] | str] | None = None):
         backends = _probe_backends() if backends is None else backends
         self._backends = {name: tuple(formats) for name, formats in backends.items()}
         self.max_kv_bytes = _default_max_kv_bytes() if max_kv_bytes is None else int(max_kv_bytes)
-        self._read_model = model_reader or GgufModelReader()
+        self.model_dirs = None if model_dirs is None else tuple(Path(d) for d in model_dirs)
+        self._read_model = model_reader or GgufModelReader(self.model_dirs)
+
+    def resolve_model(self, name: str, pull_missing: bool = True) -> Path:
+        """The file of a plan's model, within `model_dirs`."""
+        return registry.resolve(name, pull_missing=pull_missing, allowed=self.model_dirs)
 
     @classmethod
     def detect(cls, max_kv_bytes: int | None = None) -> PlanEnvironment:
@@ -314,7 +324,7 @@ def _try_model_info(env: PlanEnvironment | None, name: str) -> ModelInfo | None:
         return None
     try:
         return env.model_info(name)
-    except (ModelNotFound, ModelFormatError, UnsupportedModel):
+    except (ModelNotFound, InvalidArgument):  # ModelFormatError, UnsupportedModel, a refused path
         return None
 
 
@@ -434,14 +444,14 @@ def validate(plan: ExecutionPlan, env: PlanEnvironment, *, stored: bool = False)
         if plan.version < 1:
             v.append(FieldViolation("version", f"a stored plan has a version >= 1, got {plan.version}"))
         if plan.hash != (want := plan_hash(plan)):
-            v.append(FieldViolation("hash", f"hash {plan.hash!r} does not match the content ({want})"))
+            v.append(FieldViolation("hash", f"hash {shown(plan.hash)} does not match the content ({want})"))
         if not plan.HasField("created_at"):
             v.append(FieldViolation("created_at", "a stored plan has created_at set"))
     else:
         if plan.version:
             v.append(FieldViolation("version", f"version {plan.version} is assigned by the server; leave it 0"))
         if plan.hash:
-            v.append(FieldViolation("hash", f"hash {plan.hash!r} is assigned by the server; leave it empty"))
+            v.append(FieldViolation("hash", f"hash {shown(plan.hash)} is assigned by the server; leave it empty"))
         if plan.HasField("created_at"):
             v.append(FieldViolation("created_at", "created_at is assigned by the server; leave it unset"))
 
@@ -452,7 +462,7 @@ def validate(plan: ExecutionPlan, env: PlanEnvironment, *, stored: bool = False)
     else:
         try:
             model = env.model_info(plan.model)
-        except (ModelNotFound, ModelFormatError, UnsupportedModel) as exc:
+        except (ModelNotFound, InvalidArgument) as exc:  # ModelFormatError, UnsupportedModel, a refused path
             v.append(FieldViolation("model", str(exc)))
 
     # backend and weights
@@ -581,15 +591,15 @@ def plan_hash(plan: ExecutionPlan) -> str:
 def _check_path(path: str) -> FieldViolation | None:
     parts = path.split(".")
     if parts[0] in IDENTITY_FIELDS:
-        return FieldViolation(path, f"{path!r} is an identity field, assigned by the server; a patch "
+        return FieldViolation(path, f"{shown(path)} is an identity field, assigned by the server; a patch "
                                     f"cannot change it")
     message = ExecutionPlan.DESCRIPTOR
     for i, part in enumerate(parts):
         if message is None:
-            return FieldViolation(path, f"unknown field path {path!r}: {'.'.join(parts[:i])} has no sub-fields")
+            return FieldViolation(path, f"unknown field path {shown(path)}: {'.'.join(parts[:i])} has no sub-fields")
         field = message.fields_by_name.get(part)
         if field is None:
-            return FieldViolation(path, f"unknown field path {path!r}: {message.name} has no field {part!r}")
+            return FieldViolation(path, f"unknown field path {shown(path)}: {message.name} has no field {shown(part)}")
         message = field.message_type
     return None
 

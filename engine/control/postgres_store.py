@@ -41,7 +41,16 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from engine.control.plan_store import ACTIONS, PlanEvent, PlanStore, label, parse_stored, read_version
+from engine.control.plan_store import (
+    ACTIONS,
+    MAX_DETAIL,
+    PlanEvent,
+    PlanStore,
+    label,
+    parse_rows,
+    parse_stored,
+    read_version,
+)
 from engine.control.plans import ExecutionPlan, plan_hash
 from engine.control.suggestions import _SELECT as _SUGGESTION_SELECT  # plain SQL, the same in both databases
 from engine.control.suggestions import (
@@ -53,7 +62,15 @@ from engine.control.suggestions import (
     _record,
     patch_json,
 )
-from engine.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from engine.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    shown,
+)
 
 __all__ = ["ActiveWatch", "PostgresDatabase", "PostgresPlanStore", "PostgresSuggestionLog", "is_postgres_url",
            "stale"]
@@ -123,6 +140,11 @@ class PostgresDatabase:
             raise Unavailable(f"the plan database {self.label} is unreachable: {str(exc).strip()}") from exc
         except psycopg.errors.ReadOnlySqlTransaction as exc:  # a standby after a failover
             raise Unavailable(f"the plan database {self.label} is read-only (a standby?)") from exc
+        except (psycopg.errors.DiskFull, psycopg.errors.OutOfMemory) as exc:
+            raise ResourceExhausted(f"the plan database {self.label} is full ({str(exc).strip()}); "
+                                    "nothing was written") from exc
+        except (psycopg.errors.DataCorrupted, psycopg.errors.IndexCorrupted) as exc:
+            raise DataLoss(f"the plan database {self.label} reports corrupt data: {str(exc).strip()}") from exc
 
     def connect(self, listen: str = "") -> psycopg.Connection:
         """A dedicated autocommit connection outside the pool (the caller closes it), LISTENing
@@ -172,9 +194,9 @@ _MIGRATIONS: list[list[str]] = [
             actor TEXT NOT NULL,
             body BYTEA NOT NULL,  -- the ExecutionPlan, serialized, version/hash/created_at set
             PRIMARY KEY (id, version))""",
-        f"""CREATE TABLE plan_events (
+        """CREATE TABLE plan_events (
             seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            action TEXT NOT NULL CHECK (action IN ({", ".join(f"'{a}'" for a in ACTIONS)})),
+            action TEXT NOT NULL CHECK (action IN ('submit', 'activate', 'rollback')),
             plan_id TEXT NOT NULL,
             version INTEGER NOT NULL,
             hash TEXT NOT NULL,
@@ -196,11 +218,17 @@ _MIGRATIONS: list[list[str]] = [
             generation BIGINT NOT NULL)""",
         "INSERT INTO plan_head (generation) VALUES (0)",
     ],
+    [  # 2: "activation_failed" events, of plan versions that may never have been stored (version 0)
+        "ALTER TABLE plan_events DROP CONSTRAINT plan_events_plan_id_version_fkey",
+        "ALTER TABLE plan_events DROP CONSTRAINT plan_events_action_check",
+        f"""ALTER TABLE plan_events ADD CONSTRAINT plan_events_action_check
+            CHECK (action IN ({", ".join(f"'{a}'" for a in ACTIONS)}))""",
+    ],
 ]
 
 _ACTIVE_ROW = "SELECT seq, plan_id, version FROM activations WHERE NOT undone ORDER BY seq DESC LIMIT 1"
 # The generation and the active plan in one statement, so one snapshot even in autocommit.
-_SNAPSHOT = f"""SELECT h.generation, p.body, p.hash FROM plan_head h
+_SNAPSHOT = f"""SELECT h.generation, p.body, p.hash, p.id, p.version FROM plan_head h
     LEFT JOIN LATERAL ({_ACTIVE_ROW}) a ON TRUE
     LEFT JOIN plans p ON p.id = a.plan_id AND p.version = a.version"""
 # Taken first by every write; the database's clock (after the lock) stamps what it writes,
@@ -239,8 +267,9 @@ class PostgresPlanStore(PlanStore):
 
     def list_latest(self) -> list[ExecutionPlan]:
         with self.db.transaction(read_only=True) as conn:
-            rows = conn.execute("SELECT DISTINCT ON (id) body, hash FROM plans ORDER BY id, version DESC").fetchall()
-        return [self._parse(*row) for row in rows]
+            rows = conn.execute("SELECT DISTINCT ON (id) body, hash, id, version FROM plans "
+                                "ORDER BY id, version DESC").fetchall()
+        return parse_rows(rows)
 
     def _active(self, conn: psycopg.Connection) -> tuple[int, ExecutionPlan] | None:
         row = conn.execute(_ACTIVE_ROW).fetchone()
@@ -256,8 +285,8 @@ class PostgresPlanStore(PlanStore):
         if conn is None:
             with self.db.transaction(read_only=True) as pooled:
                 return self.poll_active(pooled)
-        generation, body, stored_hash = conn.execute(_SNAPSHOT).fetchone()
-        return generation, self._parse(body, stored_hash) if body is not None else None
+        generation, body, stored_hash, plan_id, version = conn.execute(_SNAPSHOT).fetchone()
+        return generation, self._parse(body, stored_hash, plan_id, version) if body is not None else None
 
     def history(self, plan_id: str = "", limit: int = 100) -> list[PlanEvent]:
         query = "SELECT seq, action, plan_id, version, hash, actor, at, detail FROM plan_events"
@@ -292,7 +321,11 @@ class PostgresPlanStore(PlanStore):
                detail: str) -> None:
         conn.execute("INSERT INTO plan_events (action, plan_id, version, hash, actor, at, detail) "
                      "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                     (action, plan.id, plan.version, plan.hash, actor, at, detail))
+                     (action, plan.id, plan.version, plan.hash or plan_hash(plan), actor, at, detail))
+
+    def activation_failed(self, plan: ExecutionPlan, actor: str, detail: str) -> None:
+        with self._write() as (conn, at, _changed):
+            self._event(conn, at, "activation_failed", plan, actor, detail[:MAX_DETAIL])
 
     def _activate(self, conn: psycopg.Connection, at: float, changed: Callable[[], None], plan: ExecutionPlan,
                   actor: str) -> tuple[ExecutionPlan, ExecutionPlan | None]:
@@ -311,7 +344,7 @@ class PostgresPlanStore(PlanStore):
         newest = conn.execute("SELECT version, hash, body FROM plans WHERE id = %s ORDER BY version DESC LIMIT 1",
                               (plan.id,)).fetchone()
         if newest is not None and newest[1] == digest:
-            return self._parse(newest[2], newest[1])
+            return self._parse(newest[2], newest[1], plan.id, newest[0])
         stored = ExecutionPlan()
         stored.CopyFrom(plan)
         stored.version = newest[0] + 1 if newest else 1
@@ -368,7 +401,7 @@ class PostgresPlanStore(PlanStore):
             raise FailedPrecondition("no plan is active, so there is nothing to roll back")
         seq, previous = current
         if plan_id and not version and plan_id != previous.id:
-            raise FailedPrecondition(f"plan {plan_id!r} is not the active plan ({label(previous)})")
+            raise FailedPrecondition(f"plan {shown(plan_id)} is not the active plan ({label(previous)})")
         # The activation before the current one, and the one before it of the same plan id.
         earlier = ("SELECT plan_id, version FROM activations WHERE NOT undone AND seq < %s{} "
                    "ORDER BY seq DESC LIMIT 1")

@@ -7,9 +7,13 @@ the verdict, named by its `rejection` kind):
 
     rate_limit      more than the agent's `rate_per_minute` over the last 60 s (every
                     suggestion admitted counts, whatever its verdict; refused ones do not)
+    malformed       (sizes, before anything is stored) a rationale or expected effect over
+                    MAX_TEXT characters, a suggestion id over MAX_SUGGESTION_ID, a plan or
+                    agent id over MAX_ID_LENGTH, a patch over MAX_PATCH_BYTES serialized, more
+                    than MAX_PATHS mask paths or one over MAX_PATH_CHARS
     identity        the claimed `agent_id` is not the agent the token belongs to
     malformed       no plan id, no base version, an empty mask, a path naming no plan field
-                    or an identity field (apply_patch's rules), oversized text
+                    or an identity field (apply_patch's rules)
     not_authorised  the plan id or a path the agent's policy does not list
     out_of_bounds   a value outside the policy's min/max or allowed values for its path
     stale           the plan is not the active one, or base_version is not its active version
@@ -25,7 +29,10 @@ stores no plan. Plans are never changed in place; `plan rollback` undoes an acce
 
 Every suggestion is written to the audit log when it arrives, and every verdict when it is
 given (a pending one and its later operator decision are both kept), in the plan store's
-database (its SQLite file, or its PostgreSQL database).
+database (its SQLite file, or its PostgreSQL database). The rate and size checks run before
+that write, and a suggestion over a size limit is stored truncated (`bounded`), so an agent
+cannot grow the log by more than a few kilobytes a suggestion; listings return at most
+MAX_LIST records, their long fields cut to the same limits.
 
 The policy file (JSON) maps tokens to agents and says what each may do:
 
@@ -45,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import math
 import threading
 import time
@@ -62,6 +70,7 @@ from engine.control.plan_store import PlanStore, SqliteDatabase, label
 from engine.control.plans import (
     IDENTITY_FIELDS,
     MAX_DESCRIPTION_LENGTH,
+    MAX_ID_LENGTH,
     ExecutionPlan,
     InvalidPlan,
     PlanEnvironment,
@@ -69,10 +78,11 @@ from engine.control.plans import (
     plan_hash,
     prepare,
 )
-from engine.errors import EngineError, FailedPrecondition, InvalidArgument, NotFound
+from engine.errors import EngineError, FailedPrecondition, InvalidArgument, NotFound, shown
 from protos.planengine.v1 import suggestion_pb2
 
 Suggestion = suggestion_pb2.Suggestion
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AgentPolicy",
@@ -94,6 +104,10 @@ RATE_WINDOW_S = 60.0
 MAX_TEXT = 4000  # rationale, expected effect
 MAX_SUGGESTION_ID = 128
 MAX_PATHS = 64
+MAX_PATH_CHARS = 200  # one field-mask path
+MAX_PATCH_BYTES = 16 * 1024  # the patch, serialized: far above any real plan (a model path, a description)
+MAX_LIST = 1000  # suggestions one ListSuggestions answers at most (default 100)
+MAX_LIST_BYTES = 4 << 20  # ...and about this many bytes of them: well under the 16 MiB message limit
 
 
 class Unauthenticated(EngineError):
@@ -328,6 +342,47 @@ class RateLimiter:
             return 0.0
 
 
+# --------------------------------------------------------------------------- sizes
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def oversize(s: Suggestion) -> list[str]:
+    """What in `s` is over a size limit; checked before anything is stored or parsed further."""
+    problems = []
+    for name, limit in (("suggestion_id", MAX_SUGGESTION_ID), ("agent_id", MAX_ID_LENGTH),
+                        ("plan_id", MAX_ID_LENGTH), ("rationale", MAX_TEXT), ("expected_effect", MAX_TEXT)):
+        if len(getattr(s, name)) > limit:
+            problems.append(f"{name} is {len(getattr(s, name))} characters, at most {limit}")
+    if (size := s.patch.ByteSize()) > MAX_PATCH_BYTES:
+        problems.append(f"the patch is {size} bytes, at most {MAX_PATCH_BYTES}")
+    paths = s.update_mask.paths
+    if len(paths) > MAX_PATHS:
+        problems.append(f"update_mask has {len(paths)} paths, at most {MAX_PATHS}")
+    elif any(len(p) > MAX_PATH_CHARS for p in paths):
+        problems.append(f"an update_mask path is over {MAX_PATH_CHARS} characters")
+    return problems
+
+
+def bounded(s: Suggestion) -> Suggestion:
+    """`s` with every field cut to its size limit (an oversized patch dropped): what the audit
+    log keeps of it, and what a listing returns of a row an older server stored in full."""
+    if not oversize(s):
+        return s
+    out = Suggestion()
+    out.CopyFrom(s)
+    for name, limit in (("suggestion_id", MAX_SUGGESTION_ID), ("agent_id", MAX_ID_LENGTH),
+                        ("plan_id", MAX_ID_LENGTH), ("rationale", MAX_TEXT), ("expected_effect", MAX_TEXT)):
+        setattr(out, name, _cut(getattr(s, name), limit))
+    if s.patch.ByteSize() > MAX_PATCH_BYTES:
+        out.ClearField("patch")
+    del out.update_mask.paths[:]
+    out.update_mask.paths.extend(_cut(p, MAX_PATH_CHARS) for p in s.update_mask.paths[:MAX_PATHS])
+    return out
+
+
 # --------------------------------------------------------------------------- verdicts and records
 
 
@@ -496,7 +551,9 @@ class SuggestionLog:
 def _record(row: tuple) -> SuggestionRecord:
     (audit_id, agent_id, body, received_at, mode, patch, decision, rejection, reason, version, digest, current,
      decided_at, decided_by) = row
-    s = Suggestion.FromString(bytes(body))
+    s = bounded(Suggestion.FromString(bytes(body)))
+    patch = _cut(patch, MAX_PATCH_BYTES)
+    reason = reason if reason is None else _cut(reason, MAX_TEXT)
     verdict = None if decision is None else Verdict(s.suggestion_id, decision, reason, rejection, version, digest,
                                                     current, None, decided_at, audit_id)
     return SuggestionRecord(audit_id, agent_id, s, received_at, mode, patch, verdict, decided_by or "")
@@ -557,26 +614,35 @@ class SuggestionReviewer:
     # ----------------------------------------------------------------- one suggestion
 
     def review(self, agent: AgentRule, s: Suggestion) -> Verdict:
-        """One verdict for one suggestion from the authenticated `agent`, recorded durably."""
-        audit_id = self.log.received(agent.id, s, agent.mode, self._clock())
+        """One verdict for one suggestion from the authenticated `agent`, recorded durably.
+        Rate and sizes are checked before the write, which keeps only a bounded record."""
+        wait = self._rates.admit(agent.id, agent.rate_per_minute)
+        too_big = oversize(s)
+        audit_id = self.log.received(agent.id, bounded(s), agent.mode, self._clock())
         try:
+            if wait:
+                raise _Rejected("rate_limit", f"rate limit: agent {agent.id!r} may send {agent.rate_per_minute} "
+                                              f"suggestions per minute; retry in {math.ceil(wait)} s")
+            if too_big:
+                raise _Rejected("malformed", "malformed: " + "; ".join(too_big))
             self._admit(agent, s)
             with self._lock:
                 verdict = self._judge(agent, s, agent.mode, audit_id)
         except _Rejected as r:
             verdict = self._verdict(s, "rejected", r.reason, audit_id, rejection=r.rejection,
                                     current_version=r.current_version)
+        except Exception as exc:  # noqa: BLE001 - a bug: logged, and still one verdict for the suggestion
+            log.exception("reviewing suggestion #%d failed", audit_id)
+            verdict = self._verdict(s, "rejected", _cut(f"internal error: {type(exc).__name__}: {exc}", MAX_TEXT),
+                                    audit_id)
         self.log.decided(audit_id, verdict, "policy")
         return verdict
 
     def _admit(self, agent: AgentRule, s: Suggestion) -> None:
-        """Rate, identity, form, authority and bounds: the checks that need no plan."""
-        wait = self._rates.admit(agent.id, agent.rate_per_minute)
-        if wait:
-            raise _Rejected("rate_limit", f"rate limit: agent {agent.id!r} may send {agent.rate_per_minute} "
-                                          f"suggestions per minute; retry in {math.ceil(wait)} s")
+        """Identity, form, authority and bounds: the checks that need no plan (rate and sizes
+        come first, in review)."""
         if s.agent_id != agent.id:
-            raise _Rejected("identity", f"identity: agent_id {s.agent_id!r} is not the authenticated agent "
+            raise _Rejected("identity", f"identity: agent_id {shown(s.agent_id)} is not the authenticated agent "
                                         f"{agent.id!r}")
         paths = list(s.update_mask.paths)
         problems = []
@@ -584,18 +650,10 @@ class SuggestionReviewer:
             problems.append("plan_id is empty")
         if not s.base_version:
             problems.append("base_version is 0: give the plan version the patch was computed against")
-        if len(s.suggestion_id) > MAX_SUGGESTION_ID:
-            problems.append(f"suggestion_id is {len(s.suggestion_id)} characters, at most {MAX_SUGGESTION_ID}")
-        for name in ("rationale", "expected_effect"):
-            if len(getattr(s, name)) > MAX_TEXT:
-                problems.append(f"{name} is {len(getattr(s, name))} characters, at most {MAX_TEXT}")
-        if len(paths) > MAX_PATHS:
-            problems.append(f"update_mask has {len(paths)} paths, at most {MAX_PATHS}")
-        else:
-            try:
-                apply_patch(ExecutionPlan(), s.patch, paths)  # checks the paths only
-            except InvalidPlan as exc:
-                problems += [v.description for v in exc.violations]
+        try:
+            apply_patch(ExecutionPlan(), s.patch, paths)  # checks the paths only
+        except InvalidPlan as exc:
+            problems += [v.description for v in exc.violations]
         if problems:
             raise _Rejected("malformed", "malformed: " + "; ".join(problems))
         self._authorise(agent, s)
@@ -606,7 +664,7 @@ class SuggestionReviewer:
         paths = list(s.update_mask.paths)
         if not agent.may_change_plan(s.plan_id):
             raise _Rejected("not_authorised", f"not authorised: agent {agent.id!r} may not change plan "
-                                              f"{s.plan_id!r} (it may change: {', '.join(sorted(agent.plans))})")
+                                              f"{shown(s.plan_id)} (it may change: {', '.join(sorted(agent.plans))})")
         denied = [p for p in paths if not agent.allows(p)]
         if denied:
             raise _Rejected("not_authorised", f"not authorised: agent {agent.id!r} may not change "
@@ -620,7 +678,7 @@ class SuggestionReviewer:
         """Against the active plan: stale, valid, a change; then by mode. Holds self._lock."""
         active = self.control.store.active()
         if active is None or active.id != s.plan_id:
-            raise _Rejected("stale", f"stale: plan {s.plan_id!r} is not the active plan "
+            raise _Rejected("stale", f"stale: plan {shown(s.plan_id)} is not the active plan "
                                      f"({label(active)}); suggest against the active one")
         if s.base_version != active.version:
             raise _Rejected("stale", f"stale: base version {s.base_version} is not the active version "
@@ -650,7 +708,7 @@ class SuggestionReviewer:
                                  current_version=active.version)
         try:  # compare-and-swap: another replica sharing the store may have changed the plan since
             stored, _ = self.control.submit_if_active(plan, active.version, actor=actor or f"agent:{agent.id}")
-        except EngineError as exc:  # the version may be stored, but it is not active
+        except Exception as exc:  # noqa: BLE001 - nothing stored: a lost race, or a model that did not load
             if getattr(exc, "current_version", None) is not None:  # lost the race
                 raise _Rejected("stale", str(exc), exc.current_version) from None
             current = self.control.store.active()
@@ -707,6 +765,15 @@ class SuggestionReviewer:
             return self.log.get(audit_id)
 
     def list(self, agent_id: str = "", decision: str = "", plan_id: str = "", limit: int = 100) -> list[SuggestionRecord]:
+        """Newest first; `limit` 0 means 100; at most MAX_LIST records and about MAX_LIST_BYTES
+        (each record's fields are bounded, so a reply always fits a message)."""
         if decision and decision not in DECISIONS:
-            raise InvalidArgument(f"decision {decision!r} is not one of {', '.join(DECISIONS)}", field="decision")
-        return self.log.list(agent_id, decision, plan_id, limit or 100)
+            raise InvalidArgument(f"decision {shown(decision)} is not one of {', '.join(DECISIONS)}", field="decision")
+        records, size = [], 0
+        for record in self.log.list(agent_id, decision, plan_id, min(limit or 100, MAX_LIST)):
+            size += record.suggestion.ByteSize() + len(record.patch_json) + \
+                (len(record.verdict.reason) if record.verdict else 0) + 256
+            if records and size > MAX_LIST_BYTES:
+                break
+            records.append(record)
+        return records

@@ -9,11 +9,22 @@ growing sequence the block right after its last one when it is free.
 
 Running out of blocks is a return value (`reserve() -> False`), not an
 exception: the scheduler preempts a sequence and retries.
+
+Prefix caching (vLLM's automatic prefix caching): a block whose positions are all
+computed can be registered under a hash of its tokens and of every token before it
+(`block_hashes`). A later sequence starting with the same tokens takes those blocks
+(`lookup`) instead of computing them again. Blocks are reference-counted and shared
+read-only (a sequence only ever writes past its cached prefix); a registered block
+no sequence holds stays cached, and is evicted least-recently-used only when the
+arena has no plain free block left. `free_blocks` counts both, as both can be taken.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+from collections import OrderedDict
+from typing import Sequence
 
 import numpy as np
 
@@ -31,18 +42,30 @@ class BlockArena:
         self.block_bytes = 2 * n_layers * n_kv_heads * block_size * head_dim * np.dtype(dtype).itemsize
         self._free_heap = list(range(num_blocks))  # lowest block first
         self._free = set(self._free_heap)
+        self._refs: dict[int, int] = {}  # block -> sequences holding it (every block not free)
+        self._hash_of: dict[int, bytes] = {}  # registered blocks: block -> its prefix hash
+        self._by_hash: dict[bytes, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # registered, held by none: LRU first
+        self.evictions = 0
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: plain free ones and cached ones no sequence holds."""
+        return len(self._free) + len(self._idle)
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._by_hash)
 
     def allocate(self, n: int, after: int | None = None) -> list[int] | None:
-        """n blocks, preferring the run right after block `after`; None if fewer than n are free."""
-        if n > len(self._free):
+        """n blocks, preferring the run right after block `after`; None if fewer than n are free.
+        Cached blocks no sequence holds are evicted (least recently used first) only when no
+        plain free block is left."""
+        if n > self.free_blocks:
             return None
         out = []
         nxt = None if after is None else after + 1
@@ -50,26 +73,79 @@ class BlockArena:
             self._free.discard(nxt)
             out.append(nxt)
             nxt += 1
-        while len(out) < n:
+        while len(out) < n and self._free:
             block = heapq.heappop(self._free_heap)
             if block in self._free:  # entries taken by the run above are stale in the heap
                 self._free.discard(block)
                 out.append(block)
+        while len(out) < n:
+            block, _ = self._idle.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(block)]
+            self.evictions += 1
+            out.append(block)
+        for b in out:
+            self._refs[b] = 1
         return out
 
-    def free(self, blocks: list[int]) -> None:
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block: the last one frees it, or keeps it cached if registered."""
         for b in blocks:
-            if b in self._free:
+            refs = self._refs.get(b, 0)
+            if refs == 0:
                 raise RuntimeError(f"block {b} freed twice")
-            self._free.add(b)
-            heapq.heappush(self._free_heap, b)
+            if refs > 1:
+                self._refs[b] = refs - 1
+                continue
+            del self._refs[b]
+            if b in self._hash_of:
+                self._idle[b] = None  # most recently used last
+            else:
+                self._free.add(b)
+                heapq.heappush(self._free_heap, b)
         if len(self._free_heap) > 4 * self.num_blocks:  # drop stale heap entries now and then
             self._free_heap = sorted(self._free)
 
+    def register(self, block: int, block_hash: bytes) -> None:
+        """Offer a fully computed block for reuse under `block_hash` (no-op if that prefix is
+        cached already, e.g. computed by two sequences at once)."""
+        if block_hash in self._by_hash or block in self._hash_of or self._refs.get(block, 0) == 0:
+            return
+        self._by_hash[block_hash] = block
+        self._hash_of[block] = block_hash
+
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """The blocks of the longest cached prefix of `hashes`, each with a reference taken."""
+        out = []
+        for h in hashes:
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            if block in self._idle:
+                del self._idle[block]
+            self._refs[block] = self._refs.get(block, 0) + 1
+            out.append(block)
+        return out
+
+    def refs(self, block: int) -> int:
+        return self._refs.get(block, 0)
+
     def stats(self) -> dict[str, int]:
         return {"blocks_total": self.num_blocks, "blocks_used": self.used_blocks, "blocks_free": self.free_blocks,
-                "block_size": self.block_size, "bytes_total": self.num_blocks * self.block_bytes,
-                "bytes_used": self.used_blocks * self.block_bytes}
+                "blocks_cached": self.cached_blocks, "block_size": self.block_size,
+                "bytes_total": self.num_blocks * self.block_bytes, "bytes_used": self.used_blocks * self.block_bytes,
+                "evictions": self.evictions}
+
+
+def block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"", start: Sequence[bytes] = ()) -> list[bytes]:
+    """Hash of every full block of `tokens`: sha256 of the previous block's hash (or `salt`: the
+    model and weights the cache belongs to) and this block's token ids. Extends `start`, the hashes
+    of the first len(start) blocks, computed earlier."""
+    out = list(start)
+    prev = out[-1] if out else salt
+    for i in range(len(out) * block_size, len(tokens) - block_size + 1, block_size):
+        prev = hashlib.sha256(prev + b"".join(int(t).to_bytes(4, "little") for t in tokens[i:i + block_size])).digest()
+        out.append(prev)
+    return out
 
 
 class PagedKV:
@@ -108,6 +184,18 @@ class PagedKV:
                 self._run += 1
             self.blocks.append(b)
         return True
+
+    def adopt(self, blocks: list[int]) -> None:
+        """Start this (empty) sequence with `blocks`, cached and already referenced (BlockArena.lookup):
+        positions 0..len(blocks) * block_size - 1 are computed."""
+        if self.blocks:
+            raise RuntimeError("adopt() needs an empty sequence")
+        self.blocks = list(blocks)
+        run = 1 if blocks else 0
+        while run < len(blocks) and blocks[run] == blocks[run - 1] + 1:
+            run += 1
+        self._run = run
+        self.length = len(blocks) * self.arena.block_size
 
     def release(self) -> None:
         """Give every block back (finish, cancel, preemption)."""

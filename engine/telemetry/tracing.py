@@ -69,7 +69,7 @@ GEN_AI_RESPONSE_ID = "gen_ai.response.id"
 GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 # The conventions' only span attribute for TTFT; `gen_ai.server.time_to_first_token` is a
-# metric name there (our planengine:time_to_first_token_seconds histogram), not an attribute.
+# metric name there (our planengine_time_to_first_token_seconds histogram), not an attribute.
 GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"

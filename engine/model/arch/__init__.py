@@ -6,7 +6,7 @@ it uses, and how its sliding-window layers are laid out. The hyperparameters are
 the GGUF metadata in one place (engine/model/config.py) and the forward pass
 (engine/runtime/model.py) reads the flags; neither knows an architecture by name.
 
-Adding an architecture: docs/10_architectures.md.
+Adding an architecture: docs/12_architectures.md.
 """
 
 from __future__ import annotations

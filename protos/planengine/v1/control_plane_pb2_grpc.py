@@ -183,7 +183,7 @@ class ControlPlaneServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Cancel(self, request, context):
-        """Stop a running or queued request and free its memory.
+        """Stop a running or queued request and free its memory; NOT_FOUND for an unknown id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -64,14 +64,16 @@ class Batching(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_batched_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class KVCache(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "dtype")
+    __slots__ = ("num_blocks", "block_size", "dtype", "prefix_caching")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     dtype: KVCacheDtype
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[_Union[KVCacheDtype, str]] = ...) -> None: ...
+    prefix_caching: bool
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[_Union[KVCacheDtype, str]] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_watts", "max_tokens_per_request", "context_length")
