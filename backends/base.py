@@ -9,6 +9,7 @@ converts at the edges it chooses.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -27,6 +28,19 @@ class TensorData(NamedTuple):
     raw: np.ndarray
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]
+
+
+class RopeYarn(NamedTuple):
+    """YaRN rope scaling (arXiv:2309.00071) as llama.cpp's rope_yarn computes it: pair i mixes
+    the interpolated frequency (times freq_scale) and the original one by a ramp between the
+    correction dims of beta_fast and beta_slow rotations over original_context positions;
+    cos and sin are scaled by mscale."""
+
+    ext_factor: float
+    beta_fast: float
+    beta_slow: float
+    original_context: int
+    mscale: float
 
 
 class Backend(ABC):
@@ -76,15 +90,21 @@ class Backend(ABC):
         """RMSNorm (arXiv:1910.07467) over the last axis, scaled by w."""
 
     @abstractmethod
-    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Rotary position embedding of (n, heads, head_dim) at `positions` (n,)."""
+    def rope(self, x: np.ndarray, positions: np.ndarray, table: Any = None) -> np.ndarray:
+        """Rotary position embedding of (n, heads, head_dim) at `positions` (n,), with the
+        rotation `table` from `configure_rope` (None: the one configured last)."""
 
     @abstractmethod
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray,
+                  window: int = 0) -> np.ndarray:
         """Causal grouped-query attention of one sequence.
 
-        q: (n, n_heads, head_dim) at absolute `q_positions`; k, v: (n_kv_heads, t, head_dim),
-        the sequence's keys and values for positions 0..t-1. Returns (n, n_heads * head_dim).
+        q: (n, n_heads, head_dim) at `q_positions`; k, v: (n_kv_heads, t, head_dim), the
+        sequence's keys and values for positions 0..t-1 of the same numbering (a caller
+        passing a suffix of the cache renumbers). Scores are scaled by 1/sqrt(head_dim).
+        With `window` > 0 the query at p sees only keys p - window < j <= p (sliding-window
+        attention, as llama.cpp's LLAMA_SWA_TYPE_STANDARD and transformers).
+        Returns (n, n_heads * head_dim).
         """
 
     def decode_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -125,11 +145,51 @@ class Backend(ABC):
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
         """SwiGLU (arXiv:2002.05202): silu(gate) * up of (n, 2f) packed [gate | up] → (n, f)."""
 
-    def configure_rope(self, dim: int, theta: float, style: str, max_positions: int) -> None:
-        """Precompute rotary tables; called once the model's hyperparameters are known."""
+    def gelu_tanh_mul(self, gate_up: np.ndarray) -> np.ndarray:
+        """GeGLU (arXiv:2002.05202) with the tanh approximation of GELU (gemma):
+        gelu_tanh(gate) * up of (n, 2f) packed [gate | up] → (n, f)."""
+        f = gate_up.shape[-1] // 2
+        gate, up = gate_up[:, :f], gate_up[:, f:]
+        inner = np.float32(math.sqrt(2.0 / math.pi)) * (gate + np.float32(0.044715) * gate * gate * gate)
+        return np.float32(0.5) * gate * (np.float32(1.0) + np.tanh(inner)) * up
+
+    def configure_rope(self, dim: int, theta: float, style: str, max_positions: int,
+                       freq_scale: float = 1.0, freq_factors: np.ndarray | None = None,
+                       yarn: RopeYarn | None = None) -> Any:
+        """Precompute a rotary table and return it (for `rope`'s `table`); called once the
+        model's hyperparameters are known. Pair i of position p rotates by
+        p * freq_scale * theta^(-2i/dim) / freq_factors[i] (linear scaling, Llama 3 factors),
+        or by YaRN's mix of the scaled and unscaled frequencies (`rope_angles`)."""
+
+    def check_model(self, config: Any, variants: Sequence[str]) -> None:
+        """Refuse (UnsupportedModel) a model whose `variants` (ModelConfig.variants: what it
+        computes beyond the plain llama decoder) this backend cannot compute."""
 
     def close(self) -> None:
         """Release device memory."""
+
+
+def rope_angles(dim: int, theta: float, max_positions: int, freq_scale: float = 1.0,
+                freq_factors: np.ndarray | None = None, yarn: RopeYarn | None = None) -> tuple[np.ndarray, float]:
+    """Rotation angles (max_positions, dim/2) in float64, and the cos/sin scale (YaRN's mscale).
+
+    RoPE, arXiv:2104.09864: pair i rotates by pos * theta^(-2i/dim). YaRN, arXiv:2309.00071,
+    as ggml's rope_yarn / ggml_rope_yarn_corr_dims compute it."""
+    extrap = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if freq_factors is not None:
+        extrap = extrap / np.asarray(freq_factors, dtype=np.float64)
+    inv_freq, mscale = extrap * freq_scale, 1.0
+    if yarn is not None and yarn.ext_factor != 0.0:
+        def corr_dim(rotations: float) -> float:
+            return dim * math.log(yarn.original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        low = max(0.0, math.floor(corr_dim(yarn.beta_fast)))
+        high = min(dim - 1.0, math.ceil(corr_dim(yarn.beta_slow)))
+        ramp = 1.0 - np.clip((np.arange(dim // 2) - low) / max(0.001, high - low), 0.0, 1.0)
+        mix = ramp * yarn.ext_factor
+        inv_freq = inv_freq * (1.0 - mix) + extrap * mix
+        mscale = yarn.mscale
+    positions = np.arange(max_positions, dtype=np.float64)
+    return np.outer(positions, inv_freq), mscale
 
 
 @dataclass
@@ -155,6 +215,7 @@ class ProfiledBackend:
     # Op name in the profile for each backend method.
     OPS = {"linear": "matmul", "attention": "attention", "decode_attention": "attention",
            "paged_decode_attention": "attention", "rms_norm": "norm", "rope": "rope", "silu_mul": "activation",
+           "gelu_tanh_mul": "activation",
            "embedding": "embedding"}
 
     def __init__(self, inner: Backend, profile: OpProfile):

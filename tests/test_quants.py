@@ -28,6 +28,8 @@ F16_FIELDS = {
     T.Q4_K: [0, 2],
     T.Q5_K: [0, 2],
     T.Q6_K: [208],
+    T.IQ4_NL: [0],
+    T.IQ4_XS: [0],
 }
 
 ALL_TYPES = list(QUANT_TYPES)
@@ -172,5 +174,7 @@ def test_row_bytes():
     assert row_bytes(T.Q4_K, 0) == 0
     with pytest.raises(ValueError, match="Q4_K row of 576 weights"):
         row_bytes(T.Q4_K, 576)
+    assert row_bytes(T.IQ4_NL, 64) == 2 * 18
+    assert row_bytes(T.IQ4_XS, 512) == 2 * 136
     with pytest.raises(UnsupportedTensorType):
-        row_bytes(T.IQ4_XS, 256)
+        row_bytes(T.IQ2_XXS, 256)

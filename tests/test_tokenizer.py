@@ -323,7 +323,8 @@ def test_model_template_keeps_given_system_prompt(chat):
 def test_chatml_fallback_renders_reference_prompt(tok, model_file):
     meta = {k: v for k, v in model_file.metadata.items() if k != "tokenizer.chat_template"}
     chat = ChatTemplate.from_metadata(meta)
-    assert chat.source == CHATML_TEMPLATE
+    assert chat.source == CHATML_TEMPLATE and chat.is_fallback
+    assert not ChatTemplate.from_metadata(model_file.metadata).is_fallback
     text = chat.render(USER_2P2)
     assert text == GENERATION_CASES[2]["prompt"]
     assert tok.encode(text, parse_special=True) == GENERATION_CASES[2]["prompt_ids"]

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from backends.base import Backend, TensorData
+from backends.base import Backend, RopeYarn, TensorData, rope_angles
 from backends.cpu import invariant
 from backends.cpu.quantized import FLOAT_TYPES, BlockTable, QuantizedLinear, QuantizedMatmul, as_blocks, block_part
 from engine.errors import InvalidArgument
@@ -153,26 +153,30 @@ class CpuBackend(Backend):
         ms = np.einsum("nd,nd->n", x, x)[:, None] / x.shape[-1]  # mean of squares without a temporary
         return x * (1.0 / np.sqrt(ms + eps)) * w
 
-    def configure_rope(self, dim: int, theta: float, style: str, max_positions: int) -> None:
-        # RoPE, arXiv:2104.09864: pair i rotates by pos * theta^(-2i/dim).
-        inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-        angles = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)  # (positions, dim/2)
-        self._cos = np.cos(angles).astype(np.float32)
-        self._sin = np.sin(angles).astype(np.float32)
-        self._rope_style = style
+    def configure_rope(self, dim: int, theta: float, style: str, max_positions: int,
+                       freq_scale: float = 1.0, freq_factors: np.ndarray | None = None,
+                       yarn: RopeYarn | None = None) -> Any:
+        angles, mscale = rope_angles(dim, theta, max_positions, freq_scale, freq_factors, yarn)  # (positions, dim/2)
+        if mscale == 1.0:
+            table = (np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), style)
+        else:
+            table = ((np.cos(angles) * mscale).astype(np.float32), (np.sin(angles) * mscale).astype(np.float32), style)
+        self._cos, self._sin, self._rope_style = table
+        return table
 
-    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        assert self._cos is not None and self._sin is not None, "configure_rope first"
+    def rope(self, x: np.ndarray, positions: np.ndarray, table: Any = None) -> np.ndarray:
+        cos_t, sin_t, style = table if table is not None else (self._cos, self._sin, self._rope_style)
+        assert cos_t is not None and sin_t is not None, "configure_rope first"
         if self._ops is not None and _c_ready(x):
             out = np.empty(x.shape, dtype=np.float32)
-            self._ops.rope(x, self._cos, self._sin, _positions(positions), self._rope_style == "neox", out)
+            self._ops.rope(x, cos_t, sin_t, _positions(positions), style == "neox", out)
             return out
         n, heads, hd = x.shape
-        half = self._cos.shape[1]
-        cos = self._cos[positions][:, None, :]  # (n, 1, rope_dim/2)
-        sin = self._sin[positions][:, None, :]
+        half = cos_t.shape[1]
+        cos = cos_t[positions][:, None, :]  # (n, 1, rope_dim/2)
+        sin = sin_t[positions][:, None, :]
         out = x.copy()
-        if self._rope_style == "interleaved":
+        if style == "interleaved":
             x0, x1 = x[..., 0:2 * half:2], x[..., 1:2 * half:2]  # pairs (x[2i], x[2i+1])
             out[..., 0:2 * half:2] = x0 * cos - x1 * sin
             out[..., 1:2 * half:2] = x0 * sin + x1 * cos
@@ -186,7 +190,10 @@ class CpuBackend(Backend):
     # which halves the work of a full prompt and keeps the score block in cache.
     ATTENTION_BLOCK = 128
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray,
+                  window: int = 0) -> np.ndarray:
+        if window and int(q_positions.max()) >= window:  # some query has keys outside its window
+            return self._windowed_attention(q, k, v, q_positions, window)
         if self.batch_invariant and self._ops is None:
             return invariant.attend(q, k, v, q_positions, q.shape[1] // k.shape[0])
         if self._ops is not None and _c_ready(q) and _rows_ready(k) and _rows_ready(v) and k.shape[1] > 0:
@@ -201,6 +208,21 @@ class CpuBackend(Backend):
             hi = min(n, lo + self.ATTENTION_BLOCK)
             t = int(q_positions[hi - 1]) + 1  # keys this block can see
             out[lo:hi] = self._attend(q[lo:hi], k[:, :t], v[:, :t], q_positions[lo:hi], group)
+        return out
+
+    def _windowed_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray,
+                            window: int) -> np.ndarray:
+        """Sliding-window attention in numpy, per query block over the keys its window reaches:
+        the cost per query is bounded by the window, not by the sequence."""
+        n, n_heads, hd = q.shape
+        group = n_heads // k.shape[0]
+        out = np.empty((n, n_heads * hd), dtype=np.float32)
+        for lo in range(0, n, self.ATTENTION_BLOCK):
+            hi = min(n, lo + self.ATTENTION_BLOCK)
+            first = max(0, int(q_positions[lo:hi].min()) - window + 1)  # oldest key any query here sees
+            t = int(q_positions[lo:hi].max()) + 1
+            out[lo:hi] = self._attend(q[lo:hi], k[:, first:t], v[:, first:t], q_positions[lo:hi] - first, group,
+                                      window)
         return out
 
     def decode_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -237,16 +259,20 @@ class CpuBackend(Backend):
         return super().paged_decode_attention(q, k_pages, v_pages, table, lengths)
 
     @staticmethod
-    def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray, group: int) -> np.ndarray:
+    def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray, group: int,
+                window: int = 0) -> np.ndarray:
         n, n_heads, hd = q.shape
         n_kv, t, _ = k.shape
         # queries grouped under their kv head: (n_kv, n * group, hd), row = (token, head in group)
         qg = q.reshape(n, n_kv, group, hd).transpose(1, 0, 2, 3).reshape(n_kv, n * group, hd)
         scores = np.matmul(qg, k.transpose(0, 2, 1))  # (n_kv, n * group, t)
         scores *= np.float32(1.0 / np.sqrt(hd))
-        if q_positions[0] < t - 1:
-            # causal mask: the query at position p sees keys 0..p
-            hidden = np.arange(t)[None, :] > np.repeat(q_positions, group)[:, None]  # (n * group, t)
+        if q_positions[0] < t - 1 or window:
+            # causal mask: the query at position p sees keys 0..p (and with a window, p - window < j)
+            p = np.repeat(q_positions, group)[:, None]
+            hidden = np.arange(t)[None, :] > p  # (n * group, t)
+            if window:
+                hidden |= np.arange(t)[None, :] <= p - window
             scores += np.where(hidden, np.float32(-np.inf), np.float32(0.0))
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)

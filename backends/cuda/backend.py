@@ -222,12 +222,21 @@ class CudaBackend(Backend):
     def rms_norm(self, x: Any, w: Any, eps: float) -> Any:
         return self._out(self.ops.rms_norm(self._in(x), w, eps))
 
-    def configure_rope(self, dim: int, theta: float, style: str, max_positions: int) -> None:
+    def check_model(self, config: Any, variants: Sequence[str]) -> None:
+        # the device kernels compute the plain llama decoder (either RoPE pairing) only
+        if variants:
+            raise UnsupportedModel(f"the cuda backend does not compute {', '.join(variants)} "
+                                   f"({config.architecture}); run this model on the cpu backend")
+
+    def configure_rope(self, dim: int, theta: float, style: str, max_positions: int,
+                       freq_scale: float = 1.0, freq_factors: Any = None, yarn: Any = None) -> None:
+        if freq_scale != 1.0 or freq_factors is not None or yarn is not None:  # check_model refuses these models first
+            raise UnsupportedModel("the cuda backend does not compute scaled rope")
         cos, sin = rope_tables(dim, theta, max_positions)
         self._cos, self._sin = self.device.upload(cos), self.device.upload(sin)
         self._neox = style == "neox"
 
-    def rope(self, x: Any, positions: Any) -> Any:
+    def rope(self, x: Any, positions: Any, table: Any = None) -> Any:
         assert self._cos is not None, "configure_rope first"
         n, heads, hd = x.shape
         if n == 0:
@@ -240,7 +249,9 @@ class CudaBackend(Backend):
         y = self.ops.rope(x, 0, row_stride, n, heads, hd, self._index(positions), self._cos, self._sin, self._neox)
         return self._out(y)
 
-    def attention(self, q: Any, k: Any, v: Any, q_positions: Any) -> Any:
+    def attention(self, q: Any, k: Any, v: Any, q_positions: Any, window: int = 0) -> Any:
+        if window:  # check_model refuses sliding-window models first
+            raise UnsupportedModel("the cuda backend does not compute sliding-window attention")
         hd = q.shape[2]
         n_kv, t, _ = k.shape
         k, head_stride = self._kv_view(k)

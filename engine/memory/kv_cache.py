@@ -34,9 +34,9 @@ class SequenceKV:
         self.k[layer, :, start:end] = k.transpose(1, 0, 2)
         self.v[layer, :, start:end] = v.transpose(1, 0, 2)
 
-    def read(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values for positions 0..end-1: two (n_kv_heads, end, head_dim) views."""
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+    def read(self, layer: int, end: int, begin: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values for positions begin..end-1: two (n_kv_heads, end - begin, head_dim) views."""
+        return self.k[layer, :, begin:end], self.v[layer, :, begin:end]
 
     def truncate(self, length: int) -> None:
         """Forget positions from `length` on (a rejected draft, a retried step)."""

@@ -229,19 +229,22 @@ class PagedKV:
         self.arena.k[layer][:, blocks, slots] = k.transpose(1, 0, 2)
         self.arena.v[layer][:, blocks, slots] = v.transpose(1, 0, 2)
 
-    def read(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values for positions 0..end-1, (n_kv_heads, end, head_dim): a view when contiguous."""
-        nb = -(-end // self.arena.block_size)
-        table = self.blocks[:nb]
+    def read(self, layer: int, end: int, begin: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values for positions begin..end-1, (n_kv_heads, end - begin, head_dim): a view
+        when contiguous. A sliding-window layer reads only its window's blocks."""
+        bs = self.arena.block_size
+        first, nb = begin // bs, -(-end // bs)
+        table = self.blocks[first:nb]
         k_layer, v_layer = self.arena.k[layer], self.arena.v[layer]
-        n_kv, _, bs, hd = k_layer.shape
-        if nb <= self._run:  # consecutive blocks: a plain view
-            k = k_layer[:, table[0]:table[0] + nb]
-            v = v_layer[:, table[0]:table[0] + nb]
+        n_kv, _, _, hd = k_layer.shape
+        if nb <= self._run:
+            k = k_layer[:, table[0]:table[0] + len(table)]  # consecutive blocks: a plain view
+            v = v_layer[:, table[0]:table[0] + len(table)]
         else:
             k = k_layer[:, table]
             v = v_layer[:, table]
-        k, v = k.reshape(n_kv, nb * bs, hd)[:, :end], v.reshape(n_kv, nb * bs, hd)[:, :end]
+        lo, hi = begin - first * bs, end - first * bs
+        k, v = k.reshape(n_kv, len(table) * bs, hd)[:, lo:hi], v.reshape(n_kv, len(table) * bs, hd)[:, lo:hi]
         if k.dtype != np.float32:  # an f16 arena halves memory; attention still runs in f32
             k, v = k.astype(np.float32), v.astype(np.float32)
         return k, v

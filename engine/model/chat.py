@@ -88,6 +88,7 @@ class ChatTemplate:
         if not isinstance(template, str) or not template:
             raise TemplateError("chat template must be a non-empty string")
         self.source = template
+        self.is_fallback = False  # True: the model has no template of its own (ChatML stands in)
         self.bos_token = bos_token
         self.eos_token = eos_token
         try:
@@ -97,15 +98,18 @@ class ChatTemplate:
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any]) -> ChatTemplate:
-        """The model's ``tokenizer.chat_template``, or ChatML when it has none."""
+        """The model's ``tokenizer.chat_template``, or ChatML when it has none (``is_fallback``)."""
         tokens = meta.get("tokenizer.ggml.tokens") or []
 
         def piece(key: str) -> str:
             i = meta.get(key)
             return str(tokens[i]) if isinstance(i, int) and 0 <= i < len(tokens) else ""
 
-        template = meta.get("tokenizer.chat_template") or CHATML_TEMPLATE
-        return cls(template, piece("tokenizer.ggml.bos_token_id"), piece("tokenizer.ggml.eos_token_id"))
+        template = meta.get("tokenizer.chat_template")
+        chat = cls(template or CHATML_TEMPLATE, piece("tokenizer.ggml.bos_token_id"),
+                   piece("tokenizer.ggml.eos_token_id"))
+        chat.is_fallback = not template  # llama.cpp falls back to ChatML too; the loader says so
+        return chat
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                **context: Any) -> str:

@@ -9,7 +9,7 @@ blocks, still memory-mapped) and the architecture's hyperparameters as a
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,10 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from engine.errors import ModelFormatError, ModelNotFound, UnsupportedModel
+from engine.model.config import ModelConfig, read_config
+from engine.model.quants import quant_type
+
+__all__ = ["ModelConfig", "ModelFile", "TensorInfo"]
 
 
 class _Reader(GGUFReader):
@@ -47,36 +51,6 @@ class TensorInfo:
     shape: tuple[int, ...]  # numpy order (rows, cols): the reverse of GGUF's ne
     n_elements: int
     n_bytes: int
-
-
-# RoPE pairing per architecture. llama.cpp's converter permutes the q/k rows of
-# llama-family checkpoints so that RoPE rotates adjacent pairs (x[2i], x[2i+1]);
-# NeoX-style models (qwen2, ...) rotate (x[i], x[i + d/2]).
-ROPE_STYLE = {"llama": "interleaved"}
-SUPPORTED_ARCHITECTURES = tuple(ROPE_STYLE)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Hyperparameters of a decoder-only transformer, read from GGUF metadata."""
-
-    architecture: str
-    n_layers: int
-    dim: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_dim: int
-    vocab_size: int
-    context_length: int
-    rope_theta: float
-    rope_dim: int
-    rope_style: str
-    norm_eps: float
-    tied_output: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ModelFile:
@@ -118,40 +92,16 @@ class ModelFile:
         return self._data[name]
 
     def config(self) -> ModelConfig:
-        """Hyperparameters of a supported architecture; UnsupportedModel otherwise."""
-        arch = self.architecture
-        if arch not in ROPE_STYLE:
-            raise UnsupportedModel(f"{self.path}: architecture {arch!r} is not supported "
-                                   f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        """Hyperparameters of a supported architecture (engine/model/config.py); UnsupportedModel
+        for anything this engine would otherwise compute wrong."""
+        return read_config(self.path, self.metadata, self.tensors)
 
-        def get(key: str, default: Any = None) -> Any:
-            value = self.metadata.get(f"{arch}.{key}", default)
-            if value is None:
-                raise ModelFormatError(f"{self.path}: metadata key {arch}.{key} is missing")
-            return value
-
-        dim = int(get("embedding_length"))
-        n_heads = int(get("attention.head_count"))
-        head_dim = dim // n_heads
-        embd = self.tensors.get("token_embd.weight")
-        if embd is None:
-            raise ModelFormatError(f"{self.path}: tensor 'token_embd.weight' is missing")
-        return ModelConfig(
-            architecture=arch,
-            n_layers=int(get("block_count")),
-            dim=dim,
-            n_heads=n_heads,
-            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=head_dim,
-            ffn_dim=int(get("feed_forward_length")),
-            vocab_size=int(get("vocab_size", embd.shape[0])),
-            context_length=int(get("context_length")),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_dim=int(get("rope.dimension_count", head_dim)),
-            rope_style=ROPE_STYLE[arch],
-            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            tied_output="output.weight" not in self.tensors,
-        )
+    def check_supported(self) -> ModelConfig:
+        """The config, once every tensor's type has a dequantizer too: what runs, or why not."""
+        config = self.config()
+        for t in self.tensors.values():
+            quant_type(t.type)  # UnsupportedTensorType names the type
+        return config
 
     def describe(self) -> dict[str, Any]:
         """What `plan-engine inspect` shows: a JSON-ready summary of the file."""
@@ -159,6 +109,11 @@ class ModelFile:
             config: dict[str, Any] | str = self.config().to_dict()
         except (UnsupportedModel, ModelFormatError) as exc:
             config = str(exc)
+        try:
+            self.check_supported()
+            reason = None
+        except (UnsupportedModel, ModelFormatError) as exc:
+            reason = str(exc)
         tokenizer = {k.removeprefix("tokenizer."): v for k, v in self.metadata.items()
                      if k.startswith("tokenizer.") and not isinstance(v, list)}
         tokenizer["vocab_size"] = len(self.metadata.get("tokenizer.ggml.tokens", []))
@@ -171,7 +126,8 @@ class ModelFile:
             "file_size": self.file_size,
             "architecture": self.architecture,
             "name": self.metadata.get("general.name"),
-            "supported": self.architecture in ROPE_STYLE,
+            "supported": reason is None,
+            "unsupported_reason": reason,
             "config": config,
             "parameters": self.n_params,
             "tensor_types": type_counts,

@@ -302,6 +302,40 @@ def _dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(n, QK_K)
 
 
+# --- IQ4_NL, IQ4_XS: 4-bit indices into a non-linear table ------------------
+#
+# IQ4_NL, 32 weights in 18 bytes:
+#     d: f16 | qs[16]: byte l = [ index(l + 16) : 4 | index(l) : 4 ]
+#     w = d * KVALUES[index]
+#
+# IQ4_XS, 256 weights in 136 bytes (8 sub-blocks of 32):
+#     d: f16 | scales_h: u16, 2 bits per sub-block s at bits 2s..2s+1
+#     | scales_l[4]: byte s // 2 holds sub-block s's low 4 bits (even s low nibble)
+#     | qs[128]: sub-block s's 16 bytes laid out as IQ4_NL's qs
+#     w = (d * (scale_s - 32)) * KVALUES[index],  scale_s = scales_l(s) | scales_h(s) << 4
+
+IQ4_KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                       dtype=np.int8)
+
+
+def _dequant_iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    d = _f16(blocks[:, 0:2])
+    idx = _nibbles(blocks[:, 2:18]).reshape(len(blocks), 32)  # low nibbles are weights 0..15
+    return d * IQ4_KVALUES[idx].astype(np.float32)
+
+
+def _dequant_iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    n = len(blocks)
+    d = _f16(blocks[:, 0:2])
+    scales_h = blocks[:, 2:4].copy().view(np.uint16)  # (n, 1)
+    low = _nibbles(blocks[:, 4:8]).transpose(0, 2, 1).reshape(n, 8)  # sub-block order 0..7
+    high = ((scales_h >> (2 * np.arange(8, dtype=np.uint16))) & 3).astype(np.uint8)  # (n, 8)
+    scales = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    dl = (d * scales.astype(np.float32))[..., None]  # (n, 8, 1)
+    idx = _nibbles(blocks[:, 8:136].reshape(n, 8, 16)).reshape(n, 8, 32)
+    return (dl * IQ4_KVALUES[idx].astype(np.float32)).reshape(n, QK_K)
+
+
 # --- the table -------------------------------------------------------------
 
 QUANT_TYPES: dict[T, QuantType] = {
@@ -320,6 +354,8 @@ QUANT_TYPES: dict[T, QuantType] = {
         (T.Q4_K, QK_K, 144, _dequant_q4_k),
         (T.Q5_K, QK_K, 176, _dequant_q5_k),
         (T.Q6_K, QK_K, 210, _dequant_q6_k),
+        (T.IQ4_NL, 32, 18, _dequant_iq4_nl),
+        (T.IQ4_XS, QK_K, 136, _dequant_iq4_xs),
     ]
 }
 

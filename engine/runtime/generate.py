@@ -6,6 +6,7 @@ the same `Transformer.forward` through the scheduler.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from engine.runtime.constraints import Constraint
 from engine.runtime.model import Segment, Transformer, load_weights
 from engine.runtime.sampling import Sampler, SamplingParams, StopChecker
 
+log = logging.getLogger(__name__)
+
 
 class LoadedModel:
     """A model ready to run: its file, tokenizer and weights on a backend. `close()` releases them."""
@@ -40,6 +43,9 @@ class LoadedModel:
             raise
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
         self.chat_template = ChatTemplate.from_metadata(self.file.metadata)
+        if self.chat_template.is_fallback:
+            log.warning("%s has no chat template (tokenizer.chat_template): chat messages are rendered "
+                        "as ChatML, which this model may not have been trained on", self.file.path.name)
         limit = self.config.context_length
         if context_length is not None and not 0 < context_length <= limit:
             raise InvalidArgument(f"context length {context_length} must be in 1..{limit} (the model's)",
