@@ -27,9 +27,11 @@ def on_host_network(port: int) -> list[str]:
     return ["--network=host", "--env", f"PLAN_ENGINE_PORT={port}"]
 
 
-def serve_args(metrics_port: int | None = None) -> list[str]:
+def serve_args(metrics_port: int | None = None, http_port: int | None = None) -> list[str]:
     """The image's CMD on loopback only (the host network is the host's)."""
     args = ["serve", "--host", "127.0.0.1"]
+    if http_port:
+        args += ["--http-port", str(http_port)]
     return args + ["--metrics-port", str(metrics_port)] if metrics_port else args
 
 
@@ -78,9 +80,9 @@ def test_a_container_turns_healthy_and_streams_generate_to_the_host(images, cont
     from podman_cli import grpc_health
     from services.client import PlanEngineClient
 
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     t0 = time.monotonic()
-    container = Container.run(images.baked, *serve_args(metrics_port), options=on_host_network(port))
+    container = Container.run(images.baked, *serve_args(metrics_port, http_port), options=on_host_network(port))
     containers.append(container)
     serving = container.wait_healthy(target=f"127.0.0.1:{port}")
     started = time.monotonic() - t0
@@ -101,7 +103,17 @@ def test_a_container_turns_healthy_and_streams_generate_to_the_host(images, cont
     assert len(arrivals) >= 16 and arrivals[0] < arrivals[-1] and text.strip()
     assert final.plan.id == "default" and final.plan.hash
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    assert "planengine:num_requests_waiting" in metrics
+    assert "planengine_num_requests_waiting" in metrics
+    # the OpenAI-compatible HTTP API of the same container, from the host
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=30) as r:
+        model = json.loads(r.read())["data"][0]["id"]
+    body = json.dumps({"model": model, "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        answer = json.loads(r.read())
+    assert answer["choices"][0]["message"]["content"] and answer["system_fingerprint"].startswith("default@")
     print(f"\nhost network: SERVING {serving:.1f} s after podman run returned ({started:.1f} s after it was called); "
           f"32 tokens streamed to the host in {arrivals[-1]:.2f} s, first after {arrivals[0]:.2f} s")
 
