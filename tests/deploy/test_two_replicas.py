@@ -38,6 +38,7 @@ K8S = REPO / "deploy" / "k8s" / "base"
 PROPAGATION_BOUND_S = 2.0
 MARGIN_S = 10.0
 AGENT_TOKEN = "tuner-token"
+OPERATOR_TOKEN = "operator-token"  # what the Deployment's plan-engine-operator Secret gives PLAN_ENGINE_TOKENS
 AGENT_POLICY = {"agents": {"tuner": {"token": AGENT_TOKEN, "mode": "auto", "rate_per_minute": 600,
                                      "fields": {"batching.max_batch_size": {"min": 1, "max": 64}}}}}
 
@@ -62,7 +63,7 @@ class Replica:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def client(self, token: str | None = None):
+    def client(self, token: str = OPERATOR_TOKEN):
         """A new channel (an old one may be backing off after the replica was killed)."""
         from services.client import PlanEngineClient
         client = PlanEngineClient(self.target, token=token, timeout=120)
@@ -94,8 +95,9 @@ class Fleet:
             "--read-only", "--tmpfs", "/tmp", "--cap-drop=ALL", "--security-opt=no-new-privileges",
             "--memory=3g",
         ]
+        options += ["--env", "PLAN_ENGINE_TOKENS"]  # as the Deployment takes it from its Secret
         container = Container.run(self.image, *args, options=options, prefix=f"pe-{name}",
-                                  env={"PLAN_ENGINE_STORE": self.dsn})
+                                  env={"PLAN_ENGINE_STORE": self.dsn, "PLAN_ENGINE_TOKENS": OPERATOR_TOKEN})
         self.replicas[name] = Replica(name, container, port, metrics_port)
         return self.replicas[name]
 
