@@ -85,8 +85,8 @@ class Fleet:
 
     def start(self, name: str) -> Replica:
         port, metrics_port = free_port(), free_port()
-        args = [a for a in self.args if not a.startswith(("--host=", "--port=", "--metrics-port="))]
-        args += ["--host=127.0.0.1", f"--metrics-port={metrics_port}"]
+        args = [a for a in self.args if not a.startswith(("--host=", "--port=", "--metrics-port=", "--http-port="))]
+        args += ["--host=127.0.0.1", f"--metrics-port={metrics_port}", f"--http-port={free_port()}"]
         options = [
             "--network=host", "--env", f"PLAN_ENGINE_PORT={port}",
             "--env", "PLAN_ENGINE_STORE",  # its value from podman's environment, not a command line
