@@ -48,6 +48,8 @@ def _utf8_len(text: str) -> int:
 
 
 def check_text(text: str, limit: int, field: str = "prompt") -> None:
+    if len(text) > limit:  # characters <= bytes: refused without encoding a huge text first
+        raise InvalidArgument(f"{field} of {len(text):,}+ bytes exceeds the limit of {limit:,} bytes", field=field)
     size = _utf8_len(text)
     if size > limit:
         raise InvalidArgument(f"{field} of {size:,} bytes exceeds the limit of {limit:,} bytes", field=field)
