@@ -196,6 +196,16 @@ class Transformer:
             return self.backend.new_kv(c.n_layers, c.n_kv_heads, c.head_dim, capacity)
         return SequenceKV(c.n_layers, c.n_kv_heads, c.head_dim, capacity)
 
+    def _project(self, x: Any, weight: Any, bias: Any = None, post_norm: Any = None) -> Any:
+        """x @ weight, plus the bias (qwen2, phi3) and the RMSNorm after it (gemma) where the
+        layer has them."""
+        y = self.backend.linear(x, weight)
+        if bias is not None:
+            y = y + bias
+        if post_norm is not None:
+            y = self.backend.rms_norm(y, post_norm, self.config.norm_eps)
+        return y
+
     def forward(self, segments: Sequence[Segment]) -> list[np.ndarray]:
         """Run new tokens through the model, extend each segment's cache, return logits.
 
@@ -224,9 +234,7 @@ class Transformer:
             rope = self.rope_swa if window else self.rope_global
             # attention: qkv projections for all new tokens in one GEMM
             h = be.rms_norm(x, lw.attn_norm, c.norm_eps)
-            qkv = be.linear(h, lw.wqkv)  # (n_tokens, q_dim + 2 * kv_dim)
-            if lw.bqkv is not None:  # qwen2
-                qkv = qkv + lw.bqkv
+            qkv = self._project(h, lw.wqkv, lw.bqkv)  # (n_tokens, q_dim + 2 * kv_dim)
             q = qkv[:, :q_dim].reshape(-1, c.n_heads, hd)  # (n_tokens, n_heads, head_dim)
             k = qkv[:, q_dim:q_dim + kv_dim].reshape(-1, c.n_kv_heads, hd)  # (n_tokens, n_kv_heads, head_dim)
             v = qkv[:, q_dim + kv_dim:].reshape(-1, c.n_kv_heads, hd)
@@ -255,24 +263,12 @@ class Transformer:
                 else:
                     k_all, v_all = s.kv.read(layer, end)  # (n_kv_heads, t, head_dim)
                     attn[lo:hi] = be.attention(q[lo:hi], k_all, v_all, positions[lo:hi])
-            out = be.linear(attn, lw.wo)  # (n_tokens, dim)
-            if lw.bo is not None:
-                out = out + lw.bo
-            if lw.post_attn_norm is not None:  # gemma
-                out = be.rms_norm(out, lw.post_attn_norm, c.norm_eps)
-            x = x + out
+            x = x + self._project(attn, lw.wo, lw.bo, lw.post_attn_norm)  # (n_tokens, dim)
             # feed-forward: SwiGLU, or GeGLU (gemma)
             h = be.rms_norm(x, lw.ffn_norm, c.norm_eps)
-            gate_up = be.linear(h, lw.w_gate_up)  # (n_tokens, 2 * ffn_dim)
-            if lw.b_gate_up is not None:
-                gate_up = gate_up + lw.b_gate_up
+            gate_up = self._project(h, lw.w_gate_up, lw.b_gate_up)  # (n_tokens, 2 * ffn_dim)
             act = be.silu_mul(gate_up) if arch.activation == "silu" else be.gelu_tanh_mul(gate_up)
-            out = be.linear(act, lw.w_down)  # (n_tokens, dim)
-            if lw.b_down is not None:
-                out = out + lw.b_down
-            if lw.post_ffn_norm is not None:  # gemma
-                out = be.rms_norm(out, lw.post_ffn_norm, c.norm_eps)
-            x = x + out
+            x = x + self._project(act, lw.w_down, lw.b_down, lw.post_ffn_norm)  # (n_tokens, dim)
 
         for s in segments:
             s.kv.length = s.start + len(s.tokens)
