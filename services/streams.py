@@ -17,6 +17,7 @@ every thread: health checks, GetMetrics and Generate then timed out. So:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import queue
 import threading
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class Closing:
         self._set = False
         self._lock = threading.Lock()
         self._callbacks: dict[int, Callable[[], None]] = {}
-        self._ids = iter(range(1 << 62))
+        self._ids = itertools.count()
 
     def set(self) -> None:
         with self._lock:

@@ -40,6 +40,13 @@ def served(tmp_path, tiny):
     server.stop(5)
 
 
+def idle_requests(until: threading.Event, timeout: float = 60):
+    """A request stream that sends nothing (an idle agent) until `until` is set."""
+    until.wait(timeout)
+    return
+    yield
+
+
 def health(client) -> int:
     stub = health_pb2_grpc.HealthStub(client.channel)
     return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
@@ -136,13 +143,7 @@ def test_an_idle_suggest_stream_is_closed(served):
     _, client = served
     agent = [("authorization", f"Bearer {AGENT}")]
     stop = threading.Event()
-
-    def never_sends():
-        stop.wait(30)
-        return
-        yield
-
-    code, details = code_of(lambda: list(client.stub.Suggest(never_sends(), metadata=agent, timeout=30)))
+    code, details = code_of(lambda: list(client.stub.Suggest(idle_requests(stop, 30), metadata=agent, timeout=30)))
     stop.set()
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "idle" in details
 
@@ -153,13 +154,7 @@ def test_stop_ends_open_streams_at_once(tmp_path, tiny):
     next(watch)
     agent = [("authorization", f"Bearer {AGENT}")]
     release = threading.Event()
-
-    def idle_agent():
-        release.wait(60)
-        return
-        yield
-
-    suggest = client.stub.Suggest(idle_agent(), metadata=agent)
+    suggest = client.stub.Suggest(idle_requests(release), metadata=agent)
     assert wait_until(lambda: server.streams.open_streams() == 2)
     started = time.monotonic()
     server.stop(30)

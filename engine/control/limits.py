@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from engine.errors import InvalidArgument
+from engine.errors import InvalidArgument, shown
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
@@ -47,12 +47,14 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def check_text(text: str, limit: int, field: str = "prompt") -> None:
+def check_text(text: str, limit: int, field: str = "prompt", label: str | None = None) -> None:
+    """Refuse `text` over `limit` UTF-8 bytes, naming `label` (default: the field) and the sizes."""
+    label = label or field
     if len(text) > limit:  # characters <= bytes: refused without encoding a huge text first
-        raise InvalidArgument(f"{field} of {len(text):,}+ bytes exceeds the limit of {limit:,} bytes", field=field)
+        raise InvalidArgument(f"{label} of {len(text):,}+ bytes exceeds the limit of {limit:,} bytes", field=field)
     size = _utf8_len(text)
     if size > limit:
-        raise InvalidArgument(f"{field} of {size:,} bytes exceeds the limit of {limit:,} bytes", field=field)
+        raise InvalidArgument(f"{label} of {size:,} bytes exceeds the limit of {limit:,} bytes", field=field)
 
 
 def check_request(limits: RequestLimits, prompt_limit: int, request_id: str = "", text: str | None = None,
@@ -61,6 +63,7 @@ def check_request(limits: RequestLimits, prompt_limit: int, request_id: str = ""
     """Refuse a request whose sizes exceed the limits, before it is tokenized or queued."""
     if not 1 <= n <= limits.max_n:
         raise InvalidArgument(f"n {n} must be in 1..{limits.max_n}", field="n")
+    check_text(request_id, limits.max_request_id_bytes, "request_id")  # before looking at each character
     if any(c < " " or c == "\x7f" for c in request_id):
         raise InvalidArgument("request_id must not contain control characters", field="request_id")
     if len(logit_bias) > limits.max_logit_bias:
@@ -69,16 +72,11 @@ def check_request(limits: RequestLimits, prompt_limit: int, request_id: str = ""
     if len(stop_token_ids) > limits.max_stop_token_ids:
         raise InvalidArgument(f"{len(stop_token_ids):,} stop_token_ids exceed the limit of "
                               f"{limits.max_stop_token_ids}", field="stop_token_ids")
-    if _utf8_len(request_id) > limits.max_request_id_bytes:
-        raise InvalidArgument(f"request_id of {_utf8_len(request_id):,} bytes exceeds the limit of "
-                              f"{limits.max_request_id_bytes} bytes", field="request_id")
     if len(stop) > limits.max_stop_strings:
         raise InvalidArgument(f"{len(stop):,} stop strings exceed the limit of {limits.max_stop_strings}",
                               field="stop")
     for i, s in enumerate(stop):
-        if _utf8_len(s) > limits.max_stop_bytes:
-            raise InvalidArgument(f"stop[{i}] of {_utf8_len(s):,} bytes exceeds the limit of "
-                                  f"{limits.max_stop_bytes} bytes", field="stop")
+        check_text(s, limits.max_stop_bytes, "stop", label=f"stop[{i}]")
     if text is not None:
         check_text(text, prompt_limit)
     if messages is not None:
@@ -89,8 +87,7 @@ def check_request(limits: RequestLimits, prompt_limit: int, request_id: str = ""
         for i, m in enumerate(messages):
             role = m.get("role", "")
             if role not in CHAT_ROLES:
-                shown = role if len(role) <= 32 else role[:32] + "..."
-                raise InvalidArgument(f"chat.messages[{i}].role {shown!r} is not one of "
+                raise InvalidArgument(f"chat.messages[{i}].role {shown(role, 40)} is not one of "
                                       f"{', '.join(sorted(CHAT_ROLES))}", field=f"chat.messages[{i}].role")
             total += _utf8_len(m.get("content", ""))
             if total > prompt_limit:

@@ -134,11 +134,6 @@ PROMPT_LOGPROBS_CHUNK = 256
 class _Sequence:
     """Engine-side state of one request."""
 
-    @property
-    def wants_prompt_logprobs(self) -> bool:
-        """Still collecting prompt logprobs: one per prompt position after the first."""
-        return self.spec.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.spec.prompt_ids) - 1
-
     def __init__(self, spec: RequestSpec, stream: TokenStream, kv: PagedKV, handle: RequestHandle, index: int = 0):
         self.spec = spec
         self.index = index  # which of the request's completions; 0 computes the prompt, others fork from it
@@ -158,6 +153,11 @@ class _Sequence:
         self.prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # filled as the prompt runs
         self.block_hashes: list[bytes] = []  # prefix hashes of the full blocks of `tokens` (prefix caching)
         self.registered = 0  # how many of kv.blocks are offered to the prefix cache
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Still collecting prompt logprobs: one per prompt position after the first."""
+        return self.spec.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.spec.prompt_ids) - 1
 
     def view(self) -> SeqView:
         return SeqView(self.key, self.spec.priority, self.arrival, len(self.spec.prompt_ids),
