@@ -112,7 +112,7 @@ class Formatter:
             yield self._with_usage(self._chunk(self._text_delta(event.text), lp, None, event.index))
 
     def _tools_delta(self, final: Final) -> tuple[Any, str]:
-        raise ApiError(400, "tools are served on chat completions only")  # pragma: no cover
+        raise NotImplementedError  # tools are offered on chat completions only
 
     def _with_usage(self, chunk: dict[str, Any]) -> dict[str, Any]:
         if self.ctx.include_usage:  # as OpenAI: every chunk says usage null but the extra last one
