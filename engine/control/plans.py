@@ -70,6 +70,7 @@ from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.internal import type_checkers
 
 from engine import execution
+from engine.control import names
 from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, shown
 from engine.model import registry
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
@@ -87,7 +88,6 @@ __all__ = [
     "apply_patch",
     "backend_name",
     "canonical_json",
-    "changes_require_reload",
     "normalize",
     "plan_hash",
     "prepare",
@@ -166,24 +166,14 @@ LATER_SECTIONS = ("execution",)
 KV_DTYPE_BYTES = {plan_pb2.KV_CACHE_DTYPE_F32: 4, plan_pb2.KV_CACHE_DTYPE_F16: 2}
 
 
-def _short_names(enum_type: _descriptor.EnumDescriptor, prefix: str) -> dict[int, str]:
-    """BACKEND_CPU -> "cpu": the names the runtime and the CLI use."""
-    return {v.number: v.name.removeprefix(prefix).lower()
-            for v in enum_type.values if not v.name.endswith("_UNSPECIFIED")}
-
-
-BACKEND_NAMES = _short_names(plan_pb2.Backend.DESCRIPTOR, "BACKEND_")
-WEIGHT_FORMAT_NAMES = _short_names(plan_pb2.WeightFormat.DESCRIPTOR, "WEIGHT_FORMAT_")
-
-
 def backend_name(plan: ExecutionPlan) -> str:
     """The plan's backend as the backends package names it ("cpu", "cuda")."""
-    return BACKEND_NAMES.get(plan.backend, str(plan.backend))
+    return names.name(names.BACKENDS, plan.backend)
 
 
 def weight_format_name(plan: ExecutionPlan) -> str:
     """The plan's weight format as backends name it ("native", "f32", "f16", "q8_0")."""
-    return WEIGHT_FORMAT_NAMES.get(plan.weights, str(plan.weights))
+    return names.name(names.WEIGHT_FORMATS, plan.weights)
 
 
 # --------------------------------------------------------------------------- errors
@@ -678,10 +668,3 @@ def apply_patch(base: ExecutionPlan, patch: ExecutionPlan, paths: Sequence[str])
     for name in ("version", "hash", "created_at"):
         out.ClearField(name)
     return out
-
-
-def changes_require_reload(old: ExecutionPlan, new: ExecutionPlan) -> bool:
-    """Whether going from `old` to `new` (both normalized) needs the model loaded again:
-    another model, backend, weight format, KV arena or context length."""
-    return (old.model != new.model or old.backend != new.backend or old.weights != new.weights
-            or old.kv_cache != new.kv_cache or old.limits.context_length != new.limits.context_length)
