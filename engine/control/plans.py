@@ -73,6 +73,7 @@ from engine import execution
 from engine.control import names
 from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, shown
 from engine.model import registry
+from engine.runtime.engine import available_backends
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
 from protos.planengine.v1 import plan_pb2
 
@@ -264,22 +265,6 @@ def _default_max_kv_bytes() -> int:
         return 4 << 30
 
 
-def _probe_backends() -> dict[str, tuple[str, ...]]:
-    """Backends the backends package can create here, with their weight formats."""
-    from backends import BACKENDS, create_backend
-
-    available: dict[str, tuple[str, ...]] = {}
-    for name in BACKENDS:
-        try:
-            backend = create_backend(name, execution.DEFAULT_EXECUTION.kernels)
-        except InvalidArgument:
-            continue
-        available[name] = tuple(backend.weight_formats)
-        if close := getattr(backend, "close", None):
-            close()
-    return available
-
-
 class PlanEnvironment:
     """What this server can run, against which plans are validated; built once at startup.
 
@@ -295,7 +280,7 @@ class PlanEnvironment:
     def __init__(self, backends: Mapping[str, Iterable[str]] | None = None, max_kv_bytes: int | None = None,
                  model_reader: Callable[[str], ModelInfo] | None = None,
                  model_dirs: Sequence[os.PathLike[str] | str] | None = None):
-        backends = _probe_backends() if backends is None else backends
+        backends = available_backends() if backends is None else backends
         self._backends = {name: tuple(formats) for name, formats in backends.items()}
         self.max_kv_bytes = _default_max_kv_bytes() if max_kv_bytes is None else int(max_kv_bytes)
         self.model_dirs = None if model_dirs is None else tuple(Path(d) for d in model_dirs)

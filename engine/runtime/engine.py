@@ -15,8 +15,10 @@ from typing import Callable
 
 import numpy as np
 
+from backends import BACKENDS, create_backend
 from backends.base import OpProfile, ProfiledBackend
-from engine.execution import ExecutionSettings
+from engine.errors import InvalidArgument
+from engine.execution import DEFAULT_EXECUTION, ExecutionSettings
 from engine.memory.paged import BlockArena
 from engine.runtime.generate import LoadedModel
 from engine.runtime.worker import EngineWorker, Final, WorkerLimits
@@ -25,6 +27,19 @@ from engine.scheduler.power import PowerGovernor
 from engine.telemetry.energy import PowerMeter
 
 KV_DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def available_backends() -> dict[str, tuple[str, ...]]:
+    """The backends that can run on this machine, each with its weight formats."""
+    available: dict[str, tuple[str, ...]] = {}
+    for name in BACKENDS:
+        try:
+            backend = create_backend(name, DEFAULT_EXECUTION.kernels)
+        except InvalidArgument:
+            continue
+        available[name] = tuple(backend.weight_formats)
+        backend.close()
+    return available
 
 
 @dataclass(frozen=True)
