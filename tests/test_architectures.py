@@ -105,3 +105,48 @@ def test_native_q4_0_agrees_with_llama_cpp():
         report.append(f"{name} {int((ours == theirs).sum())}/{len(ids)}")
     print("native Q4_0 top-1 vs llama.cpp:", ", ".join(report))
     assert agree_total / n_total >= 0.99, report
+
+
+# --- an all-sliding model gives blocks back -----------------------------------------------------
+
+def test_all_sliding_model_gives_back_blocks_out_of_the_window():
+    """mistral_swa slides on every layer (window 32): the worker gives back the blocks that fell
+    out of the window after each step, so 8 blocks of 8 positions (64) carry a sequence of 108
+    positions, and two greedy completions of one 72-token prompt (chunked prefill, so the
+    fork shares a table with holes), with the tokens of the unpaged single-sequence path."""
+    from engine.runtime.worker import EngineWorker, RequestSpec, WorkerLimits
+    from engine.scheduler.base import FifoPolicy
+    model = LoadedModel(ARCH / "mistral_swa.gguf", backend="cpu", weights="f32")
+    c = model.config
+    ids = [int(t) for t in np.load(ARCH / "mistral_swa.npz")["teacher_ids"]]
+    arena = BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, num_blocks=8, block_size=8)
+    worker = EngineWorker(model, FifoPolicy(), WorkerLimits(max_batched_tokens=16), arena=arena)
+    try:
+        for prompt, n, new in ((ids[:8], 1, 100), (ids[:72], 2, 24)):
+            alone = Generation(model, prompt, SamplingParams(temperature=0.0, max_tokens=new), ignore_eos=True)
+            list(alone)
+            handle = worker.submit(RequestSpec("", prompt, SamplingParams(temperature=0.0, max_tokens=new),
+                                               ignore_eos=True, n=n))
+            finals = [e for e in handle.events() if hasattr(e, "finish_reason")]
+            assert [f.ids for f in finals] == [alone.completion.ids] * n
+            assert arena.used_blocks == 0
+    finally:
+        worker.close()
+        model.close()
+
+
+def test_forget_before_leaves_holes_and_reads_the_window():
+    arena = BlockArena(1, 1, 2, num_blocks=6, block_size=4)
+    kv = PagedKV(arena, 24)
+    assert kv.reserve(20)
+    k = np.arange(40, dtype=np.float32).reshape(20, 1, 2)
+    kv.write(0, 0, k, -k)
+    kv.length = 20
+    assert kv.forget_before(9) == 2 and arena.used_blocks == 3  # positions 0..7 go back
+    assert kv.forget_before(9) == 0
+    got_k, got_v = kv.read(0, 20, 8)
+    np.testing.assert_array_equal(got_k[0], k[8:, 0])
+    np.testing.assert_array_equal(got_v[0], -k[8:, 0])
+    assert kv.nbytes == 3 * arena.block_bytes
+    kv.release()
+    assert arena.used_blocks == 0
