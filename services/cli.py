@@ -538,7 +538,9 @@ def _request_limits(args):
 def _store_target(store: str | None):
     """A postgresql:// URL stays a string (a Path would fold its '//'); anything else is a SQLite file."""
     from pathlib import Path
-    return store if store and "://" in store else (Path(store) if store else None)
+
+    from engine.control.database import is_postgres_url
+    return store if is_postgres_url(store) else (Path(store) if store else None)
 
 
 def _read_plan(path: str):

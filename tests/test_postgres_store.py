@@ -52,8 +52,8 @@ from engine.control.postgres_store import (
     PostgresDatabase,
     PostgresPlanStore,
     PostgresSuggestionLog,
-    is_postgres_url,
 )
+from engine.control.database import is_postgres_url
 from engine.control.suggestions import SuggestionLog, Verdict
 from protos.planengine.v1 import suggestion_pb2
 
