@@ -23,7 +23,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.control.control_plane import ControlPlane
 from engine.control.limits import RequestLimits
-from engine.control.database import is_postgres_url
 from engine.control.plan_store import PlanStore, open_plan_store
 from engine.control.plans import PlanEnvironment
 from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
@@ -53,9 +52,6 @@ def open_store(target: str | Path) -> tuple[PlanStore, SuggestionLog]:
     """The plan store and the suggestion audit log, in one database: a SQLite file, or a
     postgresql:// URL for a database that replicas share (psycopg is imported only then)."""
     store = open_plan_store(target)
-    if is_postgres_url(target):
-        from engine.control.postgres_store import PostgresSuggestionLog
-        return store, PostgresSuggestionLog(store.db)
     return store, SuggestionLog(store.db)
 
 

@@ -51,7 +51,6 @@ from engine.control.plan_store import PlanStore, SqlitePlanStore
 from engine.control.postgres_store import (
     PostgresDatabase,
     PostgresPlanStore,
-    PostgresSuggestionLog,
 )
 from engine.control.database import is_postgres_url
 from engine.control.suggestions import SuggestionLog, Verdict
@@ -415,8 +414,8 @@ def test_compare_and_swap_races_between_processes_have_one_winner_each(store, ds
 def test_the_suggestion_log_keeps_the_same_records_in_both_databases(tmp_path, dsn):
     """The same suggestions and verdicts, written to SQLite's log and PostgreSQL's, read back alike."""
     sqlite_store, pg_store = SqlitePlanStore(tmp_path / "plans.db"), PostgresPlanStore(dsn)
-    logs = [SuggestionLog(sqlite_store.db), PostgresSuggestionLog(pg_store.db)]
-    PostgresSuggestionLog(pg_store.db)  # a second replica starting: the schema is there already
+    logs = [SuggestionLog(sqlite_store.db), SuggestionLog(pg_store.db)]
+    SuggestionLog(pg_store.db)  # a second replica starting: the schema is there already
 
     def suggestion(sid: str, agent: str, plan_id: str = "default") -> suggestion_pb2.Suggestion:
         s = suggestion_pb2.Suggestion(suggestion_id=sid, agent_id=agent, plan_id=plan_id, base_version=3,

@@ -1,10 +1,13 @@
-"""Plan store and suggestion audit log in PostgreSQL: one fleet-wide truth about which plan is active.
+"""The plan store (and the suggestion audit log's database) in PostgreSQL: one fleet-wide truth about
+which plan is active.
 
 `PostgresDatabase` is the PostgreSQL dialect of engine.control.database, and
 `PostgresPlanStore(dsn)` the SqlPlanStore over it (the same code as `SqlitePlanStore`: versions,
 idempotent resubmit, the activation stack, rollback, audit history) in a database that
 several server replicas share; SQLite stays the embedded default. The tables are SQLite's;
-`plan_head` adds one row that serialises the writers and counts activation changes.
+`plan_head` adds one row that serialises the writers and counts activation changes. The
+suggestion audit log (engine.control.suggestions.SuggestionLog) keeps its tables in the same
+database.
 
 Writers: every write transaction starts with `SELECT ... FROM plan_head FOR UPDATE`, so plan
 writes are serial across all replicas, exactly as under SQLite's `BEGIN IMMEDIATE`. Versions
@@ -29,7 +32,6 @@ never a hang: connecting and waiting for a pooled connection are bounded by `tim
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
@@ -45,19 +47,9 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from engine.control.database import SqlDatabase
 from engine.control.plan_store import SqlPlanStore, label, parse_stored
 from engine.control.plans import ExecutionPlan
-from engine.control.suggestions import _SELECT as _SUGGESTION_SELECT  # plain SQL, the same in both databases
-from engine.control.suggestions import (
-    DECISIONS,
-    Suggestion,
-    SuggestionLog,
-    SuggestionRecord,
-    Verdict,
-    _record,
-    patch_json,
-)
-from engine.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from engine.errors import DataLoss, InvalidArgument, ResourceExhausted, Unavailable
 
-__all__ = ["ActiveWatch", "PostgresDatabase", "PostgresPlanStore", "PostgresSuggestionLog"]
+__all__ = ["ActiveWatch", "PostgresDatabase", "PostgresPlanStore"]
 
 log = logging.getLogger(__name__)
 
@@ -288,84 +280,3 @@ class ActiveWatch:
             self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join()
-
-
-# --------------------------------------------------------------------------- suggestion audit log
-
-
-_SUGGESTION_MIGRATIONS: list[list[str]] = [
-    [  # 1: SuggestionLog's SQLite tables, in PostgreSQL types
-        """CREATE TABLE suggestions (
-            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            agent_id TEXT NOT NULL,
-            suggestion_id TEXT NOT NULL,
-            plan_id TEXT NOT NULL,
-            base_version INTEGER NOT NULL,
-            paths TEXT NOT NULL,
-            patch TEXT NOT NULL,
-            rationale TEXT NOT NULL,
-            expected_effect TEXT NOT NULL,
-            mode TEXT NOT NULL,
-            received_at DOUBLE PRECISION NOT NULL,
-            body BYTEA NOT NULL)""",
-        "CREATE INDEX suggestions_by_agent ON suggestions (agent_id, id)",
-        f"""CREATE TABLE suggestion_verdicts (
-            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            suggestion BIGINT NOT NULL REFERENCES suggestions (id),
-            decision TEXT NOT NULL CHECK (decision IN ({", ".join(f"'{d}'" for d in DECISIONS)})),
-            rejection TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            resulting_version INTEGER NOT NULL,
-            resulting_hash TEXT NOT NULL,
-            current_version INTEGER NOT NULL,
-            decided_at DOUBLE PRECISION NOT NULL,
-            decided_by TEXT NOT NULL)""",
-        "CREATE INDEX suggestion_verdicts_by_suggestion ON suggestion_verdicts (suggestion, seq)",
-    ],
-]
-
-
-class PostgresSuggestionLog(SuggestionLog):
-    """SuggestionLog (the WeOS audit log) in the plan store's PostgreSQL database: every
-    replica's suggestions and verdicts in one place, listed by any of them."""
-
-    def __init__(self, db: PostgresDatabase):
-        # not super().__init__: that would create SQLite's tables
-        self.db = db
-        db.ensure_schema(self.SCHEMA_COMPONENT, _SUGGESTION_MIGRATIONS)
-
-    def received(self, agent_id: str, s: Suggestion, mode: str, at: float) -> int:
-        paths = list(s.update_mask.paths)
-        with self.db.transaction() as conn:
-            return conn.execute(
-                "INSERT INTO suggestions (agent_id, suggestion_id, plan_id, base_version, paths, patch, rationale, "
-                "expected_effect, mode, received_at, body) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "RETURNING id",
-                (agent_id, s.suggestion_id, s.plan_id, s.base_version, json.dumps(paths), patch_json(s.patch, paths),
-                 s.rationale, s.expected_effect, mode, at, s.SerializeToString(deterministic=True))).fetchone()[0]
-
-    def decided(self, audit_id: int, v: Verdict, decided_by: str) -> None:
-        with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO suggestion_verdicts (suggestion, decision, rejection, reason, resulting_version, "
-                "resulting_hash, current_version, decided_at, decided_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (audit_id, v.decision, v.rejection, v.reason, v.resulting_version, v.resulting_hash,
-                 v.current_version, v.decided_at, decided_by))
-
-    def get(self, audit_id: int) -> SuggestionRecord:
-        with self.db.snapshot() as conn:
-            row = conn.execute(_SUGGESTION_SELECT + " WHERE s.id = %s", (audit_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no suggestion with id {audit_id}")
-        return _record(row)
-
-    def list(self, agent_id: str = "", decision: str = "", plan_id: str = "", limit: int = 100) -> list[SuggestionRecord]:
-        where, args = [], []
-        for column, value in (("s.agent_id", agent_id), ("v.decision", decision), ("s.plan_id", plan_id)):
-            if value:
-                where.append(f"{column} = %s")
-                args.append(value)
-        query = _SUGGESTION_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY s.id DESC LIMIT %s"
-        with self.db.snapshot() as conn:
-            rows = conn.execute(query, (*args, max(0, limit))).fetchall()
-        return [_record(row) for row in rows]

@@ -66,7 +66,8 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.internal import type_checkers
 
-from engine.control.plan_store import PlanStore, SqliteDatabase, label
+from engine.control.database import SqlDatabase
+from engine.control.plan_store import PlanStore, label
 from engine.control.plans import (
     IDENTITY_FIELDS,
     MAX_DESCRIPTION_LENGTH,
@@ -449,13 +450,11 @@ def patch_json(patch: ExecutionPlan, paths: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- audit log
 
 
-def _migrations(sqlite: bool) -> list[list[str]]:
-    """The audit tables, in SQLite's or PostgreSQL's words (ids, blobs and doubles differ)."""
-    serial = "INTEGER PRIMARY KEY AUTOINCREMENT" if sqlite else "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
-    ref, blob, double = ("INTEGER", "BLOB", "REAL") if sqlite else ("BIGINT", "BYTEA", "DOUBLE PRECISION")
+def _migrations(db: SqlDatabase) -> list[list[str]]:
+    """The audit tables, in `db`'s column types."""
     return [
         [  # 1: suggestions as received, and every verdict on them
-            f"""CREATE TABLE suggestions (
+            db.ddl("""CREATE TABLE suggestions (
                 id {serial},
                 agent_id TEXT NOT NULL,           -- the authenticated agent
                 suggestion_id TEXT NOT NULL,      -- the agent's own id for it
@@ -467,19 +466,19 @@ def _migrations(sqlite: bool) -> list[list[str]]:
                 expected_effect TEXT NOT NULL,
                 mode TEXT NOT NULL,
                 received_at {double} NOT NULL,
-                body {blob} NOT NULL)             -- the Suggestion message as received""",
+                body {blob} NOT NULL)             -- the Suggestion message as received"""),
             "CREATE INDEX suggestions_by_agent ON suggestions (agent_id, id)",
-            f"""CREATE TABLE suggestion_verdicts (
-                seq {serial},
-                suggestion {ref} NOT NULL REFERENCES suggestions (id),
+            db.ddl(f"""CREATE TABLE suggestion_verdicts (
+                seq {{serial}},
+                suggestion {{ref}} NOT NULL REFERENCES suggestions (id),
                 decision TEXT NOT NULL CHECK (decision IN ({", ".join(repr(d) for d in DECISIONS)})),
                 rejection TEXT NOT NULL,
                 reason TEXT NOT NULL,
                 resulting_version INTEGER NOT NULL,
                 resulting_hash TEXT NOT NULL,
                 current_version INTEGER NOT NULL,
-                decided_at {double} NOT NULL,
-                decided_by TEXT NOT NULL)""",
+                decided_at {{double}} NOT NULL,
+                decided_by TEXT NOT NULL)"""),
             "CREATE INDEX suggestion_verdicts_by_suggestion ON suggestion_verdicts (suggestion, seq)",
         ],
     ]
@@ -493,41 +492,36 @@ _SELECT = """SELECT s.id, s.agent_id, s.body, s.received_at, s.mode, s.patch,
 
 
 class SuggestionLog:
-    """The durable audit log of suggestions and verdicts, in the plan store's database: a
-    SqliteDatabase, or the PostgresDatabase of engine.control.postgres_store (anything with
-    its `transaction()` and `ensure_schema()`; its SQL takes %s placeholders)."""
+    """The durable audit log of suggestions and verdicts, in the plan store's database (a
+    SqliteDatabase, or a PostgresDatabase that replicas share: every replica's suggestions and
+    verdicts in one place, listed by any of them)."""
 
     SCHEMA_COMPONENT = "suggestions"
 
-    def __init__(self, db: SqliteDatabase | Any):
+    def __init__(self, db: SqlDatabase):
         self.db = db
-        self._sqlite = isinstance(db, SqliteDatabase)
-        db.ensure_schema(self.SCHEMA_COMPONENT, _migrations(self._sqlite))
-
-    def _sql(self, text: str) -> str:
-        return text if self._sqlite else text.replace("?", "%s")
+        db.ensure_schema(self.SCHEMA_COMPONENT, _migrations(db))
 
     def _rows(self, text: str, args: Sequence[Any]) -> list[tuple]:
-        if self._sqlite:  # reads need no write lock
-            return self.db.connection().execute(text, args).fetchall()
-        with self.db.transaction(read_only=True) as conn:
-            return conn.execute(self._sql(text), args).fetchall()
+        with self.db.snapshot() as conn:
+            return self.db.execute(conn, text, args).fetchall()
 
     def received(self, agent_id: str, s: Suggestion, mode: str, at: float) -> int:
         """Record a suggestion as it arrives; returns its audit id."""
         paths = list(s.update_mask.paths)
         with self.db.transaction() as conn:
-            return conn.execute(self._sql(
-                "INSERT INTO suggestions (agent_id, suggestion_id, plan_id, base_version, paths, patch, rationale, "
-                "expected_effect, mode, received_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"),
+            return self.db.execute(
+                conn, "INSERT INTO suggestions (agent_id, suggestion_id, plan_id, base_version, paths, patch, "
+                      "rationale, expected_effect, mode, received_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                      "RETURNING id",
                 (agent_id, s.suggestion_id, s.plan_id, s.base_version, json.dumps(paths), patch_json(s.patch, paths),
                  s.rationale, s.expected_effect, mode, at, s.SerializeToString(deterministic=True))).fetchone()[0]
 
     def decided(self, audit_id: int, v: Verdict, decided_by: str) -> None:
         with self.db.transaction() as conn:
-            conn.execute(self._sql(
-                "INSERT INTO suggestion_verdicts (suggestion, decision, rejection, reason, resulting_version, "
-                "resulting_hash, current_version, decided_at, decided_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            self.db.execute(
+                conn, "INSERT INTO suggestion_verdicts (suggestion, decision, rejection, reason, resulting_version, "
+                      "resulting_hash, current_version, decided_at, decided_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (audit_id, v.decision, v.rejection, v.reason, v.resulting_version, v.resulting_hash,
                  v.current_version, v.decided_at, decided_by))
 
