@@ -25,7 +25,7 @@ from engine.control.control_plane import ControlPlane
 from engine.control.limits import RequestLimits
 from engine.control.plan_store import PlanStore, open_plan_store
 from engine.control.plans import PlanEnvironment
-from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
+from engine.control.agents import AgentPolicy, SuggestionLog, SuggestionReviewer
 from engine.errors import InvalidArgument
 from engine.model import registry
 from services.agent_auth import AgentAuthInterceptor

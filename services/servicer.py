@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.control.control_plane import ControlPlane, GenerateInput, PlanStamp
-from engine.control.suggestions import SuggestionRecord, SuggestionReviewer, Verdict
+from engine.control.agents import SuggestionRecord, SuggestionReviewer, Verdict
 from engine.errors import FailedPrecondition, InvalidArgument, RequestFailed
 from engine.model import registry
 from engine.model.gguf_file import ModelFile

@@ -19,7 +19,7 @@ from engine.control import control_plane as cp
 from engine.control.control_plane import ControlPlane
 from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
 from engine.control.plans import InvalidPlan, ModelInfo, PlanEnvironment, prepare
-from engine.control.suggestions import (
+from engine.control.agents import (
     MAX_LIST,
     MAX_LIST_BYTES,
     MAX_TEXT,

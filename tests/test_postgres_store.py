@@ -53,7 +53,7 @@ from engine.control.postgres_store import (
     PostgresPlanStore,
 )
 from engine.control.database import is_postgres_url
-from engine.control.suggestions import SuggestionLog, Verdict
+from engine.control.agents import SuggestionLog, Verdict
 from protos.planengine.v1 import suggestion_pb2
 
 REPO = Path(__file__).resolve().parents[1]

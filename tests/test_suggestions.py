@@ -12,7 +12,7 @@ import pytest
 
 from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
 from engine.control.plans import ModelInfo, PlanEnvironment, plan_hash, prepare
-from engine.control.suggestions import (
+from engine.control.agents import (
     AgentPolicy,
     SuggestionLog,
     SuggestionReviewer,

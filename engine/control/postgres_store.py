@@ -6,7 +6,7 @@ which plan is active.
 idempotent resubmit, the activation stack, rollback, audit history) in a database that
 several server replicas share; SQLite stays the embedded default. The tables are SQLite's;
 `plan_head` adds one row that serialises the writers and counts activation changes. The
-suggestion audit log (engine.control.suggestions.SuggestionLog) keeps its tables in the same
+suggestion audit log (engine.control.agents.SuggestionLog) keeps its tables in the same
 database.
 
 Writers: every write transaction starts with `SELECT ... FROM plan_head FOR UPDATE`, so plan
