@@ -11,11 +11,11 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from engine.control.agents.policy import _scalar, _value_at
+from engine.control.agents.policy import _scalar
 from engine.control.agents.sizes import MAX_PATCH_BYTES, MAX_TEXT, Suggestion, _cut, bounded
 from engine.control.agents.verdicts import DECISIONS, SuggestionRecord, Verdict
 from engine.control.database import SqlDatabase
-from engine.control.plans import ExecutionPlan
+from engine.control.plans import ExecutionPlan, value_at
 from engine.errors import NotFound
 
 __all__ = ["SuggestionLog", "patch_json"]
@@ -27,8 +27,8 @@ def patch_json(patch: ExecutionPlan, paths: Sequence[str]) -> str:
     out: dict[str, Any] = {}
     for path in paths:
         try:
-            value, fd = _value_at(patch, path)
-        except (KeyError, AttributeError):
+            value, fd = value_at(patch, path)
+        except ValueError:
             out[path] = None
             continue
         if fd.message_type is not None:

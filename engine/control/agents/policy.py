@@ -28,26 +28,13 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.internal import type_checkers
 
-from engine.control.plans import IDENTITY_FIELDS, ExecutionPlan
+from engine.control.plans import IDENTITY_FIELDS, ExecutionPlan, field_at, value_at
 from engine.errors import InvalidArgument
 
 __all__ = ["AgentPolicy", "AgentRule", "FieldRule"]
 
 MODES = ("auto", "review", "dry_run")
 DEFAULT_RATE_PER_MINUTE = 30
-
-
-def _field(path: str) -> FieldDescriptor:
-    """The descriptor a dotted plan path names; ValueError when it names none."""
-    message, found = ExecutionPlan.DESCRIPTOR, None
-    for part in path.split("."):
-        if message is None:
-            raise ValueError(f"{path!r} names no plan field: {found.name} has no sub-fields")
-        found = message.fields_by_name.get(part)
-        if found is None:
-            raise ValueError(f"{path!r} names no plan field: {message.name} has no field {part!r}")
-        message = found.message_type
-    return found
 
 
 def _enum_number(enum_type, value: Any, path: str) -> int:
@@ -112,7 +99,10 @@ def _field_rule(path: str, spec: Any) -> FieldRule:
         raise TypeError(f"fields.{path}: a rule is an object with min/max or values, got {spec!r}")
     if path.split(".")[0] in IDENTITY_FIELDS:
         raise ValueError(f"fields.{path}: identity fields are assigned by the server; no agent may change them")
-    fd = _field(path)
+    try:
+        fd = field_at(path)
+    except ValueError as exc:
+        raise ValueError(f"fields.{path}: {exc}") from None
     unknown = set(spec) - {"min", "max", "values"}
     if unknown:
         raise ValueError(f"fields.{path}: unknown keys {sorted(unknown)} (known: min, max, values)")
@@ -158,7 +148,7 @@ class AgentRule:
             if not (rule.values or rule.low is not None or rule.high is not None):
                 continue
             if any(rule.path == p or rule.path.startswith(p + ".") for p in paths):
-                value, fd = _value_at(patch, rule.path)
+                value, fd = value_at(patch, rule.path)
                 if (problem := rule.violation(value, fd)) is not None:
                     problems.append(problem)
         return problems
@@ -237,11 +227,3 @@ def _agent_rule(agent_id: str, spec: Any) -> AgentRule:
     except ValueError as exc:
         raise ValueError(f"{where}.{exc}") from None
     return AgentRule(agent_id, digest, mode, rate, frozenset(plans), rules)
-
-
-def _value_at(message: Any, path: str) -> tuple[Any, FieldDescriptor]:
-    fd = None
-    for part in path.split("."):
-        fd = message.DESCRIPTOR.fields_by_name[part]
-        message = getattr(message, part)
-    return message, fd
