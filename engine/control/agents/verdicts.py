@@ -4,17 +4,24 @@ record of one (`SuggestionRecord`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from engine.control.plans import ExecutionPlan
 from protos.planengine.v1 import suggestion_pb2
 
 Suggestion = suggestion_pb2.Suggestion
 
-__all__ = ["DECISIONS", "REJECTIONS", "SuggestionRecord", "Verdict"]
+__all__ = ["DECISIONS", "REJECTIONS", "SuggestionRecord", "Verdict", "enum_names"]
 
-DECISIONS = ("accepted", "rejected", "pending_review", "dry_run")
-REJECTIONS = ("rate_limit", "identity", "malformed", "not_authorised", "out_of_bounds", "stale", "invalid_plan",
-              "no_change", "activation_failed", "operator")
+def enum_names(enum: Any, prefix: str) -> tuple[str, ...]:
+    """A wire enum's set values as the domain spells them: DECISION_PENDING_REVIEW -> "pending_review"."""
+    return tuple(v.name.removeprefix(prefix).lower() for v in enum.DESCRIPTOR.values if v.number)
+
+
+# The names are suggestion.proto's enums: one list, which the audit log's CHECK, the servicer's
+# conversion and the CLI's choices all follow.
+DECISIONS = enum_names(suggestion_pb2.SuggestionVerdict.Decision, "DECISION_")
+REJECTIONS = enum_names(suggestion_pb2.Rejection, "REJECTION_")
 
 
 # --------------------------------------------------------------------------- verdicts and records
