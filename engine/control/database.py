@@ -55,7 +55,9 @@ class SqlDatabase(ABC):
     label: str  # what messages call the database (never a password)
 
     def sql(self, text: str) -> str:
-        """`text`, written with `?` placeholders, in this database's parameter style."""
+        """`text`, written with `?` placeholders, in this database's parameter style. A plain
+        rewrite: the stores' SQL has no other `?` (nor a `%`, which psycopg would read as one);
+        values always travel as parameters."""
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
     def execute(self, conn: Any, text: str, args: Sequence[Any] = ()) -> Any:
