@@ -13,7 +13,7 @@ CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
 BASE_IMAGE ?=# empty: the Dockerfile's python:3.11 slim; .ci/containers.sh makes a Debian one offline
 IMAGE_BUILD_FLAGS ?=
 
-.PHONY: setup run serve test test-fast test-containers image bench clean protos
+.PHONY: setup run serve test test-fast test-containers image bench clean protos traces tune
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ bench: setup  ## prefill/decode throughput with the per-op profile, then continu
 	$(BIN)/plan-engine bench --profile
 	$(BIN)/plan-engine bench --concurrency 1,4,16,32
 	$(BIN)/plan-engine bench --concurrency 1,4,16,32 --weights native
+
+traces: setup  ## regenerate the shipped load traces (deploy/traces/, docs/05_weos_integration.md)
+	$(BIN)/plan-engine trace generate --kind steady_chat --seed 1 --duration 60 --rate 0.5 -o deploy/traces/steady_chat.jsonl
+	$(BIN)/plan-engine trace generate --kind bursty_batch --seed 2 --duration 40 --burst 16 --period 20 -o deploy/traces/bursty_batch.jsonl
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -266,7 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-step cost of structured-output masks at --concurrency levels (default 1,32)")
     p.add_argument("--prefix-cache", type=int, default=None, metavar="PREFIX_LEN",
                    help="time to first token of two requests sharing a PREFIX_LEN-token prefix, cache on and off")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="replay a load trace (deploy/traces/*.jsonl) against --server: arrival times, prompt and "
+                        "output lengths, priorities")
+    p.add_argument("--speed", type=float, default=1.0, help="with --trace: replay this many times faster")
+    _add_server_args(p)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("trace", help="load traces for `bench --trace` and `tune`")
+    tsub = p.add_subparsers(dest="trace_command", required=True)
+    q = tsub.add_parser("generate", help="write a synthetic trace (the shipped ones: `make traces`)")
+    q.add_argument("--kind", required=True, choices=("steady_chat", "bursty_batch"))
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (default 60)")
+    q.add_argument("--rate", type=float, default=0.5, help="steady_chat: requests per second (default 0.5)")
+    q.add_argument("--burst", type=int, default=16, help="bursty_batch: requests per burst (default 16)")
+    q.add_argument("--period", type=float, default=20.0, help="bursty_batch: seconds between bursts (default 20)")
+    q.add_argument("--output", "-o", default="-", help="file to write ('-': stdout)")
+    q = tsub.add_parser("show", help="check a trace file and summarise it")
+    q.add_argument("file")
     return parser
 
 
@@ -447,6 +465,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from engine.runtime.bench import bench, bench_prefix_cache
+    if args.trace:
+        return _bench_trace(args)
     if args.structured:
         return _bench_structured(args)
     if args.concurrency:
@@ -618,6 +638,44 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_trace(args: argparse.Namespace) -> int:
+    from services import load_trace
+    from services.trace_replay import replay
+    trace = load_trace.load(args.trace)  # a bad file is refused before anything is sent
+    if not (args.speed > 0 and args.speed <= 1000):
+        raise InvalidArgument(f"--speed {args.speed} must be in (0, 1000]", field="speed")
+    result = replay(lambda: _client(args), trace, speed=args.speed)
+    s = result.summary()
+    if args.json:
+        _print_json(s)
+    else:
+        print(f"trace {s['trace']}: {s['requests']} requests, {s['failed']} failed, {s['tokens']} tokens in "
+              f"{s['wall_s']} s (busy {s['busy_s']:.1f} s)")
+        print(f"  {s['tokens_per_s']:.1f} tok/s (per busy second), {s['joules_per_token']:.4g} J/token, "
+              f"ttft p50/p99 {s['ttft_p50_s']:.3f}/{s['ttft_p99_s']:.3f} s, itl p99 {s['itl_p99_s']:.4f} s")
+        print(f"  plans: {', '.join(f'{k} ({v})' for k, v in s['plans'].items())}")
+        for e in s["errors"]:
+            print(f"  error: {e}")
+    return 1 if s["failed"] else 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from services import load_trace
+    if args.trace_command == "show":
+        trace = load_trace.load(args.file)
+        _print_json({**trace.summary(), "seed": trace.seed, "description": trace.description,
+                     "generator": trace.generator})
+        return 0
+    trace = load_trace.generate(args.kind, args.seed, args.duration, rate=args.rate, burst=args.burst,
+                                period_s=args.period)
+    if args.output == "-":
+        sys.stdout.write(trace.dumps())
+    else:
+        Path(args.output).write_text(trace.dumps(), encoding="utf-8")
+        print(f"wrote {args.output}: {trace.summary()}", file=sys.stderr)
+    return 0
+
+
 def _bench_structured(args: argparse.Namespace) -> int:
     from engine.runtime.bench import bench_structured
     try:
@@ -737,7 +795,7 @@ def _print_json(obj: Any) -> None:
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "tokenize": cmd_tokenize, "inspect": cmd_inspect,
             "models": cmd_models, "bench": cmd_bench, "serve": cmd_serve, "generate": cmd_generate,
-            "plan": cmd_plan, "agent": cmd_agent, "suggestions": cmd_suggestions}
+            "plan": cmd_plan, "agent": cmd_agent, "suggestions": cmd_suggestions, "trace": cmd_trace}
 
 
 def _rpc_error() -> type[Exception]:
