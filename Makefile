@@ -64,7 +64,7 @@ bench: setup  ## prefill/decode throughput with the per-op profile, then continu
 
 traces: setup  ## regenerate the shipped load traces (deploy/traces/, docs/05_weos_integration.md)
 	$(BIN)/plan-engine trace generate --kind steady_chat --seed 1 --duration 60 --rate 0.5 -o deploy/traces/steady_chat.jsonl
-	$(BIN)/plan-engine trace generate --kind bursty_batch --seed 2 --duration 40 --burst 16 --period 20 -o deploy/traces/bursty_batch.jsonl
+	$(BIN)/plan-engine trace generate --kind bursty_batch --seed 2 --duration 30 --burst 8 --period 15 -o deploy/traces/bursty_batch.jsonl
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,7 +20,7 @@ with the line and the rule (`InvalidArgument`), before anything is sent.
 - `steady_chat`: Poisson arrivals at `rate` requests/s, chat-sized prompts (log-normal around 60
   tokens) and short answers (16-48 tokens), priority 0.
 - `bursty_batch`: every `period_s` a burst of `burst` requests arriving within 0.2 s, longer
-  prompts (100-300 tokens) and answers (48-96), priorities 0 and 1; nothing in between.
+  prompts (64-192 tokens) and answers (32-64), priorities 0 and 1; nothing in between.
 
 The replay itself is `services.trace_replay`.
 """
@@ -167,8 +167,8 @@ def load(path: str | Path) -> Trace:
 # --------------------------------------------------------------------------- generating
 
 
-def generate(kind: str, seed: int = 0, duration_s: float = 60.0, rate: float = 0.5, burst: int = 16,
-             period_s: float = 20.0) -> Trace:
+def generate(kind: str, seed: int = 0, duration_s: float = 60.0, rate: float = 0.5, burst: int = 8,
+             period_s: float = 15.0) -> Trace:
     """One of KINDS, deterministic in its arguments (see the module docstring)."""
     if kind not in KINDS:
         raise InvalidArgument(f"trace kind {kind!r} is not one of {', '.join(KINDS)}", field="kind")
@@ -192,11 +192,11 @@ def generate(kind: str, seed: int = 0, duration_s: float = 60.0, rate: float = 0
         while start <= duration_s and len(out) < MAX_REQUESTS:
             offsets = np.sort(rng.uniform(0, 0.2, burst))
             for off in offsets:
-                out.append(TraceRequest(round(start + float(off), 3), int(rng.integers(100, 301)),
-                                        int(rng.integers(48, 97)), int(rng.integers(0, 2))))
+                out.append(TraceRequest(round(start + float(off), 3), int(rng.integers(64, 193)),
+                                        int(rng.integers(32, 65)), int(rng.integers(0, 2))))
             start += period_s
         args = f"--burst {burst} --period {period_s:g}"
         what = (f"a burst of {burst} requests every {period_s:g} s, prompts of 100-300 tokens, "
-                f"answers of 48-96, priorities 0-1")
+                f"answers of 32-64, priorities 0-1")
     return Trace(kind, seed, tuple(out), f"{kind}: {what}",
                  f"plan-engine trace generate --kind {kind} --seed {seed} --duration {duration_s:g} {args}")

@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["GOALS", "Judgement", "Measurement", "Objective", "RequestSample", "gain", "judge", "measure",
-           "violations"]
+__all__ = ["GOALS", "Judgement", "Measurement", "Objective", "RequestSample", "check", "gain", "judge", "measure",
+           "objective_of", "violations"]
 
 GOALS = ("max_tokens_per_s", "min_joules_per_token")
 DEFAULT_MIN_REQUESTS = 4
@@ -233,3 +233,23 @@ def judge(obj: Objective, base: Measurement | None, trial: Measurement, *, final
     if g < 1 - obj.tolerance:
         return Judgement(False, f"worse: {compared}", g)
     return Judgement(True, f"kept: {compared}, constraints held", g)
+
+
+GOAL_NUMBERS = {1: "max_tokens_per_s", 2: "min_joules_per_token"}  # plan.proto Objective.Goal
+
+
+def objective_of(plan) -> Objective:
+    """The plan's `objective` (plan.proto) as an Objective; Objective() when it declares none.
+    Unset optional fields take their defaults; an unknown goal number is kept so `check` names it."""
+    if "objective" not in plan.DESCRIPTOR.fields_by_name or not plan.HasField("objective"):
+        return Objective()
+    o = plan.objective
+
+    def opt(name: str, default=None):
+        return getattr(o, name) if o.HasField(name) else default
+
+    goal = GOAL_NUMBERS.get(o.goal, "" if o.goal == 0 else f"goal number {o.goal}")
+    return Objective(goal=goal, max_ttft_p99_s=opt("max_ttft_p99_s"), max_itl_p99_s=opt("max_itl_p99_s"),
+                     max_watts=opt("max_watts"), trial_requests=opt("trial_requests", 0),
+                     trial_seconds=opt("trial_seconds", 0.0), tolerance=opt("tolerance", DEFAULT_TOLERANCE),
+                     min_requests=opt("min_requests", DEFAULT_MIN_REQUESTS))

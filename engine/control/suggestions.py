@@ -58,7 +58,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +66,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.internal import type_checkers
 
+from engine.control.objectives import objective_of
 from engine.control.plan_store import PlanStore, SqliteDatabase, label
 from engine.control.plans import (
     IDENTITY_FIELDS,
@@ -98,7 +99,7 @@ __all__ = [
 MODES = ("auto", "review", "dry_run")
 DECISIONS = ("accepted", "rejected", "pending_review", "dry_run")
 REJECTIONS = ("rate_limit", "identity", "malformed", "not_authorised", "out_of_bounds", "stale", "invalid_plan",
-              "no_change", "activation_failed", "operator")
+              "no_change", "activation_failed", "operator", "trial_running")
 DEFAULT_RATE_PER_MINUTE = 30
 RATE_WINDOW_S = 60.0
 MAX_TEXT = 4000  # rationale, expected effect
@@ -417,6 +418,7 @@ class SuggestionRecord:
     patch_json: str
     verdict: Verdict | None
     decided_by: str
+    trial: Any = None  # engine.control.trials.Trial, when the accepted suggestion ran as a trial
 
 
 def _value_at(message: Any, path: str) -> tuple[Any, FieldDescriptor]:
@@ -592,13 +594,17 @@ class SuggestionReviewer:
     """
 
     def __init__(self, control: PlanAuthority, policy: AgentPolicy, log: SuggestionLog,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 trials: Any = None):
+        """`trials` (engine.control.trials.Trials): accepted suggestions run as trials when the plan's
+        objective asks for them; its lock is this reviewer's, so a rollback and a verdict never interleave."""
         self.control = control
         self.policy = policy
         self.log = log
+        self.trials = trials
         self._clock = clock
         self._rates = RateLimiter(monotonic)
-        self._lock = threading.Lock()
+        self._lock = trials.lock if trials is not None else threading.Lock()
 
     def authenticate(self, token: str | None) -> AgentRule:
         """The agent holding `token`; Unauthenticated when none does."""
@@ -680,6 +686,10 @@ class SuggestionReviewer:
         if active is None or active.id != s.plan_id:
             raise _Rejected("stale", f"stale: plan {shown(s.plan_id)} is not the active plan "
                                      f"({label(active)}); suggest against the active one")
+        running = self.trials.running(active.id) if self.trials is not None else None
+        if running is not None:
+            raise _Rejected("trial_running", f"trial running: {label(active)} (suggestion #{running.suggestion}) is "
+                                             f"on trial; retry once ListSuggestions shows its outcome", active.version)
         if s.base_version != active.version:
             raise _Rejected("stale", f"stale: base version {s.base_version} is not the active version "
                                      f"{active.version} of plan {active.id!r}; rebase on version {active.version}",
@@ -714,6 +724,14 @@ class SuggestionReviewer:
             current = self.control.store.active()
             raise _Rejected("activation_failed", f"activation failed: {exc}",
                             current.version if current is not None and current.id == s.plan_id else 0) from None
+        objective = objective_of(active)  # the operator's, as it was before the change
+        if self.trials is not None and objective.trials:
+            self.trials.start(audit_id, active, stored, objective)
+            window = " or ".join(w for w in (f"{objective.trial_requests} requests" if objective.trial_requests else "",
+                                             f"{objective.trial_seconds:g} s" if objective.trial_seconds else "") if w)
+            return self._verdict(s, "accepted", f"accepted as a trial: {label(stored)} (#{stored.hash[:12]}) is "
+                                 f"active for {window}, then kept or rolled back to {label(active)} "
+                                 f"({objective.describe()})", audit_id, plan=stored, current_version=stored.version)
         return self._verdict(s, "accepted", f"accepted: {label(stored)} (#{stored.hash[:12]}) is active, "
                              f"was {label(active)}", audit_id, plan=stored, current_version=stored.version)
 
@@ -776,4 +794,7 @@ class SuggestionReviewer:
             if records and size > MAX_LIST_BYTES:
                 break
             records.append(record)
+        if self.trials is not None:
+            trials = self.trials.log.for_suggestions([r.id for r in records])
+            records = [replace(r, trial=trials.get(r.id)) for r in records]
         return records
