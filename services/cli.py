@@ -273,6 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("tune", help="start a server, replay a trace, let the tuning agent improve the plan by "
+                                    "trials, then compare the final plan with the default on interleaved replays")
+    p.add_argument("--trace", required=True, metavar="FILE", help="a load trace (deploy/traces/*.jsonl)")
+    _add_model_arg(p)
+    p.add_argument("--goal", choices=("max_tokens_per_s", "min_joules_per_token"), default="max_tokens_per_s")
+    p.add_argument("--max-ttft", type=float, default=None, help="constraint: p99 time to first token, seconds")
+    p.add_argument("--max-itl", type=float, default=None, help="constraint: p99 inter-token latency, seconds")
+    p.add_argument("--max-watts", type=float, default=None, help="constraint: average power while busy, watts")
+    p.add_argument("--trial-requests", type=int, default=8, help="trial window in requests (default 8)")
+    p.add_argument("--trial-seconds", type=float, default=120.0, help="trial window in seconds (default 120)")
+    p.add_argument("--tolerance", type=float, default=0.05, help="a trial may score this much worse (default 0.05)")
+    p.add_argument("--min-requests", type=int, default=4, help="requests needed to judge a trial (default 4)")
+    p.add_argument("--max-trials", type=int, default=8, help="trials the agent may run (default 8)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved default/final replays at the end (default 2)")
+    p.add_argument("--bad-trial", action="store_true",
+                   help="first send a deliberately bad suggestion (max_batch_size 1) and show its rollback")
+    p.add_argument("--speed", type=float, default=1.0, help="replay the trace this many times faster")
+    p.add_argument("--json", action="store_true", help="print the report as JSON at the end")
+
     p = sub.add_parser("trace", help="load traces for `bench --trace` and `tune`")
     tsub = p.add_subparsers(dest="trace_command", required=True)
     q = tsub.add_parser("generate", help="write a synthetic trace (the shipped ones: `make traces`)")
@@ -659,6 +678,33 @@ def _bench_trace(args: argparse.Namespace) -> int:
     return 1 if s["failed"] else 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import logging
+    from engine.control.objectives import Objective
+    from services import load_trace
+    from services.tune import TuneConfig, tune
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trace = load_trace.load(args.trace)
+    for name, value, low, high in (("--max-trials", args.max_trials, 1, 100), ("--rounds", args.rounds, 1, 20)):
+        if not low <= value <= high:
+            raise InvalidArgument(f"{name} {value} must be in {low}..{high}")
+    if not 0 < args.speed <= 1000:
+        raise InvalidArgument(f"--speed {args.speed} must be in (0, 1000]", field="speed")
+    objective = Objective(args.goal, args.max_ttft, args.max_itl, args.max_watts, args.trial_requests,
+                          args.trial_seconds, args.tolerance, args.min_requests)
+    report = tune(trace, TuneConfig(objective, args.model, args.max_trials, args.rounds, args.bad_trial, args.speed),
+                  say=lambda line: print(line, flush=True))
+    c = report["comparison"]
+    if "ratio_median" in c:
+        print(f"objective ({report['objective']}): final / default = {c['ratios_per_round']} per round, median "
+              f"x{c['ratio_median']}; final plan constraints broken: {c['final_constraints_broken'] or 'none'}; "
+              f"failed requests during tuning: {report['failed_during_tuning']}; load average "
+              f"{report['load_average_start']} -> {report['load_average_end']} (shared machine)")
+    if args.json:
+        _print_json(report)
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from services import load_trace
     if args.trace_command == "show":
@@ -786,6 +832,11 @@ def cmd_suggestions(args: argparse.Namespace) -> int:
               + (f" [by {r.decided_by}]" if r.decided_by not in ("", "policy") else ""))
         if s.rationale:
             print(f"      rationale: {s.rationale}" + (f"; expects: {s.expected_effect}" if s.expected_effect else ""))
+        if r.HasField("trial"):
+            t = r.trial
+            state = sg.TrialOutcome.State.Name(t.state).removeprefix("STATE_")
+            gain = f" x{t.gain:.2f}" if t.HasField("gain") else ""
+            print(f"      trial v{t.base_version} -> v{t.version}: {state}{gain}: {t.reason}")
     return 0
 
 
@@ -795,7 +846,8 @@ def _print_json(obj: Any) -> None:
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "tokenize": cmd_tokenize, "inspect": cmd_inspect,
             "models": cmd_models, "bench": cmd_bench, "serve": cmd_serve, "generate": cmd_generate,
-            "plan": cmd_plan, "agent": cmd_agent, "suggestions": cmd_suggestions, "trace": cmd_trace}
+            "plan": cmd_plan, "agent": cmd_agent, "suggestions": cmd_suggestions, "trace": cmd_trace,
+            "tune": cmd_tune}
 
 
 def _rpc_error() -> type[Exception]:
