@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from backends.base import Backend
+from backends.base import Backend, KernelSettings
 from engine.errors import InvalidArgument
 
 BACKENDS = ("cpu", "cuda")
 
 
-def create_backend(name: str) -> Backend:
-    """The backend a plan names; a clear error if it cannot run here."""
+def create_backend(name: str, settings: KernelSettings) -> Backend:
+    """The backend a plan names, with its kernel settings; a clear error if it cannot run here."""
     if name == "cpu":
         from backends.cpu.backend import CpuBackend
-        return CpuBackend()
+        return CpuBackend(settings)
     if name == "cuda":
         from backends.cuda import cuda_available
         ok, reason = cuda_available()
         if not ok:
             raise InvalidArgument(f"backend 'cuda' cannot run here: {reason}", field="backend")
         from backends.cuda.backend import CudaBackend
-        return CudaBackend()
+        return CudaBackend(settings)
     raise InvalidArgument(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})", field="backend")

@@ -43,6 +43,28 @@ class RopeYarn(NamedTuple):
     mscale: float
 
 
+@dataclass(frozen=True)
+class KernelSettings:
+    """How a backend computes (never what): the plan's `execution` section as the control plane
+    resolved it (engine/execution.py holds the measured defaults and what each one trades).
+
+    A backend takes these at construction and again live (`Backend.configure`): each applies
+    from the next op. Rows thresholds of 0 mean "never".
+    """
+
+    threads: int  # the CPU kernels' pool; 0: every CPU this process may run on
+    f32_kernel_rows: int  # CPU f32 weights: batches of at most this many rows take the C kernel
+    gemm_rows_x8: int  # CPU x8 block weights: batches of at least this many rows take dequantize + GEMM
+    gemm_rows_rowwise: int  # the same for block weights kept in the file's row order (K-quants)
+    cuda_prefill_tokens: int  # CUDA: linears over more tokens take dequantize + GEMM
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "f32_kernel_rows", "gemm_rows_x8", "gemm_rows_rowwise", "cuda_prefill_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise InvalidArgument(f"{name} {value!r} must be a whole number >= 0", field=f"execution.{name}")
+
+
 class Backend(ABC):
     """Numeric ops of a decoder-only transformer."""
 
@@ -51,6 +73,10 @@ class Backend(ABC):
     # When True, each row of every op must come out bit-identical whatever else shares the
     # batch (the plan's determinism.batch_invariant); backends may trade speed for it.
     batch_invariant: bool = False
+
+    @abstractmethod
+    def configure(self, settings: KernelSettings) -> None:
+        """Take new kernel settings (the plan's `execution` section); they apply from the next op."""
 
     def check_weight_format(self, fmt: str) -> None:
         if fmt not in self.weight_formats:

@@ -12,6 +12,7 @@ from tiny_gguf import tiny_writer
 
 from backends.cpu.backend import CpuBackend
 from engine.errors import ModelFormatError, UnsupportedModel
+from engine.execution import kernel_settings
 from engine.model.gguf_file import ModelFile
 from engine.runtime.generate import LoadedModel, score
 
@@ -208,7 +209,7 @@ def test_windowed_attention_sees_only_its_window(kernels, window):
     k = rng.standard_normal((kv_heads, t, hd)).astype(np.float32)
     v = rng.standard_normal((kv_heads, t, hd)).astype(np.float32)
     positions = np.arange(t)
-    be = CpuBackend(kernels=kernels)
+    be = CpuBackend(kernel_settings(), kernels=kernels)
     be.ATTENTION_BLOCK = 16  # several query blocks, each with its own window start
     got = be.attention(q, k, v, positions, window)
     np.testing.assert_allclose(got, brute_force_attention(q, k, v, positions, window), atol=1e-4)

@@ -19,6 +19,7 @@ from backends.cuda import cuda_available
 from backends.cuda.kernel_check import random_blocks
 from backends.cuda.opencl import opencl_available
 from engine.errors import InvalidArgument
+from engine.execution import kernel_settings
 from engine.model.quants import dequantize
 
 CUDA_OK, CUDA_REASON = cuda_available()
@@ -35,7 +36,7 @@ LOGIT_TOLERANCE = 0.05  # as tests/test_model.py against hf_f32
 def pocl_backend():
     from backends.cuda.backend import CudaBackend
     from backends.cuda.opencl import OpenCLDevice
-    be = CudaBackend(device=OpenCLDevice("pocl"))
+    be = CudaBackend(kernel_settings(), device=OpenCLDevice("pocl"))
     yield be
     be.close()
 
@@ -50,7 +51,7 @@ def _tensor(qtype: T, rows: int, cols: int, rng) -> TensorData:
 def test_selecting_cuda_without_a_gpu_fails_clearly():
     from backends import create_backend
     with pytest.raises(InvalidArgument) as e:
-        create_backend("cuda")
+        create_backend("cuda", kernel_settings())
     assert e.value.field == "backend"
     assert "backend 'cuda' cannot run here" in str(e.value) and CUDA_REASON in str(e.value)
 
@@ -128,7 +129,7 @@ def test_whole_model_on_pocl_matches_reference(model_file, generation_reference)
     from backends.cuda.opencl import OpenCLDevice
     from engine.runtime.model import Segment, Transformer, load_weights
     config = model_file.config()
-    be = CudaBackend(device=OpenCLDevice("pocl"))
+    be = CudaBackend(kernel_settings(), device=OpenCLDevice("pocl"))
     try:
         model = Transformer(config, load_weights(model_file, config, be, "native"), be)
         stats = be.memory_stats()
@@ -161,8 +162,8 @@ def test_resident_mode_keeps_arrays_and_cache_on_the_device(model_file):
     from backends.cuda.opencl import MirroredOpenCLDevice, OpenCLDevice
     from engine.runtime.model import load_weights
     config = model_file.config()
-    res = CudaBackend(device=MirroredOpenCLDevice("pocl"), resident=True)
-    host = CudaBackend(device=OpenCLDevice("pocl"))
+    res = CudaBackend(kernel_settings(), device=MirroredOpenCLDevice("pocl"), resident=True)
+    host = CudaBackend(kernel_settings(), device=OpenCLDevice("pocl"))
     try:
         outs = []
         for be in (res, host):
@@ -200,7 +201,7 @@ def test_resident_whole_model_on_pocl(model_file, generation_reference):
     from backends.cuda.opencl import MirroredOpenCLDevice
     from engine.runtime.model import Segment, Transformer, load_weights
     config = model_file.config()
-    be = CudaBackend(device=MirroredOpenCLDevice("pocl"), resident=True)
+    be = CudaBackend(kernel_settings(), device=MirroredOpenCLDevice("pocl"), resident=True)
     try:
         model = Transformer(config, load_weights(model_file, config, be, "native"), be)
         kv = model.new_kv(16)
@@ -253,10 +254,10 @@ def test_gpu_logits_match_numpy_backend(gpu_model, loaded_model, generation_refe
 
 @gpu
 def test_gpu_prefill_gemm_path_matches_matvec_path(gpu_model):
-    """A prompt above PREFILL_MIN_TOKENS (dequantize + cuBLAS) against the batch-invariant kernels."""
-    from backends.cuda.backend import PREFILL_MIN_TOKENS
+    """A prompt above the plan's execution.cuda_prefill_tokens (dequantize + cuBLAS) against the batch-invariant kernels."""
+    from engine.execution import DEFAULT_EXECUTION
     from engine.runtime.generate import score
-    ids = list(range(100, 100 + 3 * PREFILL_MIN_TOKENS))
+    ids = list(range(100, 100 + 3 * DEFAULT_EXECUTION.cuda_prefill_tokens))
     be = gpu_model.backend
     gemm = score(gpu_model, ids)
     be.batch_invariant = True
@@ -274,7 +275,7 @@ def test_gpu_resident_ops_stay_on_device(gpu_model):
 
     from backends.cuda.backend import CudaBackend
     host = gpu_model.backend
-    res = CudaBackend(resident=True)
+    res = CudaBackend(kernel_settings(), resident=True)
     res.configure_rope(64, 10000.0, "interleaved", 256)
     host.configure_rope(64, 10000.0, "interleaved", 256)
     try:

@@ -7,13 +7,14 @@ import time
 
 import numpy as np
 import pytest
+from tiny_gguf import write_tiny_gguf
 
 from engine.errors import ModelFormatError, Unavailable
+from engine.memory.paged import BlockArena
 from engine.runtime.generate import LoadedModel
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.worker import EngineWorker, Final, RequestSpec
 from engine.scheduler.base import FifoPolicy
-from tiny_gguf import write_tiny_gguf
 
 POISON = 3  # a prompt starting with this token gets NaN logits from the poisoned forward below
 
@@ -32,7 +33,7 @@ def lost():
 
 @pytest.fixture
 def worker(model, lost):
-    w = EngineWorker(model, FifoPolicy(), on_lost=lost.append)
+    w = EngineWorker(model, FifoPolicy(), arena=BlockArena.for_model(model.config, 64, 16), on_lost=lost.append)
     yield w
     w.close()
 
@@ -115,9 +116,10 @@ def test_a_model_with_nan_weights_is_refused_at_load(tmp_path, tensor):
 def test_non_finite_scales_of_quantized_blocks_are_found(tmp_path):
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
+    from tiny_gguf import tiny_writer
+
     from engine.model.gguf_file import ModelFile
     from engine.model.integrity import check_finite
-    from tiny_gguf import tiny_writer
 
     def model(scale: float):
         w = tiny_writer(tmp_path / f"q{scale}.gguf")

@@ -13,7 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.planengine.v1 import control_plane_pb2 as pb
 from protos.planengine.v1 import plan_pb2
-from protos.planengine.v1 import suggestion_pb2 as sg
 from services.client import PlanEngineClient
 from services.server import ServerConfig, create_server
 
@@ -194,6 +193,7 @@ def test_tokenize_refuses_a_text_over_the_limit(served):
 def test_a_long_prompt_is_tokenized_at_low_priority(served, monkeypatch):
     """Tokenizing a long prompt must not take a core from the engine's decode steps."""
     import os
+
     from engine.control.control_plane import LONG_PROMPT_CHARS, GenerateInput
     server, _ = served
     model = server.control.runtime.model

@@ -8,10 +8,8 @@ SQLite and, when PostgreSQL is installed (`.ci/postgres.sh`), on PostgreSQL too.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import sqlite3
 
 import pytest
 from gguf import GGMLQuantizationType

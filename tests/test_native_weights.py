@@ -17,6 +17,7 @@ from tiny_gguf import tiny_writer
 
 from backends.cpu import quantized as qz
 from backends.cpu.quantized import BlockTable, QuantizedLinear
+from engine.execution import kernel_settings
 from engine.model.quants import dequantize
 from engine.runtime.generate import LoadedModel, decode_one_token, prefill, score
 
@@ -86,11 +87,8 @@ def tiny_f32(tiny_path):
     model.close()
 
 
-def _load(path, weights, **backend):
-    model = LoadedModel(path, weights=weights)
-    for key, value in backend.items():
-        setattr(model.backend, key, value)
-    return model
+def _load(path, weights, **settings):
+    return LoadedModel(path, weights=weights, settings=kernel_settings(**settings))
 
 
 @needs_ext
@@ -125,7 +123,7 @@ def test_native_keeps_the_files_blocks(tiny_path):
 @pytest.mark.parametrize("weights", ["native", "q8_0"])
 def test_gemm_path_matches_f32_weights(tiny_path, tiny_f32, weights):
     """Dequantize-into-GEMM keeps float activations: f32 numerics (q8_0 adds its requantization)."""
-    model = _load(tiny_path, weights, gemm_threshold=1)
+    model = _load(tiny_path, weights, gemm_rows_x8=1, gemm_rows_rowwise=1)
     try:
         got, want = score(model, IDS), score(tiny_f32, IDS)
         tol = 1e-4 if weights == "native" else 2e-2
@@ -136,7 +134,7 @@ def test_gemm_path_matches_f32_weights(tiny_path, tiny_f32, weights):
 
 @needs_ext
 def test_int8_path_close_to_f32_weights_and_decode_equals_one_pass(tiny_path, tiny_f32):
-    model = _load(tiny_path, "native", gemm_threshold=1 << 30)  # every batch on the int8 kernels (K-quants too)
+    model = _load(tiny_path, "native", gemm_rows_x8=0, gemm_rows_rowwise=0)  # every batch on the int8 kernels (K-quants too)
     try:
         full, want = score(model, IDS), score(tiny_f32, IDS)
         np.testing.assert_allclose(full, want, atol=5e-2 * np.abs(want).max())  # random weights: int8 error ~3%
@@ -231,15 +229,15 @@ def _teacher_forced(model, cases, ref_name):
 
 @pytest.fixture
 def int8_everywhere(native_model):
-    assert native_model.backend.gemm_threshold is None  # the default: int8 for Q4_1/Q8_0 at every batch
+    assert native_model.backend.settings.gemm_rows_x8 == 0  # the default: int8 for Q4_1/Q8_0 at every batch
     yield native_model
 
 
 @pytest.fixture
 def gemm_everywhere(native_model):
-    native_model.backend.gemm_threshold = 1  # every batch dequantize-into-GEMM: float activations
+    native_model.backend.configure(kernel_settings(gemm_rows_x8=1, gemm_rows_rowwise=1))  # every batch dequantize-into-GEMM: float activations
     yield native_model
-    native_model.backend.gemm_threshold = None
+    native_model.backend.configure(kernel_settings())
 
 
 @pytest.mark.slow
@@ -266,7 +264,7 @@ def test_native_gemm_path_matches_hf_f32(gemm_everywhere, generation_reference):
 @needs_ext
 def test_q8_0_matches_hf_f32(model_path, generation_reference):
     model = LoadedModel(model_path, weights="q8_0")
-    model.backend.gemm_threshold = 1  # float activations: the hf_f32 reference
+    model.backend.configure(kernel_settings(gemm_rows_x8=1, gemm_rows_rowwise=1))  # float activations: the hf_f32 reference
     try:
         layer = model.weights.layers[0]
         assert layer.wqkv.qtypes == ("Q8_0",) * 3 and model.weights.output.qtypes == ("Q8_0",)

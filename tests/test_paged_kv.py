@@ -7,6 +7,7 @@ import pytest
 
 from backends.cpu.backend import CpuBackend
 from engine.errors import ContextOverflow
+from engine.execution import kernel_settings
 from engine.memory.paged import BlockArena, PagedKV, PagedStep
 
 
@@ -93,7 +94,7 @@ def test_paged_step_writes_every_token_and_tables_the_decoders():
     np.testing.assert_array_equal(d1.read(1, 5)[1][:, 4], v[3])
     np.testing.assert_array_equal(d2.read(1, 3)[0][:, 2], k[4])
     # the backend contract's default (gather) and the C kernel agree with plain attention
-    be = CpuBackend(kernels="numpy")
+    be = CpuBackend(kernel_settings(), kernels="numpy")
     q = rng.standard_normal((2, 6, 5)).astype(np.float32)
     got = be.paged_decode_attention(q, *step.pages(1), step.table, step.lengths)
     for row, (kv, n) in enumerate([(d1, 5), (d2, 3)]):

@@ -17,7 +17,10 @@ from backends.cpu import quantized as qz
 from backends.cpu.backend import CpuBackend
 from backends.cpu.quantized import BlockPart, QuantizedMatmul, quantize_activations
 from engine.errors import InvalidArgument
+from engine.execution import DEFAULT_EXECUTION, kernel_settings
 from engine.model.quants import dequantize, quant_type
+
+INT8_ALWAYS = kernel_settings(gemm_rows_x8=0, gemm_rows_rowwise=0)  # 0: never dequantize-into-GEMM
 
 ops = qz._EXTENSION
 needs_ext = pytest.mark.skipif(ops is None, reason=f"ops_avx2 unavailable: {qz._WHY_NOT}")
@@ -89,7 +92,7 @@ def test_activation_quantization_matches_numpy_reference():
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_dequantize_is_bit_exact(qtype):
     rng = np.random.default_rng(2)
-    qm = QuantizedMatmul("avx2")
+    qm = QuantizedMatmul("avx2", kernel_settings())
     for rows, k, _ in SHAPES:
         blocks = random_blocks(qtype, rows, k, rng)
         w = qm.handle([BlockPart(blocks, qtype, rows)], k)
@@ -102,7 +105,7 @@ def test_dequantize_is_bit_exact(qtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_quantized_dot_matches_dequantize_then_matmul(qtype):
     rng = np.random.default_rng(3)
-    qm = QuantizedMatmul("avx2", gemm_threshold=1 << 30)  # always the int8 kernels
+    qm = QuantizedMatmul("avx2", INT8_ALWAYS)  # always the int8 kernels
     for rows, k, n in SHAPES:
         blocks = random_blocks(qtype, rows, k, rng)
         part = BlockPart(blocks, qtype, rows)
@@ -122,7 +125,7 @@ def test_fused_parts_of_mixed_types():
     k = 512
     parts = [BlockPart(random_blocks(t, r, k, rng), t, r)
              for t, r in [(T.Q4_K, 33), (T.Q6_K, 16), (T.Q4_1, 5), (T.Q8_0, 17), (T.Q4_0, 1)]]
-    qm = QuantizedMatmul("avx2", gemm_threshold=1 << 30)
+    qm = QuantizedMatmul("avx2", INT8_ALWAYS)
     w = qm.handle(parts, k)
     dense = np.concatenate([dequantize(p.blocks, p.qtype, (p.rows, k)) for p in parts])
     for n in (1, 4, 6):
@@ -131,7 +134,7 @@ def test_fused_parts_of_mixed_types():
         _close(got, int8_reference(x, parts), 1e-5)
         _float_close(got, x, dense, 5e-3)
     # the GEMM path dequantizes across part boundaries (tiles never align with parts)
-    qm.gemm_threshold = 1
+    qm.configure(kernel_settings(gemm_rows_x8=1, gemm_rows_rowwise=1))
     x = rng.standard_normal((3, k)).astype(np.float32)
     _float_close(qm.linear(x, w), x, dense, 1e-6)
 
@@ -144,7 +147,7 @@ def test_thread_count_does_not_change_results():
     x = rng.standard_normal((3, 1536)).astype(np.float32)
     outs = []
     for threads in (1, 2, 5):
-        qm = QuantizedMatmul("avx2", gemm_threshold=1 << 30, threads=threads)
+        qm = QuantizedMatmul("avx2", kernel_settings(threads=threads, gemm_rows_rowwise=0))
         outs.append([qm.linear(x, qm.handle([part], 1536)) for _ in range(20)])
     for run in outs[1:]:
         for a, b in zip(outs[0], run):
@@ -156,7 +159,7 @@ def test_int8_rows_do_not_depend_on_batch_mates():
     """A row's result is the same bits alone or in any batch (the plan's batch_invariant mode
     relies on it), and batch_invariant keeps even large batches off OpenBLAS."""
     rng = np.random.default_rng(14)
-    qm = QuantizedMatmul("avx2", gemm_threshold=2)
+    qm = QuantizedMatmul("avx2", kernel_settings(gemm_rows_x8=2, gemm_rows_rowwise=2))
     for qtype in (T.Q4_1, T.Q6_K):
         w = qm.handle([BlockPart(random_blocks(qtype, 40, 512, rng), qtype, 40)], 512)
         x = rng.standard_normal((7, 512)).astype(np.float32)
@@ -174,7 +177,7 @@ def test_gemm_path_and_fallback_match_float_matmul(kernels, qtype):
     if kernels == "auto" and ops is None:
         pytest.skip("no extension")
     rng = np.random.default_rng(6)
-    qm = QuantizedMatmul(kernels, gemm_threshold=4)
+    qm = QuantizedMatmul(kernels, kernel_settings(gemm_rows_x8=4, gemm_rows_rowwise=4))
     for rows, k, n in SHAPES:
         blocks = random_blocks(qtype, rows, k, rng)
         x = rng.standard_normal((max(n, 4) if kernels == "auto" else n, k)).astype(np.float32)
@@ -188,7 +191,7 @@ def test_gemm_tiles_cover_a_large_matrix(monkeypatch):
     monkeypatch.setattr(qz, "GEMM_TILE_WEIGHTS", 3 * 256)  # 3-row tiles over 10 rows in 2 parts
     rng = np.random.default_rng(7)
     parts = [BlockPart(random_blocks(T.Q8_0, r, 256, rng), T.Q8_0, r) for r in (4, 6)]
-    qm = QuantizedMatmul("numpy")
+    qm = QuantizedMatmul("numpy", kernel_settings())
     x = rng.standard_normal((2, 256)).astype(np.float32)
     dense = np.concatenate([dequantize(p.blocks, p.qtype, (p.rows, 256)) for p in parts])
     _float_close(qm.linear(x, qm.handle(parts, 256)), x, dense, 1e-6)
@@ -198,23 +201,25 @@ def test_path_rule_is_declared():
     rng = np.random.default_rng(13)
     legacy = BlockPart(random_blocks(T.Q4_1, 8, 64, rng), T.Q4_1, 8)
     kquant = BlockPart(random_blocks(T.Q6_K, 8, 256, rng), T.Q6_K, 8)
-    qm = QuantizedMatmul("numpy")
+    qm = QuantizedMatmul("numpy", kernel_settings())
     assert qm.path(1, qm.handle([legacy], 64)) == "dequant_gemm"  # no kernels: always GEMM
     if ops is not None:
-        qm = QuantizedMatmul("avx2")  # the measured defaults, by kernel layout
+        qm = QuantizedMatmul("avx2", kernel_settings())  # the measured defaults, by kernel layout
         x8, rows = qm.handle([legacy], 64), qm.handle([kquant], 256)
         assert (x8.layout, rows.layout) == ("x8", "rows")
-        assert qz.DEFAULT_GEMM_THRESHOLDS == {"x8": None, "rows": 32}
+        assert (DEFAULT_EXECUTION.gemm_rows_x8, DEFAULT_EXECUTION.gemm_rows_rowwise) == (0, 32)
         assert [qm.path(n, x8) for n in (1, 512)] == ["quantized_dot"] * 2
         assert [qm.path(n, rows) for n in (31, 32)] == ["quantized_dot", "dequant_gemm"]
-        qm.gemm_threshold = 8  # a plan's rule applies to every weight
+        qm.configure(kernel_settings(gemm_rows_x8=8, gemm_rows_rowwise=8))  # a plan's rule applies to every weight
         assert [qm.path(n, w) for n in (7, 8) for w in (x8, rows)] == ["quantized_dot"] * 2 + ["dequant_gemm"] * 2
-    assert CpuBackend(gemm_threshold=3).gemm_threshold == 3
-    assert CpuBackend().gemm_threshold is None
+    be = CpuBackend(kernel_settings(gemm_rows_rowwise=3))
+    assert be.settings.gemm_rows_rowwise == 3
+    be.configure(kernel_settings())  # live, as a new plan version's execution section
+    assert be.settings == DEFAULT_EXECUTION.kernels
     with pytest.raises(InvalidArgument):
-        QuantizedMatmul("sse9")
-    with pytest.raises(InvalidArgument):
-        QuantizedMatmul("numpy", gemm_threshold=0)
+        QuantizedMatmul("sse9", kernel_settings())
+    with pytest.raises(InvalidArgument, match="gemm_rows_x8 -1 must be"):
+        kernel_settings(gemm_rows_x8=-1)
 
 
 @needs_ext
@@ -253,7 +258,7 @@ def test_x8_layout_round_trips_and_pads(qtype):
     """Repacking interleaves whole blocks of 8 rows; a partial last group is zero-padded and
     every row reads back (by range and by index) exactly as the file's blocks dequantize."""
     rng = np.random.default_rng(12)
-    qm = QuantizedMatmul("avx2")
+    qm = QuantizedMatmul("avx2", kernel_settings())
     qm.REPACK_ROWS = 16  # several repack chunks per tensor
     for rows in (8, 13, 1, 37):
         blocks = random_blocks(qtype, rows, 96, rng)
@@ -275,7 +280,7 @@ def test_x8_layout_round_trips_and_pads(qtype):
 @needs_ext
 def test_c_layer_ops_match_numpy():
     rng = np.random.default_rng(10)
-    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    c, py = CpuBackend(kernel_settings()), CpuBackend(kernel_settings(), kernels="numpy")
     x = rng.standard_normal((5, 576)).astype(np.float32)
     w = rng.standard_normal(576).astype(np.float32)
     np.testing.assert_allclose(c.rms_norm(x, w, 1e-5), py.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
@@ -294,7 +299,7 @@ def test_c_layer_ops_match_numpy():
 @pytest.mark.parametrize("n,t", [(1, 1), (1, 9), (1, 300), (3, 130), (17, 17), (200, 200), (5, 1100)])
 def test_c_attention_matches_numpy(n, t):
     rng = np.random.default_rng(11)
-    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    c, py = CpuBackend(kernel_settings()), CpuBackend(kernel_settings(), kernels="numpy")
     cache = rng.standard_normal((2, 3, 1200, 64)).astype(np.float32)  # (k|v, n_kv, capacity, hd)
     k, v = cache[0, :, :t], cache[1, :, :t]  # strided views, as the KV cache hands them
     q = rng.standard_normal((n, 9, 64)).astype(np.float32) * 2
@@ -306,7 +311,7 @@ def test_c_attention_matches_numpy(n, t):
 @needs_ext
 def test_c_decode_attention_matches_numpy_and_single_sequence():
     rng = np.random.default_rng(15)
-    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    c, py = CpuBackend(kernel_settings()), CpuBackend(kernel_settings(), kernels="numpy")
     q = rng.standard_normal((5, 9, 64)).astype(np.float32)
     k, v = rng.standard_normal((2, 5, 3, 300, 64)).astype(np.float32)
     lengths = np.array([1, 7, 300, 130, 33])
@@ -322,7 +327,7 @@ def test_c_paged_decode_attention_reads_blocks_in_place():
     """Through block tables (fragmented, out of order, padded): the same bits as each sequence
     attending alone over its gathered keys, and the numpy gather fallback within rounding."""
     rng = np.random.default_rng(16)
-    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    c, py = CpuBackend(kernel_settings()), CpuBackend(kernel_settings(), kernels="numpy")
     n_kv, blocks, bs, hd = 3, 40, 16, 64
     k_pages, v_pages = rng.standard_normal((2, n_kv, blocks, bs, hd)).astype(np.float32)
     tables = [[7, 3, 30, 1], [0], [12, 13, 14, 15, 16, 17, 18, 19], [39, 2]]
@@ -342,7 +347,7 @@ def test_c_paged_decode_attention_reads_blocks_in_place():
 
 @needs_ext
 def test_c_paged_decode_attention_refuses_bad_tables():
-    c = CpuBackend()
+    c = CpuBackend(kernel_settings())
     k_pages = np.zeros((3, 4, 16, 64), dtype=np.float32)
     q = np.zeros((1, 9, 64), dtype=np.float32)
     out = np.empty((1, 9 * 64), dtype=np.float32)
@@ -365,7 +370,7 @@ def test_c_logsumexp_matches_numpy(d):
     x = (rng.standard_normal((3, d)) * 6).astype(np.float32)
     if d > 1:
         x[1, -1] = -np.inf  # a masked token counts for nothing
-    c, py = CpuBackend(), CpuBackend(kernels="numpy")
+    c, py = CpuBackend(kernel_settings()), CpuBackend(kernel_settings(), kernels="numpy")
     np.testing.assert_allclose(c.logsumexp(x), py.logsumexp(x), rtol=1e-7, atol=1e-6)
     np.testing.assert_array_equal(c.logsumexp(x[1:2]), c.logsumexp(x)[1:2])  # a row's value is its own
 
@@ -460,7 +465,7 @@ def test_backend_f32_linear_takes_the_kernel_by_rule():
     the numpy fallback and both paths agree within rounding."""
     rng = np.random.default_rng(23)
     parts = [rng.standard_normal((n, 96)).astype(np.float32) for n in (40, 24)]
-    be = CpuBackend(f32_kernel_rows=8)
+    be = CpuBackend(kernel_settings(f32_kernel_rows=8))
     w = be.load_linear([TensorData(p, T.F32, p.shape) for p in parts], "f32")
     assert w.shape == (96, 64) and w.base is not None and w.T.flags.c_contiguous
     dense = np.concatenate(parts)
@@ -472,9 +477,9 @@ def test_backend_f32_linear_takes_the_kernel_by_rule():
     np.testing.assert_array_equal(batch, _matmul_f32(x, w))
     for i in range(len(x)):
         np.testing.assert_array_equal(be.linear(x[i:i + 1], w)[0], batch[i])
-    fallback = CpuBackend(kernels="numpy")
+    fallback = CpuBackend(kernel_settings(), kernels="numpy")
     fallback.batch_invariant = True
     _float_close(fallback.linear(x, fallback.load_linear([TensorData(p, T.F32, p.shape) for p in parts], "f32")),
                  x, dense, 1e-6)
     with pytest.raises(InvalidArgument, match="f32_kernel_rows"):
-        CpuBackend(f32_kernel_rows=-1)
+        kernel_settings(f32_kernel_rows=-1)

@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
+from engine.memory.paged import BlockArena
 from engine.runtime.generate import LoadedModel, score
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.worker import EngineWorker, RequestSpec, WorkerLimits
@@ -106,7 +107,8 @@ def test_prompt_logprobs_in_chunks_and_across_a_preemption(tiny, monkeypatch):
     prompt = [6] + [int(x) for x in np.random.default_rng(3).integers(0, 6, 40)]
     try:
         whole = score(model, prompt)[:-1]
-        w = EngineWorker(model, FifoPolicy(), WorkerLimits(max_batched_tokens=7))
+        w = EngineWorker(model, FifoPolicy(), WorkerLimits(max_batched_tokens=7),
+                         arena=BlockArena.for_model(model.config, 64, 16))
         try:
             final = list(w.submit(RequestSpec("", prompt, SamplingParams(max_tokens=3), ignore_eos=True,
                                               prompt_logprobs=1)).events())[-1]
@@ -236,6 +238,7 @@ def test_n_choices_each_follow_the_response_format(tiny_model):
 
 def test_cli_generate_flags_for_each_feature(served):
     import json as _json
+
     from test_cli import cli
     server, _ = served
     r = cli("generate", "abcd", "--server", f"127.0.0.1:{server.port}", "-n", "3", "--json", "--n", "2",

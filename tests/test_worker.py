@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import ContextOverflow, InvalidArgument, ResourceExhausted
+from engine.memory.paged import BlockArena
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.worker import EngineWorker, Final, RequestSpec, WorkerLimits
 from engine.scheduler.base import FifoPolicy
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def worker(loaded_model):
     w = EngineWorker(loaded_model, FifoPolicy(), WorkerLimits(max_batched_tokens=24, max_queue=8,
-                                                                max_tokens_per_request=64))
+                                                                max_tokens_per_request=64),
+                     arena=BlockArena.for_model(loaded_model.config, 256, 16))
     yield w
     w.close()
 
@@ -62,7 +64,8 @@ def test_disconnected_client_cancels(worker, generation_reference):
 
 
 def test_admission_limits(loaded_model):
-    w = EngineWorker(loaded_model, FifoPolicy(), WorkerLimits(max_queue=2, max_tokens_per_request=8))
+    w = EngineWorker(loaded_model, FifoPolicy(), WorkerLimits(max_queue=2, max_tokens_per_request=8),
+                     arena=BlockArena.for_model(loaded_model.config, 64, 16))
     try:
         with pytest.raises(InvalidArgument, match="max_tokens 9 exceeds the plan's limit 8"):
             w.submit(RequestSpec("", [1, 2], SamplingParams(max_tokens=9)))
@@ -83,7 +86,7 @@ def _alone(loaded_model, prompts, max_tokens):
     """Each prompt run by itself on a fresh worker: the reference for batching tests."""
     out = []
     for p in prompts:
-        w = EngineWorker(loaded_model, FifoPolicy(), WorkerLimits())
+        w = EngineWorker(loaded_model, FifoPolicy(), WorkerLimits(), arena=BlockArena.for_model(loaded_model.config, 256, 16))
         try:
             out.append(list(w.submit(RequestSpec("", p, SamplingParams(max_tokens=max_tokens),
                                                  ignore_eos=True)).events())[-1].ids)
@@ -110,7 +113,8 @@ def test_eight_concurrent_greedy_requests_equal_each_alone(invariant_model):
     """With determinism.batch_invariant, batch mates cannot change a single bit of a request."""
     prompts = _prompts(invariant_model, 8)
     alone = _alone(invariant_model, prompts, 12)
-    w = EngineWorker(invariant_model, FifoPolicy(), WorkerLimits(max_batched_tokens=40))
+    w = EngineWorker(invariant_model, FifoPolicy(), WorkerLimits(max_batched_tokens=40),
+                     arena=BlockArena.for_model(invariant_model.config, 256, 16))
     try:
         handles = [w.submit(RequestSpec("", p, SamplingParams(max_tokens=12), ignore_eos=True)) for p in prompts]
         together = [list(h.events())[-1].ids for h in handles]
@@ -120,7 +124,6 @@ def test_eight_concurrent_greedy_requests_equal_each_alone(invariant_model):
 
 
 def test_small_arena_preempts_and_completes_every_request_correctly(invariant_model):
-    from engine.memory.paged import BlockArena
     c = invariant_model.config
     prompts = _prompts(invariant_model, 6, length=20)
     alone = _alone(invariant_model, prompts, 24)

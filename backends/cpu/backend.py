@@ -9,10 +9,9 @@ from typing import Any, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from backends.base import Backend, RopeYarn, TensorData, rope_angles
+from backends.base import Backend, KernelSettings, RopeYarn, TensorData, rope_angles
 from backends.cpu import invariant
 from backends.cpu.quantized import FLOAT_TYPES, BlockTable, QuantizedLinear, QuantizedMatmul, as_blocks, block_part
-from engine.errors import InvalidArgument
 from engine.model.quants import dequantize
 
 
@@ -21,50 +20,38 @@ class CpuBackend(Backend):
     interleaved by 8 rows for the kernels, K-quants read from the file mapping), `q8_0`
     (requantized at load).
 
-    For the block formats, `gemm_threshold` is the declared rule that picks the matmul path:
-    a batch of at least that many rows is dequantized into float32 tiles for OpenBLAS
-    (float activations), a smaller one runs the int8 quantized-dot kernels (activations
-    quantized per 32-block, as llama.cpp). None (the default) takes the measured default of
-    each weight's kernel layout, `quantized.DEFAULT_GEMM_THRESHOLDS`: int8 at every batch
-    size for Q4_0/Q4_1/Q8_0, OpenBLAS from 32 rows for the K-quants. `kernels` is "auto", "avx2" or "numpy" (force the
-    fallback: every batch dequantize-into-GEMM); `threads` sizes the kernels' thread pool
-    (default: the CPUs this process may run on). Norm, RoPE, attention and SwiGLU run in C
-    whenever the extension is in use, whatever the weight format.
+    `settings` (the plan's `execution` section, `KernelSettings`) declares every path choice:
+    for the block formats, a batch of at least `gemm_rows_x8` (Q4_0/Q4_1/Q8_0, interleaved) or
+    `gemm_rows_rowwise` (K-quants, row order) rows is dequantized into float32 tiles for
+    OpenBLAS (float activations), a smaller one runs the int8 quantized-dot kernels
+    (activations quantized per 32-block, as llama.cpp); 0 means never GEMM. For float32
+    weights, a batch of at most `f32_kernel_rows` rows runs the extension's float kernel
+    (`matmul_f32`, ops_avx2/fmatmul.c), a larger one OpenBLAS; in batch-invariant mode the
+    kernel takes every batch, since its rows do not depend on their batch mates. `threads`
+    sizes the kernels' pool (0: the CPUs this process may run on). Norm, RoPE, attention and
+    SwiGLU run in C whenever the extension is in use, whatever the weight format.
 
-    For float32 weights, `f32_kernel_rows` is the rule (default F32_KERNEL_ROWS): a batch of
-    at most that many rows runs the extension's float kernel (`matmul_f32`, ops_avx2/fmatmul.c),
-    a larger one OpenBLAS; in batch-invariant mode the kernel takes every batch, since its rows
-    do not depend on their batch mates. Without the extension every batch takes OpenBLAS.
+    `kernels` is "auto", "avx2" or "numpy" (force the fallback: every batch
+    dequantize-into-GEMM, every matmul OpenBLAS).
     """
-
-    # Measured on the 2-core Zen 2 host (whole-model f32 step, 30 layers + tied head): the
-    # kernel takes 0.9x OpenBLAS's time at 1 row, 0.4x at 2-4 rows, 0.65x at 8-16, 0.75x at
-    # 32, 0.9x at 64; at 96-128 rows OpenBLAS is 3-6 % faster, at 256-512 rows 15 %.
-    F32_KERNEL_ROWS = 64
 
     name = "cpu"
     weight_formats = ("f32", "native", "q8_0")
 
-    def __init__(self, gemm_threshold: int | None = None, kernels: str = "auto",
-                 threads: int | None = None, f32_kernel_rows: int | None = None) -> None:
+    def __init__(self, settings: KernelSettings, kernels: str = "auto") -> None:
         self._cos: np.ndarray | None = None
         self._sin: np.ndarray | None = None
         self._rope_style = "interleaved"
-        self.quantized = QuantizedMatmul(kernels, gemm_threshold, threads)
+        self.quantized = QuantizedMatmul(kernels, settings)
         self._ops = self.quantized.ops  # the C extension, or None: numpy for every op
         self._format = "f32"  # of the model being loaded, for the embedding table (see load_embedding)
-        self.f32_kernel_rows = self.F32_KERNEL_ROWS if f32_kernel_rows is None else f32_kernel_rows
-        if self.f32_kernel_rows < 0:
-            raise InvalidArgument(f"f32_kernel_rows {self.f32_kernel_rows} must be at least 0 (0: OpenBLAS for "
-                                  f"every batch outside batch-invariant mode)", field="f32_kernel_rows")
+
+    def configure(self, settings: KernelSettings) -> None:
+        self.quantized.configure(settings)
 
     @property
-    def gemm_threshold(self) -> int | None:
-        return self.quantized.gemm_threshold
-
-    @gemm_threshold.setter
-    def gemm_threshold(self, rows: int | None) -> None:
-        self.quantized.gemm_threshold = rows
+    def settings(self) -> KernelSettings:
+        return self.quantized.settings
 
     def check_weight_format(self, fmt: str) -> None:
         super().check_weight_format(fmt)
@@ -130,7 +117,7 @@ class CpuBackend(Backend):
     def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         if isinstance(w, QuantizedLinear):
             return self.quantized.linear(x, w, batch_invariant=self.batch_invariant)
-        if (self._ops is not None and (self.batch_invariant or len(x) <= self.f32_kernel_rows)
+        if (self._ops is not None and (self.batch_invariant or len(x) <= self.settings.f32_kernel_rows)
                 and _c_ready(x) and _weight_ready(w)):
             out = np.empty((len(x), w.shape[1]), dtype=np.float32)
             self._ops.matmul_f32(x, w, out, self.quantized.threads)

@@ -14,8 +14,9 @@ declared paths:
   OpenBLAS. The activations stay float32, so the numerics are those of f32 weights (the
   hf_f32 reference).
 
-The threshold is a declared rule: `gemm_threshold` (rows) when the plan gives one, else the
-measured default of the weight's kernel layout, `DEFAULT_GEMM_THRESHOLDS`.
+The threshold is a declared rule, per kernel layout: the plan's `execution.gemm_rows_x8` and
+`execution.gemm_rows_rowwise` (`KernelSettings`; the measured defaults and why are in
+engine/execution.py).
 
 The kernels need the C extension built at install (`setup.py`) and a CPU with AVX2,
 FMA and F16C; otherwise `kernels="auto"` falls back to numpy (every batch
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from backends.base import TensorData
+from backends.base import KernelSettings, TensorData
 from backends.cpu import invariant
 from engine.errors import InvalidArgument
 from engine.model.quants import dequantize, quant_type
@@ -46,13 +47,6 @@ FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 # Repacked to the x8 layout (8 rows interleaved) for the int8 kernels; K-quants are read in
 # the file's order.
 X8_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
-
-# Batches of at least this many rows take dequantize-into-GEMM, by kernel layout, when the
-# backend is given no gemm_threshold. Measured on 2 AVX2 cores (docs/03_quantized_cpu.md):
-# the x8 kernels (Q4_0/Q4_1/Q8_0) beat dequantize + OpenBLAS at every batch size (97 against
-# 44-67 GMAC/s at 128-512 rows), so never; the K-quant row kernels level off at ~30-40
-# GMAC/s and OpenBLAS overtakes them from ~32 rows.
-DEFAULT_GEMM_THRESHOLDS: dict[str, int | None] = {"x8": None, "rows": 32}
 
 # Weights dequantized per GEMM tile: 8 MB of float32 scratch, so the 28M-weight output
 # head of a 135M model never becomes a 113 MB temporary.
@@ -228,13 +222,13 @@ class QuantizedMatmul:
     """`x @ W.T` for block-format weights, on the path the declared rule picks.
 
     kernels: "avx2" (require the C extension), "numpy" (never use it) or "auto" (use it when
-    built and the CPU has AVX2, else numpy with a warning). gemm_threshold: a batch of at least
-    this many rows is dequantized into float32 tiles and multiplied with OpenBLAS, a smaller
-    one takes the int8 kernels; None (the default) uses DEFAULT_GEMM_THRESHOLDS for the
-    weight's kernel layout. threads: the kernels' thread-pool size.
+    built and the CPU has AVX2, else numpy with a warning). settings: the plan's kernel
+    settings; a batch of at least `gemm_rows_x8` (x8 layout) or `gemm_rows_rowwise` (row
+    order) rows is dequantized into float32 tiles and multiplied with OpenBLAS, a smaller one
+    takes the int8 kernels (0: never GEMM); `threads` sizes the kernels' pool.
     """
 
-    def __init__(self, kernels: str = "auto", gemm_threshold: int | None = None, threads: int | None = None):
+    def __init__(self, kernels: str, settings: KernelSettings):
         if kernels not in KERNELS:
             raise InvalidArgument(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}", field="kernels")
         if kernels == "avx2" and _EXTENSION is None:
@@ -243,24 +237,18 @@ class QuantizedMatmul:
             _warn_fallback_once()
         self.ops = None if kernels == "numpy" else _EXTENSION
         self.kernels = "avx2" if self.ops is not None else "numpy"
-        self.gemm_threshold = gemm_threshold
-        self.threads = threads or default_threads()
+        self.configure(settings)
         self._scratch = np.empty(0, dtype=np.float32)
 
-    @property
-    def gemm_threshold(self) -> int | None:
-        return self._gemm_threshold
-
-    @gemm_threshold.setter
-    def gemm_threshold(self, rows: int | None) -> None:
-        if rows is not None and rows < 1:
-            raise InvalidArgument(f"gemm_threshold {rows} must be at least 1 (or None: the measured "
-                                  f"defaults {DEFAULT_GEMM_THRESHOLDS})", field="gemm_threshold")
-        self._gemm_threshold = rows
+    def configure(self, settings: KernelSettings) -> None:
+        """New settings, used from the next call."""
+        self.settings = settings
+        self.threads = settings.threads or default_threads()
 
     def threshold(self, w: QuantizedLinear) -> int | None:
         """Rows from which a batch against w takes dequantize-into-GEMM (None: never)."""
-        return self._gemm_threshold if self._gemm_threshold is not None else DEFAULT_GEMM_THRESHOLDS[w.layout]
+        rows = self.settings.gemm_rows_x8 if w.layout == "x8" else self.settings.gemm_rows_rowwise
+        return rows or None
 
     def handle(self, parts: Sequence[BlockPart], n_in: int) -> QuantizedLinear:
         """The weight handle for parts in the file's row order.

@@ -3,7 +3,7 @@
 Weights stay in their file blocks on the device (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16,
 F32; any other type is widened to F32 once at load, exactly). A linear runs
 
-- decode (n <= PREFILL_MIN_TOKENS tokens): the fused dequantize-matvec kernel, which reads each
+- decode (n <= `settings.cuda_prefill_tokens` tokens, the plan's `execution` section): the fused dequantize-matvec kernel, which reads each
   quantized block once per 8 tokens;
 - prefill (more tokens): the rows dequantized into a float32 workspace, then cuBLAS GEMM.
   `batch_invariant=True` keeps every batch size on the matvec kernel instead, so a token's numbers
@@ -26,14 +26,13 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from backends.base import Backend, TensorData
+from backends.base import Backend, KernelSettings, TensorData
 from backends.cuda.device import Device
 from backends.cuda.kernels import DEVICE_TYPES
 from backends.cuda.ops import KernelOps, LinearWeight, QuantMatrix, pack_rows, rope_tables, segments_of
 from engine.errors import ContextOverflow, InvalidArgument, UnsupportedModel
 from engine.model.quants import dequantize
 
-PREFILL_MIN_TOKENS = 32  # above this many tokens a linear takes the dequantize + GEMM path
 _UPLOAD_CACHE = 64  # small index arrays (positions, ids) kept on the device by content
 
 
@@ -81,8 +80,10 @@ class CudaBackend(Backend):
     name = "cuda"
     weight_formats = ("native", "f16", "f32")
 
-    def __init__(self, device: Device | None = None, resident: bool = False, batch_invariant: bool = False):
-        """`device`: a CupyDevice (the default, GPU 0) or, for checks, an opencl.OpenCLDevice."""
+    def __init__(self, settings: KernelSettings, device: Device | None = None, resident: bool = False,
+                 batch_invariant: bool = False):
+        """`settings`: the plan's kernel settings (`cuda_prefill_tokens` picks the linear path).
+        `device`: a CupyDevice (the default, GPU 0) or, for checks, an opencl.OpenCLDevice."""
         if device is None:
             from backends.cuda import cuda_available
             ok, reason = cuda_available()
@@ -92,6 +93,7 @@ class CudaBackend(Backend):
             device = CupyDevice()
         if resident and not hasattr(device, "cp"):
             raise ValueError("resident mode needs a CuPy device")
+        self.settings = settings
         self.device = device
         self.ops = KernelOps(device)
         self.resident = resident
@@ -103,6 +105,9 @@ class CudaBackend(Backend):
         self._workspace: Any = None
         self._uploads: dict[bytes, Any] = {}
         self._kv: weakref.WeakSet[DeviceSequenceKV] = weakref.WeakSet()
+
+    def configure(self, settings: KernelSettings) -> None:
+        self.settings = settings
 
     # --- arrays at the edges -----------------------------------------------------------------
 
@@ -194,7 +199,7 @@ class CudaBackend(Backend):
         y = self.device.empty((n, w.n_out), np.float32)
         if n == 0:
             return self._out(y)
-        if n > PREFILL_MIN_TOKENS and not self.batch_invariant:
+        if n > self.settings.cuda_prefill_tokens and not self.batch_invariant:
             off = 0
             for seg in w.segments:
                 part = self.device.gemm_nt(x, self._dequantized(seg))

@@ -4,7 +4,8 @@ It owns the plan store and the active `Runtime` (the plan, its loaded model and
 its engine worker). Activating a plan that changes the model, weight format,
 backend or KV geometry loads the new runtime first and switches only once it is
 ready; requests in flight finish on the old one, which is then closed. A plan
-that changes only policy or limits is applied to the running worker live.
+that changes only policy, limits or execution settings is applied to the running worker
+live, from its next step.
 
 Load before commit: the store records a version as active only after its runtime
 is loaded (`_activation`: load, then the store's write, then the switch), so a
@@ -29,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from backends.base import OpProfile, ProfiledBackend
+from engine import execution
 from engine.control.limits import RequestLimits, check_request, check_text, prompt_byte_limit
 from engine.control.metrics_hub import MetricsHub
 from engine.control.plan_store import PlanEvent, PlanStore, label
@@ -108,16 +110,17 @@ class Runtime:
                  on_finish: Callable[[Final], None] = lambda final: None,
                  on_lost: Callable[[str], None] = lambda reason: None, path: Path | None = None):
         self.plan = plan
+        settings = execution.resolve(plan.execution)
         self.model = LoadedModel(path or resolve(plan.model), backend=BACKEND_NAMES[plan.backend],
                                  weights=WEIGHT_NAMES[plan.weights],
                                  context_length=plan.limits.context_length or None,
-                                 batch_invariant=plan.determinism.batch_invariant)
+                                 batch_invariant=plan.determinism.batch_invariant, settings=settings.kernels)
         c = self.model.config
         arena = BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, plan.kv_cache.num_blocks, plan.kv_cache.block_size,
                            dtype=KV_DTYPES[plan.kv_cache.dtype])
         self.profile: OpProfile | None = None
         self.set_profiling(plan.profiling)
-        self.worker = EngineWorker(self.model, create_policy(POLICY_NAMES[plan.scheduler_policy]),
+        self.worker = EngineWorker(self.model, create_policy(POLICY_NAMES[plan.scheduler_policy], settings),
                                    worker_limits(plan), arena=arena,
                                    governor=PowerGovernor(meter, plan.limits.max_watts), on_finish=on_finish,
                                    on_lost=on_lost, prefix_caching=prefix_caching(plan),
@@ -400,7 +403,9 @@ class ControlPlane:
                     fresh.retire(0)
                 raise
         if fresh is None:
-            current.worker.set_policy(create_policy(POLICY_NAMES[plan.scheduler_policy]))
+            settings = execution.resolve(plan.execution)
+            current.model.backend.configure(settings.kernels)
+            current.worker.set_policy(create_policy(POLICY_NAMES[plan.scheduler_policy], settings))
             current.worker.set_limits(worker_limits(plan))
             if plan.profiling != current.plan.profiling:
                 current.set_profiling(plan.profiling)

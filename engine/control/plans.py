@@ -34,6 +34,23 @@ recompute it from a plan it got back:
 
 So changing any content field changes the hash, and renaming a plan, re-describing it or
 storing it again does not.
+
+Schema evolution: adding fields without changing a stored plan's hash
+----------------------------------------------------------------------
+Fields added after the first schema follow one more rule, so that every plan stored before a
+field existed keeps its hash:
+
+5. A later field is a proto3 `optional` scalar inside a later section (today: `execution`,
+   field 16). The canonical JSON leaves it out when it is unset *or* holds the value it was
+   introduced with (`LATER_FIELDS` below), and leaves the section out when nothing of it
+   is left. Those introduction values are part of this rule and never change; `normalize`
+   may write a different (newly measured) default into new plans, which is then hashed.
+   `kv_cache.prefix_caching`, added before this rule, is printed whenever it is set.
+
+A plan stored before the `execution` section therefore hashes exactly as it did; a plan
+that declares every execution setting at its introduction value hashes like one that
+declares none (`tests/engine/control/test_plan_execution.py` holds plans hashed
+by the first schema).
 """
 
 from __future__ import annotations
@@ -52,6 +69,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.internal import type_checkers
 
+from engine import execution
 from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, shown
 from engine.model import registry
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
@@ -131,6 +149,19 @@ _ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 IDENTITY_FIELDS = ("id", "version", "hash", "created_at")
 UNHASHED_FIELDS = IDENTITY_FIELDS + ("description",)
 _CONTENT_MESSAGES = ("batching", "kv_cache", "limits", "determinism", "sampling")
+
+# Rule 5 of the canonical form (module docstring): every later field, with the value it was
+# introduced with. Frozen: changing one would change the hash of stored plans that hold it.
+LATER_FIELDS: dict[str, object] = {
+    "execution.threads": 0,
+    "execution.f32_kernel_rows": 64,
+    "execution.gemm_rows_x8": 0,
+    "execution.gemm_rows_rowwise": 32,
+    "execution.cuda_prefill_tokens": 32,
+    "execution.energy_min_batch": 4,
+    "execution.energy_max_wait_ms": 50,
+}
+LATER_SECTIONS = ("execution",)
 
 KV_DTYPE_BYTES = {plan_pb2.KV_CACHE_DTYPE_F32: 4, plan_pb2.KV_CACHE_DTYPE_F16: 2}
 
@@ -250,7 +281,7 @@ def _probe_backends() -> dict[str, tuple[str, ...]]:
     available: dict[str, tuple[str, ...]] = {}
     for name in BACKENDS:
         try:
-            backend = create_backend(name)
+            backend = create_backend(name, execution.DEFAULT_EXECUTION.kernels)
         except InvalidArgument:
             continue
         available[name] = tuple(backend.weight_formats)
@@ -372,6 +403,8 @@ def normalize(plan: ExecutionPlan, env: PlanEnvironment | None = None,
             per_block = kv.block_size * model.kv_bytes_per_token(KV_DTYPE_BYTES[kv.dtype])
             blocks = min(blocks, max(1, env.max_kv_bytes // per_block))
         kv.num_blocks = min(blocks, 2**32 - 1)
+
+    execution.fill_defaults(out.execution)
 
     s = out.sampling
     s.top_p = s.top_p or defaults.top_p
@@ -547,6 +580,14 @@ def validate(plan: ExecutionPlan, env: PlanEnvironment, *, stored: bool = False)
         v.append(FieldViolation("sampling.max_tokens", f"max_tokens {s.max_tokens} exceeds "
                                                        f"limits.max_tokens_per_request {lim.max_tokens_per_request}"))
 
+    # execution settings: whole numbers within their bounds (0 has a meaning for most)
+    for name in execution.FIELDS:
+        value = getattr(plan.execution, name)
+        if value > (high := execution.BOUNDS[name]):
+            v.append(FieldViolation(f"execution.{name}", f"{name} {value} exceeds {high}"))
+    if plan.execution.HasField("energy_min_batch") and plan.execution.energy_min_batch < 1:
+        v.append(FieldViolation("execution.energy_min_batch", "energy_min_batch must be >= 1"))
+
     if v:
         raise InvalidPlan(v)
 
@@ -577,7 +618,20 @@ def canonical_json(plan: ExecutionPlan) -> bytes:
                                     always_print_fields_with_no_presence=True)
     for name in UNHASHED_FIELDS:  # printed as zero values by the line above; not content
         obj.pop(name, None)
+    _drop_later_defaults(plan, obj)
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _drop_later_defaults(plan: ExecutionPlan, obj: dict) -> None:
+    """Rule 5: leave out later fields at their introduction value, then empty later sections."""
+    for path, introduced in LATER_FIELDS.items():
+        section, name = path.split(".")
+        message = getattr(plan, section)
+        if section in obj and (not message.HasField(name) or getattr(message, name) == introduced):
+            obj[section].pop(name, None)
+    for section in LATER_SECTIONS:
+        if obj.get(section) == {}:
+            del obj[section]
 
 
 def plan_hash(plan: ExecutionPlan) -> str:

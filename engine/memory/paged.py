@@ -48,6 +48,11 @@ class BlockArena:
         self._idle: OrderedDict[int, None] = OrderedDict()  # registered, held by none: LRU first
         self.evictions = 0
 
+    @classmethod
+    def for_model(cls, config, num_blocks: int, block_size: int, dtype: np.dtype = np.float32) -> BlockArena:
+        """An arena shaped for a model's config (n_layers, n_kv_heads, head_dim)."""
+        return cls(config.n_layers, config.n_kv_heads, config.head_dim, num_blocks, block_size, dtype)
+
     @property
     def free_blocks(self) -> int:
         """Blocks an allocation can take: plain free ones and cached ones no sequence holds."""

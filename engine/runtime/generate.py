@@ -15,7 +15,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from backends import create_backend
+from backends.base import KernelSettings
 from engine.errors import ContextOverflow, InvalidArgument
+from engine.execution import DEFAULT_EXECUTION
 from engine.memory.kv_cache import SequenceKV
 from engine.model.chat import ChatTemplate
 from engine.model.gguf_file import ModelConfig, ModelFile
@@ -32,7 +34,8 @@ class LoadedModel:
     """A model ready to run: its file, tokenizer and weights on a backend. `close()` releases them."""
 
     def __init__(self, path: str | Path, backend: str = "cpu", weights: str = "f32",
-                 context_length: int | None = None, batch_invariant: bool = False):
+                 context_length: int | None = None, batch_invariant: bool = False,
+                 settings: KernelSettings = DEFAULT_EXECUTION.kernels):
         start = time.perf_counter()
         self.file = ModelFile(path)
         try:
@@ -51,7 +54,7 @@ class LoadedModel:
             raise InvalidArgument(f"context length {context_length} must be in 1..{limit} (the model's)",
                                   field="context_length")
         self.context_length = context_length or limit
-        self.backend = create_backend(backend)
+        self.backend = create_backend(backend, settings)
         self.backend.batch_invariant = batch_invariant
         self.weight_format = weights
         self.weights = load_weights(self.file, self.config, self.backend, weights)

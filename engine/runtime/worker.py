@@ -167,17 +167,15 @@ class _Sequence:
 class EngineWorker:
     """Runs requests on one model with a scheduling policy and a KV arena; `close()` stops it."""
 
-    def __init__(self, model: LoadedModel, policy: Policy, limits: WorkerLimits = WorkerLimits(),
-                 arena: BlockArena | None = None, governor: PowerGovernor | None = None,
+    def __init__(self, model: LoadedModel, policy: Policy, limits: WorkerLimits = WorkerLimits(), *,
+                 arena: BlockArena, governor: PowerGovernor | None = None,
                  on_finish: Callable[[Final], None] = lambda final: None,
                  on_lost: Callable[[str], None] = lambda reason: None,
                  prefix_caching: bool = False, cache_salt: bytes = b""):
         self.model = model
         self._policy = policy
         self._limits = limits
-        c = model.config
-        self.arena = arena or BlockArena(c.n_layers, c.n_kv_heads, c.head_dim,
-                                         num_blocks=-(-model.context_length // 16) * 4, block_size=16)
+        self.arena = arena  # the plan's kv_cache section, sized by the control plane
         self.governor = governor or PowerGovernor(CpuTimeEstimator(), limits.max_watts)
         self.energy = EnergyAccount(self.governor.meter)
         self._on_finish = on_finish
@@ -202,6 +200,10 @@ class EngineWorker:
         self._thread.start()
 
     # --- live settings -----------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
     def set_policy(self, policy: Policy) -> None:
         with self._lock:
             self._policy = policy

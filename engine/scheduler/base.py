@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from engine.errors import InvalidArgument
+from engine.execution import DEFAULT_EXECUTION, ExecutionSettings
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class Policy(ABC):
     """A scheduling policy: `running` holds sequences already started (holding blocks), `waiting` the others."""
 
     name: str
+
+    def __init__(self, settings: ExecutionSettings = DEFAULT_EXECUTION):
+        """`settings`: the plan's execution section, for the policies that have parameters."""
 
     @abstractmethod
     def schedule(self, running: Sequence[SeqView], waiting: Sequence[SeqView], limits: StepLimits) -> SchedulerOutput:
@@ -157,13 +161,17 @@ class EnergyBalancedPolicy(Policy):
 
     A step's cost is dominated by reading every weight once, whatever its batch,
     so new prompts are held back up to `max_wait_s` until `min_batch` of them (or
-    the running streams) can share a step. The plan's power cap itself is enforced
+    the running streams) can share a step (the plan's `execution.energy_max_wait_ms` and
+    `execution.energy_min_batch`). The plan's power cap itself is enforced
     by the worker's governor for every policy.
     """
 
     name = "energy_balanced"
-    min_batch = 4
-    max_wait_s = 0.05
+
+    def __init__(self, settings: ExecutionSettings = DEFAULT_EXECUTION):
+        super().__init__(settings)
+        self.min_batch = settings.energy_min_batch
+        self.max_wait_s = settings.energy_max_wait_ms / 1000
 
     def schedule(self, running, waiting, limits):
         ready = list(waiting)
@@ -176,20 +184,21 @@ class EnergyBalancedPolicy(Policy):
         return fill(decode + prefill, limits)
 
 
-_POLICIES: dict[str, Callable[[], Policy]] = {
+_POLICIES: dict[str, Callable[[ExecutionSettings], Policy]] = {
     p.name: p for p in (FifoPolicy, LatencyPolicy, ThroughputPolicy, EnergyBalancedPolicy)}
 
 
-def register_policy(name: str, factory: Callable[[], Policy]) -> None:
-    """Make a policy selectable by name, without editing the engine."""
+def register_policy(name: str, factory: Callable[[ExecutionSettings], Policy]) -> None:
+    """Make a policy selectable by name, without editing the engine; `factory(settings)`
+    gets the plan's execution section."""
     _POLICIES[name] = factory
 
 
-def create_policy(name: str) -> Policy:
+def create_policy(name: str, settings: ExecutionSettings = DEFAULT_EXECUTION) -> Policy:
     if name not in _POLICIES:
         raise InvalidArgument(f"unknown scheduler policy {name!r} (known: {', '.join(sorted(_POLICIES))})",
                               field="scheduler_policy")
-    return _POLICIES[name]()
+    return _POLICIES[name](settings)
 
 
 def policy_names() -> list[str]:

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18planengine/v1/plan.proto\x12\rplanengine.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\x08\x42\x61tching\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_batched_tokens\x18\x02 \x01(\r\x12\x11\n\tmax_queue\x18\x03 \x01(\r\"\x8d\x01\n\x07KVCache\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12*\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1b.planengine.v1.KVCacheDtype\x12\x1b\n\x0eprefix_caching\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x11\n\x0f_prefix_caching\"S\n\x06Limits\x12\x11\n\tmax_watts\x18\x01 \x01(\x01\x12\x1e\n\x16max_tokens_per_request\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\"L\n\x0b\x44\x65terminism\x12\x0e\n\x06seeded\x18\x01 \x01(\x08\x12\x14\n\x0c\x64\x65\x66\x61ult_seed\x18\x02 \x01(\x04\x12\x17\n\x0f\x62\x61tch_invariant\x18\x03 \x01(\x08\"\x84\x01\n\x10SamplingDefaults\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\"\x92\x04\n\rExecutionPlan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\'\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x16.planengine.v1.Backend\x12,\n\x07weights\x18\x06 \x01(\x0e\x32\x1b.planengine.v1.WeightFormat\x12\x38\n\x10scheduler_policy\x18\x07 \x01(\x0e\x32\x1e.planengine.v1.SchedulerPolicy\x12)\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x17.planengine.v1.Batching\x12(\n\x08kv_cache\x18\t \x01(\x0b\x32\x16.planengine.v1.KVCache\x12%\n\x06limits\x18\n \x01(\x0b\x32\x15.planengine.v1.Limits\x12/\n\x0b\x64\x65terminism\x18\x0b \x01(\x0b\x32\x1a.planengine.v1.Determinism\x12\x31\n\x08sampling\x18\x0c \x01(\x0b\x32\x1f.planengine.v1.SamplingDefaults\x12\x11\n\tprofiling\x18\r \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0e \x01(\t\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp*E\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x43KEND_CPU\x10\x01\x12\x10\n\x0c\x42\x41\x43KEND_CUDA\x10\x02*\x8d\x01\n\x0cWeightFormat\x12\x1d\n\x19WEIGHT_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14WEIGHT_FORMAT_NATIVE\x10\x01\x12\x15\n\x11WEIGHT_FORMAT_F32\x10\x02\x12\x15\n\x11WEIGHT_FORMAT_F16\x10\x03\x12\x16\n\x12WEIGHT_FORMAT_Q8_0\x10\x04*\xb3\x01\n\x0fSchedulerPolicy\x12 \n\x1cSCHEDULER_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15SCHEDULER_POLICY_FIFO\x10\x01\x12\x1c\n\x18SCHEDULER_POLICY_LATENCY\x10\x02\x12\x1f\n\x1bSCHEDULER_POLICY_THROUGHPUT\x10\x03\x12$\n SCHEDULER_POLICY_ENERGY_BALANCED\x10\x04*^\n\x0cKVCacheDtype\x12\x1e\n\x1aKV_CACHE_DTYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12KV_CACHE_DTYPE_F32\x10\x01\x12\x16\n\x12KV_CACHE_DTYPE_F16\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18planengine/v1/plan.proto\x12\rplanengine.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\x08\x42\x61tching\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_batched_tokens\x18\x02 \x01(\r\x12\x11\n\tmax_queue\x18\x03 \x01(\r\"\x8d\x01\n\x07KVCache\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12*\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1b.planengine.v1.KVCacheDtype\x12\x1b\n\x0eprefix_caching\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x11\n\x0f_prefix_caching\"S\n\x06Limits\x12\x11\n\tmax_watts\x18\x01 \x01(\x01\x12\x1e\n\x16max_tokens_per_request\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\"L\n\x0b\x44\x65terminism\x12\x0e\n\x06seeded\x18\x01 \x01(\x08\x12\x14\n\x0c\x64\x65\x66\x61ult_seed\x18\x02 \x01(\x04\x12\x17\n\x0f\x62\x61tch_invariant\x18\x03 \x01(\x08\"\x84\x01\n\x10SamplingDefaults\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\"\xe7\x02\n\tExecution\x12\x14\n\x07threads\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1c\n\x0f\x66\x33\x32_kernel_rows\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x0cgemm_rows_x8\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1e\n\x11gemm_rows_rowwise\x18\x04 \x01(\rH\x03\x88\x01\x01\x12 \n\x13\x63uda_prefill_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x1d\n\x10\x65nergy_min_batch\x18\x06 \x01(\rH\x05\x88\x01\x01\x12\x1f\n\x12\x65nergy_max_wait_ms\x18\x07 \x01(\rH\x06\x88\x01\x01\x42\n\n\x08_threadsB\x12\n\x10_f32_kernel_rowsB\x0f\n\r_gemm_rows_x8B\x14\n\x12_gemm_rows_rowwiseB\x16\n\x14_cuda_prefill_tokensB\x13\n\x11_energy_min_batchB\x15\n\x13_energy_max_wait_ms\"\xbf\x04\n\rExecutionPlan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\'\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x16.planengine.v1.Backend\x12,\n\x07weights\x18\x06 \x01(\x0e\x32\x1b.planengine.v1.WeightFormat\x12\x38\n\x10scheduler_policy\x18\x07 \x01(\x0e\x32\x1e.planengine.v1.SchedulerPolicy\x12)\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x17.planengine.v1.Batching\x12(\n\x08kv_cache\x18\t \x01(\x0b\x32\x16.planengine.v1.KVCache\x12%\n\x06limits\x18\n \x01(\x0b\x32\x15.planengine.v1.Limits\x12/\n\x0b\x64\x65terminism\x18\x0b \x01(\x0b\x32\x1a.planengine.v1.Determinism\x12\x31\n\x08sampling\x18\x0c \x01(\x0b\x32\x1f.planengine.v1.SamplingDefaults\x12\x11\n\tprofiling\x18\r \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0e \x01(\t\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\texecution\x18\x10 \x01(\x0b\x32\x18.planengine.v1.Execution*E\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x43KEND_CPU\x10\x01\x12\x10\n\x0c\x42\x41\x43KEND_CUDA\x10\x02*\x8d\x01\n\x0cWeightFormat\x12\x1d\n\x19WEIGHT_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14WEIGHT_FORMAT_NATIVE\x10\x01\x12\x15\n\x11WEIGHT_FORMAT_F32\x10\x02\x12\x15\n\x11WEIGHT_FORMAT_F16\x10\x03\x12\x16\n\x12WEIGHT_FORMAT_Q8_0\x10\x04*\xb3\x01\n\x0fSchedulerPolicy\x12 \n\x1cSCHEDULER_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15SCHEDULER_POLICY_FIFO\x10\x01\x12\x1c\n\x18SCHEDULER_POLICY_LATENCY\x10\x02\x12\x1f\n\x1bSCHEDULER_POLICY_THROUGHPUT\x10\x03\x12$\n SCHEDULER_POLICY_ENERGY_BALANCED\x10\x04*^\n\x0cKVCacheDtype\x12\x1e\n\x1aKV_CACHE_DTYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12KV_CACHE_DTYPE_F32\x10\x01\x12\x16\n\x12KV_CACHE_DTYPE_F16\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'planengine.v1.plan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BACKEND']._serialized_start=1134
-  _globals['_BACKEND']._serialized_end=1203
-  _globals['_WEIGHTFORMAT']._serialized_start=1206
-  _globals['_WEIGHTFORMAT']._serialized_end=1347
-  _globals['_SCHEDULERPOLICY']._serialized_start=1350
-  _globals['_SCHEDULERPOLICY']._serialized_end=1529
-  _globals['_KVCACHEDTYPE']._serialized_start=1531
-  _globals['_KVCACHEDTYPE']._serialized_end=1625
+  _globals['_BACKEND']._serialized_start=1541
+  _globals['_BACKEND']._serialized_end=1610
+  _globals['_WEIGHTFORMAT']._serialized_start=1613
+  _globals['_WEIGHTFORMAT']._serialized_end=1754
+  _globals['_SCHEDULERPOLICY']._serialized_start=1757
+  _globals['_SCHEDULERPOLICY']._serialized_end=1936
+  _globals['_KVCACHEDTYPE']._serialized_start=1938
+  _globals['_KVCACHEDTYPE']._serialized_end=2032
   _globals['_BATCHING']._serialized_start=76
   _globals['_BATCHING']._serialized_end=157
   _globals['_KVCACHE']._serialized_start=160
@@ -50,6 +50,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETERMINISM']._serialized_end=464
   _globals['_SAMPLINGDEFAULTS']._serialized_start=467
   _globals['_SAMPLINGDEFAULTS']._serialized_end=599
-  _globals['_EXECUTIONPLAN']._serialized_start=602
-  _globals['_EXECUTIONPLAN']._serialized_end=1132
+  _globals['_EXECUTION']._serialized_start=602
+  _globals['_EXECUTION']._serialized_end=961
+  _globals['_EXECUTIONPLAN']._serialized_start=964
+  _globals['_EXECUTIONPLAN']._serialized_end=1539
 # @@protoc_insertion_point(module_scope)

@@ -111,8 +111,26 @@ class SamplingDefaults(_message.Message):
     max_tokens: int
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
+class Execution(_message.Message):
+    __slots__ = ("threads", "f32_kernel_rows", "gemm_rows_x8", "gemm_rows_rowwise", "cuda_prefill_tokens", "energy_min_batch", "energy_max_wait_ms")
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    F32_KERNEL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    GEMM_ROWS_X8_FIELD_NUMBER: _ClassVar[int]
+    GEMM_ROWS_ROWWISE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_MIN_BATCH_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    threads: int
+    f32_kernel_rows: int
+    gemm_rows_x8: int
+    gemm_rows_rowwise: int
+    cuda_prefill_tokens: int
+    energy_min_batch: int
+    energy_max_wait_ms: int
+    def __init__(self, threads: _Optional[int] = ..., f32_kernel_rows: _Optional[int] = ..., gemm_rows_x8: _Optional[int] = ..., gemm_rows_rowwise: _Optional[int] = ..., cuda_prefill_tokens: _Optional[int] = ..., energy_min_batch: _Optional[int] = ..., energy_max_wait_ms: _Optional[int] = ...) -> None: ...
+
 class ExecutionPlan(_message.Message):
-    __slots__ = ("id", "version", "hash", "model", "backend", "weights", "scheduler_policy", "batching", "kv_cache", "limits", "determinism", "sampling", "profiling", "description", "created_at")
+    __slots__ = ("id", "version", "hash", "model", "backend", "weights", "scheduler_policy", "batching", "kv_cache", "limits", "determinism", "sampling", "profiling", "description", "created_at", "execution")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +146,7 @@ class ExecutionPlan(_message.Message):
     PROFILING_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: int
     hash: str
@@ -143,4 +162,5 @@ class ExecutionPlan(_message.Message):
     profiling: bool
     description: str
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., weights: _Optional[_Union[WeightFormat, str]] = ..., scheduler_policy: _Optional[_Union[SchedulerPolicy, str]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., kv_cache: _Optional[_Union[KVCache, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., determinism: _Optional[_Union[Determinism, _Mapping]] = ..., sampling: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., profiling: _Optional[bool] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    execution: Execution
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., weights: _Optional[_Union[WeightFormat, str]] = ..., scheduler_policy: _Optional[_Union[SchedulerPolicy, str]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., kv_cache: _Optional[_Union[KVCache, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., determinism: _Optional[_Union[Determinism, _Mapping]] = ..., sampling: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., profiling: _Optional[bool] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution: _Optional[_Union[Execution, _Mapping]] = ...) -> None: ...
