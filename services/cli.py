@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--power-target", type=float, default=0.0,
                    help="watts: above it, propose limits.max_watts (default 0 = leave power alone)")
     p.add_argument("--cooldown", type=float, default=10.0, help="quiet seconds after each verdict (default 10)")
+    p.add_argument("--tuner", action="store_true",
+                   help="run the tuning agent instead: one change at a time, each judged as a trial by the plan's "
+                        "objective (docs/05_weos_integration.md, section 13)")
+    p.add_argument("--max-trials", type=int, default=16, help="with --tuner: trials before it stops (default 16)")
     p.add_argument("--json", action="store_true", help="print each suggestion and verdict as JSON")
 
     p = sub.add_parser("suggestions", help="the WeOS suggestion audit log; approve or reject pending ones")
@@ -782,6 +786,8 @@ def _bench_concurrency(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    if args.tuner:
+        return _tuner(args)
     from google.protobuf import json_format
     from services.agent import AgentConfig, describe, run_agent
     config = AgentConfig(agent_id=args.agent_id, busy_waiting=args.busy_waiting, max_batch_size=args.max_batch,
@@ -797,6 +803,25 @@ def cmd_agent(args: argparse.Namespace) -> int:
     with _client(args) as client:
         print(f"agent {args.agent_id} watching {args.server} (Ctrl-C stops)", file=sys.stderr, flush=True)
         run_agent(client, config, args.interval, report=report)
+    return 0
+
+
+def _tuner(args: argparse.Namespace) -> int:
+    from services.tuning_agent import TunerConfig, describe, run_tuner
+    if not 1 <= args.max_trials <= 1000:
+        raise InvalidArgument(f"--max-trials {args.max_trials} must be in 1..1000", field="max_trials")
+
+    def report(step) -> None:
+        if args.json:
+            _print_json({"move": step.move.label(), "base_version": step.base_version, "result": step.outcome.result,
+                         "gain": step.outcome.gain, "reason": step.outcome.reason})
+        else:
+            print(describe(step), flush=True)
+
+    with _client(args) as client:
+        print(f"tuner {args.agent_id} on {args.server} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        steps = run_tuner(client, TunerConfig(agent_id=args.agent_id, max_trials=args.max_trials), report=report)
+    print(f"done after {len(steps)} trials", file=sys.stderr)
     return 0
 
 

@@ -152,3 +152,98 @@ def test_trials_left_running_by_a_previous_process_are_abandoned_at_start(world,
     again = Trials(control, TrialLog(control.store.db), clock=clock, background=False)
     assert again.log.for_suggestions([13])[13].state == "abandoned"
     assert again.running("default") is None
+
+
+# --------------------------------------------------------------------------- through the reviewer
+
+POLICY = {"agents": {"tuner": {"token": "t", "mode": "auto", "fields": {"batching.max_batch_size": {"min": 1}}}}}
+
+
+def suggestion(plan, batch: int, sid: str = "s"):
+    from protos.planengine.v1 import suggestion_pb2 as sg
+    s = sg.Suggestion(suggestion_id=sid, agent_id="tuner", plan_id=plan.id, base_version=plan.version,
+                      rationale="try it")
+    s.update_mask.paths.append("batching.max_batch_size")
+    s.patch.batching.max_batch_size = batch
+    return s
+
+
+def test_an_accepted_suggestion_runs_as_a_trial_and_its_outcome_is_listed(tmp_path, tiny):
+    from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
+    from protos.planengine.v1 import suggestion_pb2 as sg
+    from services.servicer import _suggestion_record
+    store = SqlitePlanStore(tmp_path / "plans.sqlite3")
+    control = ControlPlane(store, PlanEnvironment())
+    initial = plan_pb2.ExecutionPlan(id="default", model=str(tiny))
+    o = initial.objective
+    o.goal, o.max_ttft_p99_s, o.trial_requests, o.min_requests = 1, 1.0, 4, 2
+    control.start(initial)
+    clock = Clock()
+    trials = Trials(control, TrialLog(store.db), clock=clock, background=False)
+    reviewer = SuggestionReviewer(control, AgentPolicy.from_dict(POLICY), SuggestionLog(store.db), trials=trials)
+    agent = reviewer.authenticate("t")
+    try:
+        base = store.active()
+        v = reviewer.review(agent, suggestion(base, 1, "bad"))
+        assert v.decision == "accepted" and v.reason.startswith("accepted as a trial: default@2")
+        assert "for 4 requests" in v.reason and "p99 TTFT <= 1 s" in v.reason
+        again = reviewer.review(agent, suggestion(store.active(), 2, "next"))
+        assert again.rejection == "trial_running" and "on trial" in again.reason
+        [listed_running] = [r for r in reviewer.list() if r.id == v.audit_id]
+        assert listed_running.trial.state == "running"
+        feed(trials, store.active(), clock, 2, ttft=9.0)
+        [done] = trials.check()
+        assert done.state == "rolled_back" and store.active().version == base.version
+        record = next(r for r in reviewer.list() if r.id == v.audit_id)
+        pb = _suggestion_record(record)
+        assert pb.trial.state == sg.TrialOutcome.STATE_ROLLED_BACK and pb.trial.version == 2
+        assert pb.trial.base_version == 1 and "p99 TTFT 9 s > 1 s" in pb.trial.reason
+        assert pb.trial.trial.requests == 2 and pb.trial.trial.ttft_p99_s == 9.0
+        assert "rolled back" in control.history("default")[0].actor
+        # the plan is the base again: the agent can suggest, and a plan without trials applies it plainly
+        after = reviewer.review(agent, suggestion(store.active(), 2, "after"))
+        assert after.decision == "accepted" and after.reason.startswith("accepted as a trial")
+    finally:
+        trials.close()
+        control.close(1)
+        store.close()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("max_ttft_p99_s", float("nan"), "objective.max_ttft_p99_s"),
+    ("max_itl_p99_s", -0.5, "objective.max_itl_p99_s"),
+    ("max_watts", float("inf"), "objective.max_watts"),
+    ("tolerance", 1.5, "objective.tolerance"),
+    ("trial_seconds", 1e9, "objective.trial_seconds"),
+    ("min_requests", 0, "objective.min_requests"),
+    ("goal", 9, "objective.goal"),
+])
+def test_hostile_objectives_are_refused_and_store_nothing(world, field, value, words):
+    from engine.control.plans import InvalidPlan
+    control, _, _ = world
+    before = control.store.history()
+    plan = plan_pb2.ExecutionPlan(id="default", model=control.store.active().model)
+    plan.objective.goal = 1
+    setattr(plan.objective, field, value)
+    with pytest.raises(InvalidPlan, match=words):
+        control.submit_plan(plan, activate=True)
+    assert control.store.history() == before
+
+
+def test_a_plan_without_an_objective_keeps_its_hash():
+    from engine.control.plans import canonical_json, plan_hash
+    plan = plan_pb2.ExecutionPlan(id="x", model="m")
+    before = plan_hash(plan)
+    plan.objective.SetInParent()
+    plan.objective.tolerance, plan.objective.min_requests = 0.05, 4  # the defaults: as if unset
+    assert b"objective" not in canonical_json(plan) and plan_hash(plan) == before
+    plan.objective.goal = 2
+    plan.objective.max_ttft_p99_s = 3.0
+    assert b'"objective":{"goal":"GOAL_MIN_JOULES_PER_TOKEN","max_ttft_p99_s":3.0}' in canonical_json(plan)
+
+
+def test_every_objective_field_is_a_later_field():
+    from engine.control.plans import LATER_FIELDS, LATER_SECTIONS
+    fields = plan_pb2.Objective.DESCRIPTOR.fields
+    assert {p.split(".")[1] for p in LATER_FIELDS if p.startswith("objective.")} == {f.name for f in fields}
+    assert all(f.has_presence for f in fields) and "objective" in LATER_SECTIONS
