@@ -67,7 +67,7 @@ traces: setup  ## regenerate the shipped load traces (deploy/traces/, docs/05_we
 	$(BIN)/plan-engine trace generate --kind bursty_batch --seed 2 --duration 30 --burst 8 --period 15 -o deploy/traces/bursty_batch.jsonl
 
 tune: setup  ## the tuning agent on both shipped traces: bad trial rolled back, then final vs default, interleaved
-	$(BIN)/plan-engine tune --trace deploy/traces/bursty_batch.jsonl --goal max_tokens_per_s --max-ttft 20 --bad-trial
+	$(BIN)/plan-engine tune --trace deploy/traces/bursty_batch.jsonl --goal max_tokens_per_s --max-ttft 10 --bad-trial
 	$(BIN)/plan-engine tune --trace deploy/traces/steady_chat.jsonl --goal min_joules_per_token --max-ttft 10 --max-itl 2
 
 clean:

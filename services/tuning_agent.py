@@ -194,10 +194,12 @@ class TuningAgent:
     """Runs a Tuner against a server, one trial at a time (module docstring)."""
 
     def __init__(self, client: PlanEngineClient, config: TunerConfig = TunerConfig(), *, poll_s: float = 1.0,
-                 report: Callable[[Step], None] = lambda step: None, sleep: Callable[[float], bool] | None = None):
+                 wait_s: float = 3.0, report: Callable[[Step], None] = lambda step: None,
+                 sleep: Callable[[float], bool] | None = None):
         self.client = client
         self.tuner = Tuner(config)
-        self.poll_s = poll_s
+        self.poll_s = poll_s  # between ListSuggestions reads while a trial runs
+        self.wait_s = wait_s  # before suggesting again after "trial running" or "rate limit"
         self.report = report
         self.steps: list[Step] = []
         self._stop = threading.Event()
@@ -231,8 +233,10 @@ class TuningAgent:
         s.patch.CopyFrom(move.patch())
         verdict = next(iter(self.client.stub.Suggest(iter([s]), metadata=self.client.metadata, timeout=60)))
         if verdict.decision != sg.SuggestionVerdict.DECISION_ACCEPTED:
-            if verdict.rejection in (sg.REJECTION_STALE, sg.REJECTION_TRIAL_RUNNING, sg.REJECTION_RATE_LIMIT):
-                self._sleep(self.poll_s)  # someone else's change, or not now: look again
+            if verdict.rejection == sg.REJECTION_STALE:
+                return None  # someone else's change: look again at once
+            if verdict.rejection in (sg.REJECTION_TRIAL_RUNNING, sg.REJECTION_RATE_LIMIT):
+                self._sleep(self.wait_s)  # a trial or its baseline is being measured: not now
                 return None
             return Step(move, plan.version, verdict, Outcome(move, "rejected", None, verdict.reason))
         trial = self._await_trial(verdict.audit_id)

@@ -200,9 +200,13 @@ def test_an_accepted_suggestion_runs_as_a_trial_and_its_outcome_is_listed(tmp_pa
         assert pb.trial.base_version == 1 and "p99 TTFT 9 s > 1 s" in pb.trial.reason
         assert pb.trial.trial.requests == 2 and pb.trial.trial.ttft_p99_s == 9.0
         assert "rolled back" in control.history("default")[0].actor
-        # the plan is the base again: the agent can suggest, and a plan without trials applies it plainly
+        # the base is active again; the next trial waits for a fresh baseline of it
+        early = reviewer.review(agent, suggestion(store.active(), 2, "early"))
+        assert early.rejection == "trial_running" and "baseline: v1 has served 0 of the 4 requests" in early.reason
+        feed(trials, store.active(), clock, 4)
         after = reviewer.review(agent, suggestion(store.active(), 2, "after"))
         assert after.decision == "accepted" and after.reason.startswith("accepted as a trial")
+        assert trials.running("default").base_since == done.ended_at
     finally:
         trials.close()
         control.close(1)

@@ -16,6 +16,8 @@ the verdict, named by its `rejection` kind):
                     or an identity field (apply_patch's rules)
     not_authorised  the plan id or a path the agent's policy does not list
     out_of_bounds   a value outside the policy's min/max or allowed values for its path
+    trial_running   (plans whose objective asks for trials) an earlier change is still on
+                    trial, or the active version has not yet served a baseline window
     stale           the plan is not the active one, or base_version is not its active version
                     (`current_version` says which is, so the agent can rebase)
     invalid_plan    the patched plan fails full validation (normalize + validate)
@@ -690,6 +692,10 @@ class SuggestionReviewer:
         if running is not None:
             raise _Rejected("trial_running", f"trial running: {label(active)} (suggestion #{running.suggestion}) is "
                                              f"on trial; retry once ListSuggestions shows its outcome", active.version)
+        objective = objective_of(active)  # the operator's, as it is before the change
+        pending = self.trials.baseline_pending(active, objective) if self.trials and objective.trials else None
+        if pending:
+            raise _Rejected("trial_running", f"trial running: {pending}", active.version)
         if s.base_version != active.version:
             raise _Rejected("stale", f"stale: base version {s.base_version} is not the active version "
                                      f"{active.version} of plan {active.id!r}; rebase on version {active.version}",
@@ -724,7 +730,6 @@ class SuggestionReviewer:
             current = self.control.store.active()
             raise _Rejected("activation_failed", f"activation failed: {exc}",
                             current.version if current is not None and current.id == s.plan_id else 0) from None
-        objective = objective_of(active)  # the operator's, as it was before the change
         if self.trials is not None and objective.trials:
             self.trials.start(audit_id, active, stored, objective)
             window = " or ".join(w for w in (f"{objective.trial_requests} requests" if objective.trial_requests else "",

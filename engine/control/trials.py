@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -61,6 +62,7 @@ class Trial:
     trial: Measurement | None = None
     gain: float | None = None
     ended_at: float | None = None
+    base_since: float = -math.inf  # the base's requests that count arrived after this (in memory only)
 
 
 class VersionSamples:
@@ -79,10 +81,13 @@ class VersionSamples:
         with self._lock:
             return [s for s in self._by_version.get((plan_id, version), ()) if s.end >= t0]
 
-    def before(self, plan_id: str, version: int, t0: float, last: int = 0, window_s: float = 0.0) -> list[RequestSample]:
-        """The version's requests that ended by `t0`: the `last` ones, or those of the last `window_s`."""
+    def before(self, plan_id: str, version: int, t0: float, last: int = 0, window_s: float = 0.0,
+               arrived_after: float = -math.inf) -> list[RequestSample]:
+        """The version's requests that arrived after `arrived_after` and ended by `t0`: the `last`
+        ones, or those of the last `window_s`."""
         with self._lock:
-            done = [s for s in self._by_version.get((plan_id, version), ()) if s.end <= t0]
+            done = [s for s in self._by_version.get((plan_id, version), ())
+                    if s.end <= t0 and s.start >= arrived_after]
         if last:
             return done[-last:]
         return [s for s in done if s.end >= t0 - window_s] if window_s else done
@@ -191,6 +196,9 @@ class Trials:
         self.samples = VersionSamples()
         self._clock = clock
         self._running: dict[str, Trial] = {}  # plan id -> its running trial
+        # plan id -> (version, since when it is active) as far as trials know: a baseline counts only
+        # requests that arrived after its version became active (none of a trial's, none of a reload's)
+        self._since: dict[str, tuple[int, float]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         for t in log_.running():  # a restart ends what a previous process left running: it cannot be measured
@@ -223,12 +231,34 @@ class Trials:
     def running(self, plan_id: str) -> Trial | None:
         return self._running.get(plan_id)
 
+    def _arrived_after(self, plan_id: str, version: int) -> float:
+        since = self._since.get(plan_id)
+        return since[1] if since is not None and since[0] == version else -math.inf
+
+    def baseline_pending(self, plan: Any, objective: Objective) -> str | None:
+        """Why a trial could not be judged against `plan` yet (it has not served a baseline window
+        since it became active), or None when it has."""
+        if plan.id not in self._since or self._since[plan.id][0] != plan.version:
+            return None  # active since before trials knew it: all its requests count
+        since = self._since[plan.id][1]
+        fresh = len(self.samples.before(plan.id, plan.version, self._clock(), arrived_after=since))
+        need = max(objective.trial_requests, objective.min_requests) if objective.trial_requests \
+            else objective.min_requests
+        waited = self._clock() - since
+        if fresh >= need and (objective.trial_requests or waited >= objective.trial_seconds):
+            return None
+        return (f"baseline: v{plan.version} has served {fresh} of the {need} requests"
+                + (f" and {waited:.0f} of the {objective.trial_seconds:g} s" if not objective.trial_requests else "")
+                + " a trial is compared with since it became active; retry later")
+
     def start(self, suggestion: int, base: Any, version: Any, objective: Objective) -> Trial:
         """`version` (just activated, replacing `base`) goes on trial. Call with `lock` held."""
         now = self._clock()
         trial = self.log.started(Trial(0, suggestion, base.id, base.version, version.version, now, objective,
-                                       reason=f"on trial against {label(base)}: {objective.describe()}"))
+                                       reason=f"on trial against {label(base)}: {objective.describe()}",
+                                       base_since=self._arrived_after(base.id, base.version)))
         self._running[base.id] = trial
+        self._since[base.id] = (version.version, now)
         log.info("trial %d: %s on trial (suggestion #%d), base %s", trial.id, label(version), suggestion, label(base))
         return trial
 
@@ -244,7 +274,8 @@ class Trials:
     def _measure(self, trial: Trial) -> tuple[Measurement | None, Measurement]:
         o = trial.objective
         base = self.samples.before(trial.plan_id, trial.base_version, trial.started_at, last=o.trial_requests,
-                                   window_s=o.trial_seconds)
+                                   window_s=o.trial_seconds,
+                                   arrived_after=trial.base_since)
         samples = self.samples.since(trial.plan_id, trial.version, trial.started_at)
         if o.trial_requests:
             samples = samples[:o.trial_requests]
@@ -291,6 +322,10 @@ class Trials:
         self.log.ended(trial)
         if self._running.get(trial.plan_id, trial).id == trial.id:
             self._running.pop(trial.plan_id, None)
+            if state == "rolled_back":
+                self._since[trial.plan_id] = (trial.base_version, trial.ended_at)
+            elif state == "abandoned":
+                self._since.pop(trial.plan_id, None)
         log.info("trial %d (%s@%d): %s: %s", trial.id, trial.plan_id, trial.version, state, reason)
         return trial
 
