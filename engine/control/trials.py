@@ -201,7 +201,9 @@ class Trials:
         self._since: dict[str, tuple[int, float]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
-        for t in log_.running():  # a restart ends what a previous process left running: it cannot be measured
+        # A restart ends what the previous process left running (its samples were in memory). Only
+        # in a SQLite store, which one server owns: replicas sharing PostgreSQL judge their own.
+        for t in log_.running() if isinstance(log_.db, SqliteDatabase) else ():
             self._finish(t, "abandoned", "the server restarted during the trial; nothing was undone")
         hub = getattr(control, "metrics", None)
         if hub is not None and hasattr(hub, "add_listener"):
