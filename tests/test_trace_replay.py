@@ -80,3 +80,45 @@ def test_tune_refuses_hostile_objectives_before_starting_anything(args, words, c
     trace = Path(__file__).resolve().parents[1] / "deploy" / "traces" / "steady_chat.jsonl"
     assert cli.main(["tune", "--trace", str(trace), *args]) == 1  # refused before a server starts
     assert words in capsys.readouterr().err
+
+
+def test_a_trial_over_grpc_is_rolled_back_and_listed_by_the_cli(tiny, tmp_path, capsys):
+    """End to end on the tiny GGUF: an agent's suggestion runs as a trial under an objective no
+    request can meet; the server's own trial thread rolls it back; ListSuggestions and
+    `plan-engine suggestions list` show why, and PlanHistory names the trial."""
+    import time
+
+    from protos.planengine.v1 import control_plane_pb2 as pb
+    from protos.planengine.v1 import suggestion_pb2 as sg
+    (tmp_path / "agents.json").write_text(json.dumps({"agents": {"tuner": {
+        "token": "tt", "mode": "auto", "fields": {"batching.max_batch_size": {"min": 1, "max": 64}}}}}))
+    plan = plan_pb2.ExecutionPlan(id="tiny", model=str(tiny))
+    plan.objective.goal, plan.objective.max_ttft_p99_s = 1, 1e-9  # no first token is that fast
+    plan.objective.trial_requests, plan.objective.min_requests = 2, 2
+    server = create_server(ServerConfig(port=0, store_path=tmp_path / "plans.sqlite3", initial_plan=plan,
+                                        agent_policy=tmp_path / "agents.json", insecure_operator=True))
+    target = f"127.0.0.1:{server.port}"
+    try:
+        agent = PlanEngineClient(target, token="tt", timeout=60)
+        s = sg.Suggestion(suggestion_id="b", agent_id="tuner", plan_id="tiny", base_version=1)
+        s.update_mask.paths.append("batching.max_batch_size")
+        s.patch.batching.max_batch_size = 1
+        verdict = next(iter(agent.stub.Suggest(iter([s]), metadata=agent.metadata)))
+        assert verdict.decision == sg.SuggestionVerdict.DECISION_ACCEPTED and "trial" in verdict.reason
+        result = replay(lambda: PlanEngineClient(target, timeout=60), tiny_trace(2))
+        assert result.plans == {"tiny@2": 2}
+        for _ in range(600):  # the trial thread judges within a second or so; wait for it, don't time it
+            [record] = agent._call("ListSuggestions", pb.ListSuggestionsRequest()).suggestions
+            if record.trial.state != sg.TrialOutcome.STATE_RUNNING:
+                break
+            time.sleep(0.1)
+        assert record.trial.state == sg.TrialOutcome.STATE_ROLLED_BACK
+        assert "constraint violated: p99 TTFT" in record.trial.reason and record.trial.trial.requests == 2
+        assert server.control.store.active().version == 1
+        assert cli.main(["suggestions", "list", "--server", target]) == 0
+        out = capsys.readouterr().out
+        assert "trial v1 -> v2: ROLLED_BACK" in out and "p99 TTFT" in out
+        history = PlanEngineClient(target).history("tiny").events
+        assert history[0].action == "rollback" and "trial #1 of suggestion #1" in history[0].actor
+    finally:
+        server.stop(2)
