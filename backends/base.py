@@ -73,6 +73,18 @@ class Backend(ABC):
     # When True, each row of every op must come out bit-identical whatever else shares the
     # batch (the plan's determinism.batch_invariant); backends may trade speed for it.
     batch_invariant: bool = False
+    # Capability: a resident backend keeps activations and the KV cache in its own memory
+    # (`xp` arrays in and out, `new_kv` makes the cache); others take and return numpy.
+    resident: bool = False
+
+    @property
+    def xp(self) -> Any:
+        """The array module of this backend's results: numpy unless resident."""
+        return np
+
+    def new_kv(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> Any:
+        """A sequence's KV cache in the backend's memory (resident backends only)."""
+        raise NotImplementedError(f"the {self.name} backend is not resident; the runtime keeps its cache")
 
     @abstractmethod
     def configure(self, settings: KernelSettings) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from engine.control import names
 from protos.planengine.v1 import control_plane_pb2 as pb
 from protos.planengine.v1 import plan_pb2
 from protos.planengine.v1 import suggestion_pb2 as sg
@@ -39,7 +40,6 @@ from services.client import PlanEngineClient
 log = logging.getLogger(__name__)
 
 Policy = plan_pb2.SchedulerPolicy
-POLICY_NAMES = {v.number: v.name.removeprefix("SCHEDULER_POLICY_").lower() for v in Policy.DESCRIPTOR.values}
 Verdict = sg.SuggestionVerdict
 
 
@@ -124,7 +124,7 @@ class Advisor:
         """The patch reaching `goal` from `plan`; None when the plan already does."""
         c = self.config
         patch = plan_pb2.ExecutionPlan()
-        policy = POLICY_NAMES.get(plan.scheduler_policy, str(plan.scheduler_policy))
+        policy = names.name(names.POLICIES, plan.scheduler_policy)
         if goal == "power":
             cap = plan.limits.max_watts
             if 0 < cap <= c.power_target_w:

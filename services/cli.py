@@ -830,19 +830,13 @@ SUGGESTION_DECISIONS = ("accepted", "rejected", "pending", "dry_run")
 
 def cmd_suggestions(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
-    from protos.planengine.v1 import control_plane_pb2 as pb
     from protos.planengine.v1 import suggestion_pb2 as sg
     with _client(args) as client:
         if args.suggestions_command == "list":
-            decision = {"pending": "pending_review"}.get(args.decision, args.decision)
-            request = pb.ListSuggestionsRequest(agent_id=args.agent, plan_id=args.plan, limit=args.limit,
-                                                decision=f"DECISION_{decision.upper()}" if decision else 0)
-            records = client._call("ListSuggestions", request).suggestions
+            decision = {"pending": "pending_review"}.get(args.decision, args.decision) or ""
+            records = client.list_suggestions(args.agent, args.plan, decision, args.limit)
         else:
-            action = (pb.DecideSuggestionRequest.ACTION_APPROVE if args.suggestions_command == "approve"
-                      else pb.DecideSuggestionRequest.ACTION_REJECT)
-            records = [client._call("DecideSuggestion", pb.DecideSuggestionRequest(id=args.id, action=action,
-                                                                                    note=args.note))]
+            records = [client.decide_suggestion(args.id, args.suggestions_command == "approve", args.note)]
     for r in records:
         if getattr(args, "json", False):
             _print_json(json_format.MessageToDict(r, preserving_proto_field_name=True))

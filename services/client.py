@@ -12,6 +12,7 @@ from google.protobuf import json_format
 from protos.planengine.v1 import control_plane_pb2 as pb
 from protos.planengine.v1 import control_plane_pb2_grpc as pb_grpc
 from protos.planengine.v1 import plan_pb2
+from protos.planengine.v1 import suggestion_pb2 as sg
 
 
 def plan_from_json(text: str) -> plan_pb2.ExecutionPlan:
@@ -75,6 +76,17 @@ class PlanEngineClient:
     def cancel(self, request_id: str) -> bool:
         """True once the request is being stopped; an unknown or finished id raises RpcError NOT_FOUND."""
         return self._call("Cancel", pb.CancelRequest(request_id=request_id)).cancelled
+
+    def list_suggestions(self, agent_id: str = "", plan_id: str = "", decision: str = "",
+                         limit: int = 0) -> list[sg.SuggestionRecord]:
+        """Audit-log records, newest first; `decision` e.g. "accepted", "pending_review" ("" for all)."""
+        request = pb.ListSuggestionsRequest(agent_id=agent_id, plan_id=plan_id, limit=limit,
+                                            decision=f"DECISION_{decision.upper()}" if decision else 0)
+        return list(self._call("ListSuggestions", request).suggestions)
+
+    def decide_suggestion(self, audit_id: int, approve: bool, note: str = "") -> sg.SuggestionRecord:
+        action = pb.DecideSuggestionRequest.ACTION_APPROVE if approve else pb.DecideSuggestionRequest.ACTION_REJECT
+        return self._call("DecideSuggestion", pb.DecideSuggestionRequest(id=audit_id, action=action, note=note))
 
     def submit_plan(self, plan: plan_pb2.ExecutionPlan | dict | str, activate: bool = False) -> pb.SubmitPlanResponse:
         if isinstance(plan, dict):

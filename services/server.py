@@ -232,7 +232,7 @@ def serve(config: ServerConfig) -> None:
     if server.http_port is not None:
         metrics += f", OpenAI HTTP API on :{server.http_port}/v1"
     print(f"plan-engine serving on {config.host}:{server.port} "
-          f"(plan {server.control.runtime.plan.id}@{server.control.runtime.plan.version}{metrics})", flush=True)
+          f"(plan {server.control.active_plan.id}@{server.control.active_plan.version}{metrics})", flush=True)
     if server.control.fallback:
         print(f"FALLBACK: {server.control.fallback}", file=sys.stderr, flush=True)
     stop = threading.Event()

@@ -18,16 +18,15 @@ from engine.control.control_plane import ControlPlane, GenerateInput, PlanStamp
 from engine.control.suggestions import SuggestionRecord, SuggestionReviewer, Verdict
 from engine.errors import FailedPrecondition, InvalidArgument, RequestFailed
 from engine.model import registry
-from engine.model.gguf_file import ModelFile
 from engine.runtime.constraints import ResponseFormat
 from engine.runtime.generate import TokenEvent
 from engine.runtime.tools import Tool, ToolCall
 from engine.runtime.worker import Final
-from services.agent_auth import bearer_token
-from services.streams import Closing, requests_until_idle
 from protos.planengine.v1 import control_plane_pb2 as pb
 from protos.planengine.v1 import control_plane_pb2_grpc as pb_grpc
 from protos.planengine.v1 import suggestion_pb2 as sg
+from services.agent_auth import bearer_token
+from services.streams import Closing, requests_until_idle
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty")
@@ -108,10 +107,10 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         return pb.SubmitPlanResponse(plan=plan, activated=activated)
 
     def GetPlan(self, request: pb.GetPlanRequest, context: grpc.ServicerContext):
-        return self.control.store.get(request.id, request.version)
+        return self.control.get_plan(request.id, request.version)
 
     def GetActivePlan(self, request: pb.GetActivePlanRequest, context: grpc.ServicerContext):
-        return self.control.runtime.plan
+        return self.control.active_plan
 
     def ListPlans(self, request: pb.ListPlansRequest, context: grpc.ServicerContext) -> pb.ListPlansResponse:
         plans, active = self.control.list_plans()
@@ -167,8 +166,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                          source=r["source"], description=r["description"]) for r in registry.list_models()])
 
     def InspectModel(self, request: pb.InspectModelRequest, context: grpc.ServicerContext):
-        name = request.model or self.control.runtime.plan.model
-        info = ModelFile(self.control.env.resolve_model(name, pull_missing=False)).describe()
+        info = self.control.inspect_model(request.model)
         details = {k: info[k] for k in ("name", "config", "tensor_types", "tokenizer", "metadata")}
         return pb.InspectModelResponse(
             path=info["path"], architecture=info["architecture"], supported=info["supported"],

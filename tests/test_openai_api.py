@@ -79,7 +79,7 @@ def test_completion_with_logprobs_and_usage(tiny_served):
     raw = client.completions.with_raw_response.create(model=model, prompt="abcd", max_tokens=6, logprobs=2,
                                                       temperature=0, extra_body={"ignore_eos": True})
     out = raw.parse()
-    plan = server.control.runtime.plan
+    plan = server.control.active_plan
     assert raw.headers[PLAN_HEADER] == out.system_fingerprint == f"web@{plan.version}#{plan.hash}"
     assert raw.headers["x-request-id"] == out.id and out.id.startswith("cmpl-")
     [choice] = out.choices
@@ -340,8 +340,8 @@ class RefusingControl:
 
     def __init__(self, exc: Exception):
         self.exc = exc
-        self.runtime = SimpleNamespace(plan=SimpleNamespace(id="p", version=1, hash="h" * 64, model="m"),
-                                       model=SimpleNamespace(tokenizer=None))
+        self.active_plan = SimpleNamespace(id="p", version=1, hash="h" * 64, model="m")
+        self.runtime = SimpleNamespace(plan=self.active_plan, model=SimpleNamespace(tokenizer=None))
 
     def generate(self, request):
         raise self.exc
@@ -371,7 +371,7 @@ def test_engine_refusals_reach_the_sdk_as_its_exception_classes(exc, sdk_error, 
 @pytest.fixture(scope="module")
 def real_served(model_path, tmp_path_factory):
     server = start(tmp_path_factory.mktemp("http-real"))
-    yield server, sdk(server), server.control.runtime.plan.model
+    yield server, sdk(server), server.control.active_plan.model
     server.stop(5)
 
 
@@ -383,7 +383,7 @@ def test_chat_with_the_real_model_streaming_and_not(real_served):
     whole = client.chat.completions.create(**args)
     answer = whole.choices[0].message.content
     assert "Paris" in answer and whole.choices[0].finish_reason == "stop"
-    plan = server.control.runtime.plan
+    plan = server.control.active_plan
     assert whole.model == "smollm2-135m-instruct-q4_1"
     assert whole.system_fingerprint == f"default@{plan.version}#{plan.hash}"
     chunks = list(client.chat.completions.create(stream=True, **args))
@@ -456,7 +456,7 @@ def test_a_drain_lets_open_http_streams_finish(model_path, tmp_path):
     import threading
     server = start(tmp_path)
     client = sdk(server)
-    stream = client.completions.create(model=server.control.runtime.plan.model, prompt="Once upon a time",
+    stream = client.completions.create(model=server.control.active_plan.model, prompt="Once upon a time",
                                        max_tokens=24, stream=True, extra_body={"ignore_eos": True})
     first = next(stream)
     stopping = threading.Thread(target=server.stop, args=(30,))

@@ -16,7 +16,6 @@ from engine.control.plans import (
     PlanEnvironment,
     apply_patch,
     canonical_json,
-    changes_require_reload,
     normalize,
     plan_hash,
     prepare,
@@ -381,24 +380,6 @@ def test_apply_patch_is_all_or_nothing(env):
     assert base.SerializeToString() == before
     with pytest.raises(InvalidPlan, match="at least one field"):
         apply_patch(base, patch, [])
-
-
-def test_changes_require_reload(env):
-    base = good(env)
-
-    def changed(path, value):
-        plan = plan_pb2.ExecutionPlan()
-        plan.CopyFrom(base)
-        _set(path, value)(plan)
-        return changes_require_reload(base, plan)
-
-    assert not changes_require_reload(base, base)
-    for path, value in [("model", "x"), ("backend", 2), ("weights", 3), ("kv_cache.num_blocks", 5),
-                        ("kv_cache.dtype", 2), ("limits.context_length", 100)]:
-        assert changed(path, value), path
-    for path, value in [("batching.max_batch_size", 2), ("scheduler_policy", 2), ("sampling.top_p", 0.5),
-                        ("limits.max_watts", 30.0), ("description", "x"), ("profiling", True)]:
-        assert not changed(path, value), path
 
 
 # --------------------------------------------------------------------------- environment

@@ -27,36 +27,25 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
-from backends.base import OpProfile, ProfiledBackend
 from engine import execution
+from engine.control import names
 from engine.control.limits import RequestLimits, check_request, check_text, prompt_byte_limit
 from engine.control.metrics_hub import MetricsHub
 from engine.control.plan_store import PlanEvent, PlanStore, label
-from engine.control.plans import PlanEnvironment, changes_require_reload, prepare, validate
+from engine.control.plans import PlanEnvironment, prepare, validate
 from engine.errors import DataLoss, EngineError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from engine.memory.paged import BlockArena
-from engine.model.registry import resolve
+from engine.model.gguf_file import ModelFile
 from engine.runtime.constraints import ResponseFormat
+from engine.runtime.engine import Engine, EngineSpec
 from engine.runtime.generate import LoadedModel
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
 from engine.runtime.tools import Tool, parse_output, tool_chat
 from engine.runtime.worker import EngineWorker, Final, RequestHandle, RequestSpec, WorkerLimits
-from engine.scheduler.base import create_policy
-from engine.scheduler.power import PowerGovernor
 from engine.telemetry.energy import PowerMeter, default_meter
 from engine.telemetry.tracing import PLAN_RELOAD, RequestTrace, engine_tracer, plan_apply_span
 from protos.planengine.v1 import plan_pb2
 
 log = logging.getLogger(__name__)
-
-BACKEND_NAMES = {plan_pb2.BACKEND_CPU: "cpu", plan_pb2.BACKEND_CUDA: "cuda"}
-WEIGHT_NAMES = {plan_pb2.WEIGHT_FORMAT_NATIVE: "native", plan_pb2.WEIGHT_FORMAT_F32: "f32",
-                plan_pb2.WEIGHT_FORMAT_F16: "f16", plan_pb2.WEIGHT_FORMAT_Q8_0: "q8_0"}
-POLICY_NAMES = {plan_pb2.SCHEDULER_POLICY_FIFO: "fifo", plan_pb2.SCHEDULER_POLICY_LATENCY: "latency",
-                plan_pb2.SCHEDULER_POLICY_THROUGHPUT: "throughput",
-                plan_pb2.SCHEDULER_POLICY_ENERGY_BALANCED: "energy_balanced"}
 
 
 @dataclass(frozen=True)
@@ -87,61 +76,46 @@ def _lower_thread_priority() -> None:
         pass
 
 
-KV_DTYPES = {plan_pb2.KV_CACHE_DTYPE_F32: np.float32, plan_pb2.KV_CACHE_DTYPE_F16: np.float16}
-
-
-def prefix_caching(plan: plan_pb2.ExecutionPlan) -> bool:
-    """kv_cache.prefix_caching: unset means on."""
-    return not plan.kv_cache.HasField("prefix_caching") or plan.kv_cache.prefix_caching
-
-
-def worker_limits(plan: plan_pb2.ExecutionPlan) -> WorkerLimits:
-    return WorkerLimits(max_batch_size=plan.batching.max_batch_size,
-                        max_batched_tokens=plan.batching.max_batched_tokens,
-                        max_queue=plan.batching.max_queue,
-                        max_tokens_per_request=plan.limits.max_tokens_per_request,
-                        max_watts=plan.limits.max_watts)
+def engine_spec(plan: plan_pb2.ExecutionPlan, path: Path) -> EngineSpec:
+    """The engine core's plain-data view of a (normalized, validated) plan; `path`: its model file."""
+    return EngineSpec(
+        path=path, backend=names.BACKENDS[plan.backend], weights=names.WEIGHT_FORMATS[plan.weights],
+        context_length=plan.limits.context_length or None, batch_invariant=plan.determinism.batch_invariant,
+        execution=execution.resolve(plan.execution),
+        kv_blocks=plan.kv_cache.num_blocks, kv_block_size=plan.kv_cache.block_size,
+        kv_dtype=names.KV_DTYPES[plan.kv_cache.dtype], policy=names.POLICIES[plan.scheduler_policy],
+        limits=WorkerLimits(max_batch_size=plan.batching.max_batch_size,
+                            max_batched_tokens=plan.batching.max_batched_tokens,
+                            max_queue=plan.batching.max_queue,
+                            max_tokens_per_request=plan.limits.max_tokens_per_request,
+                            max_watts=plan.limits.max_watts),
+        # kv_cache.prefix_caching: unset means on
+        prefix_caching=not plan.kv_cache.HasField("prefix_caching") or plan.kv_cache.prefix_caching,
+        cache_salt=f"{plan.model}|{plan.backend}|{plan.weights}".encode(),
+        profiling=plan.profiling)
 
 
 class Runtime:
-    """One plan made real: its model loaded on its backend, its KV arena, and a worker running it."""
+    """The running plan and the engine it runs on (`engine/runtime/engine.py`)."""
 
-    def __init__(self, plan: plan_pb2.ExecutionPlan, meter: PowerMeter,
-                 on_finish: Callable[[Final], None] = lambda final: None,
-                 on_lost: Callable[[str], None] = lambda reason: None, path: Path | None = None):
+    def __init__(self, plan: plan_pb2.ExecutionPlan, engine: Engine):
         self.plan = plan
-        settings = execution.resolve(plan.execution)
-        self.model = LoadedModel(path or resolve(plan.model), backend=BACKEND_NAMES[plan.backend],
-                                 weights=WEIGHT_NAMES[plan.weights],
-                                 context_length=plan.limits.context_length or None,
-                                 batch_invariant=plan.determinism.batch_invariant, settings=settings.kernels)
-        c = self.model.config
-        arena = BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, plan.kv_cache.num_blocks, plan.kv_cache.block_size,
-                           dtype=KV_DTYPES[plan.kv_cache.dtype])
-        self.profile: OpProfile | None = None
-        self.set_profiling(plan.profiling)
-        self.worker = EngineWorker(self.model, create_policy(POLICY_NAMES[plan.scheduler_policy], settings),
-                                   worker_limits(plan), arena=arena,
-                                   governor=PowerGovernor(meter, plan.limits.max_watts), on_finish=on_finish,
-                                   on_lost=on_lost, prefix_caching=prefix_caching(plan),
-                                   cache_salt=f"{plan.model}|{plan.backend}|{plan.weights}".encode())
+        self.engine = engine
 
-    def set_profiling(self, enabled: bool) -> None:
-        """Time every backend op (plan.profiling); the profile restarts when it is switched on."""
-        transformer = self.model.transformer
-        inner = getattr(transformer.backend, "_inner", transformer.backend)
-        if enabled:
-            self.profile = OpProfile()
-            transformer.backend = ProfiledBackend(inner, self.profile)
-        else:
-            self.profile = None
-            transformer.backend = inner
+    @property
+    def model(self) -> LoadedModel:
+        return self.engine.model
+
+    @property
+    def worker(self) -> EngineWorker:
+        return self.engine.worker
+
+    @property
+    def profile(self):  # backends.base.OpProfile | None: per-op timings when the plan profiles
+        return self.engine.profile
 
     def retire(self, grace_s: float | None = None) -> None:
-        """Finish in-flight requests (up to `grace_s`), then release the model."""
-        self.worker.drain(grace_s)
-        self.worker.close()
-        self.model.close()
+        self.engine.retire(grace_s)
 
 
 FALLBACK_TRIES = 8  # stored versions a start tries to load when the active one cannot load
@@ -356,6 +330,25 @@ class ControlPlane:
                 return stored, (stored, previous)
             return self._activation(plan, commit, actor)
 
+    @property
+    def active_plan(self) -> plan_pb2.ExecutionPlan:
+        """The plan requests run under now."""
+        return self.runtime.plan
+
+    def get_plan(self, plan_id: str, version: int = 0) -> plan_pb2.ExecutionPlan:
+        """A stored version (0: the newest); NotFound if there is none."""
+        return self.store.get(plan_id, version)
+
+    def inspect_model(self, name: str = "") -> dict[str, Any]:
+        """What a model file holds and whether this engine runs it (`ModelFile.describe`); the
+        active plan's model when `name` is empty. Never pulls a missing registry model."""
+        path = self.env.resolve_model(name or self.active_plan.model, pull_missing=False)
+        model = ModelFile(path)
+        try:
+            return model.describe()
+        finally:
+            model.close()
+
     def history(self, plan_id: str = "", limit: int = 100) -> list[PlanEvent]:
         return self.store.history(plan_id, limit or 100)
 
@@ -389,7 +382,11 @@ class ControlPlane:
         `check`: validate a stored plan again (the server may have changed since). Holds _switch."""
         current = self.runtime
         with plan_apply_span(self._tracer, current.plan, target) as span:
-            reload = changes_require_reload(current.plan, target)
+            try:
+                live = self._engine_spec(target)
+                reload = current.engine.spec.needs_new_engine(live)
+            except EngineError:  # its model cannot be found: the load below reports it
+                live, reload = None, True
             span.set_attribute(PLAN_RELOAD, reload)
             if reload:
                 fresh = self._load_or_record(target, actor, check=check, record=record)
@@ -403,12 +400,7 @@ class ControlPlane:
                     fresh.retire(0)
                 raise
         if fresh is None:
-            settings = execution.resolve(plan.execution)
-            current.model.backend.configure(settings.kernels)
-            current.worker.set_policy(create_policy(POLICY_NAMES[plan.scheduler_policy], settings))
-            current.worker.set_limits(worker_limits(plan))
-            if plan.profiling != current.plan.profiling:
-                current.set_profiling(plan.profiling)
+            current.engine.apply(live)
             current.plan = plan
             return result
         fresh.plan = plan
@@ -419,10 +411,13 @@ class ControlPlane:
         self._retiring = [x for x in self._retiring if x.is_alive()] + [t]
         return result
 
+    def _engine_spec(self, plan: plan_pb2.ExecutionPlan) -> EngineSpec:
+        return engine_spec(plan, self.env.resolve_model(plan.model))
+
     def _load(self, plan: plan_pb2.ExecutionPlan, check: bool = False) -> Runtime:
         if check:
             validate(plan, self.env, stored=True)
-        return Runtime(plan, self.meter, self._on_finish, self._worker_lost, path=self.env.resolve_model(plan.model))
+        return Runtime(plan, Engine(self._engine_spec(plan), self.meter, self._on_finish, self._worker_lost))
 
     def _check_or_record(self, plan: plan_pb2.ExecutionPlan, actor: str, check: bool, record: bool = True) -> None:
         if not check:
@@ -535,6 +530,4 @@ class ControlPlane:
     def tokenize(self, text: str, parse_special: bool = False) -> tuple[list[int], list[str]]:
         model = self.runtime.model
         check_text(text, self._prompt_limit(model), field="text")
-        tok = model.tokenizer
-        ids = tok.encode(text, parse_special=parse_special)
-        return ids, [tok.id_to_piece(i) for i in ids]
+        return model.tokenize(text, parse_special)

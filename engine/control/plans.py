@@ -70,10 +70,12 @@ from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.internal import type_checkers
 
 from engine import execution
+from engine.control import names
 from engine.control.objectives import check as check_objective
 from engine.control.objectives import objective_of
 from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, shown
 from engine.model import registry
+from engine.runtime.engine import available_backends
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
 from protos.planengine.v1 import plan_pb2
 
@@ -89,7 +91,6 @@ __all__ = [
     "apply_patch",
     "backend_name",
     "canonical_json",
-    "changes_require_reload",
     "normalize",
     "plan_hash",
     "prepare",
@@ -177,24 +178,14 @@ LATER_SECTIONS = ("execution", "objective")
 KV_DTYPE_BYTES = {plan_pb2.KV_CACHE_DTYPE_F32: 4, plan_pb2.KV_CACHE_DTYPE_F16: 2}
 
 
-def _short_names(enum_type: _descriptor.EnumDescriptor, prefix: str) -> dict[int, str]:
-    """BACKEND_CPU -> "cpu": the names the runtime and the CLI use."""
-    return {v.number: v.name.removeprefix(prefix).lower()
-            for v in enum_type.values if not v.name.endswith("_UNSPECIFIED")}
-
-
-BACKEND_NAMES = _short_names(plan_pb2.Backend.DESCRIPTOR, "BACKEND_")
-WEIGHT_FORMAT_NAMES = _short_names(plan_pb2.WeightFormat.DESCRIPTOR, "WEIGHT_FORMAT_")
-
-
 def backend_name(plan: ExecutionPlan) -> str:
     """The plan's backend as the backends package names it ("cpu", "cuda")."""
-    return BACKEND_NAMES.get(plan.backend, str(plan.backend))
+    return names.name(names.BACKENDS, plan.backend)
 
 
 def weight_format_name(plan: ExecutionPlan) -> str:
     """The plan's weight format as backends name it ("native", "f32", "f16", "q8_0")."""
-    return WEIGHT_FORMAT_NAMES.get(plan.weights, str(plan.weights))
+    return names.name(names.WEIGHT_FORMATS, plan.weights)
 
 
 # --------------------------------------------------------------------------- errors
@@ -285,22 +276,6 @@ def _default_max_kv_bytes() -> int:
         return 4 << 30
 
 
-def _probe_backends() -> dict[str, tuple[str, ...]]:
-    """Backends the backends package can create here, with their weight formats."""
-    from backends import BACKENDS, create_backend
-
-    available: dict[str, tuple[str, ...]] = {}
-    for name in BACKENDS:
-        try:
-            backend = create_backend(name, execution.DEFAULT_EXECUTION.kernels)
-        except InvalidArgument:
-            continue
-        available[name] = tuple(backend.weight_formats)
-        if close := getattr(backend, "close", None):
-            close()
-    return available
-
-
 class PlanEnvironment:
     """What this server can run, against which plans are validated; built once at startup.
 
@@ -316,7 +291,7 @@ class PlanEnvironment:
     def __init__(self, backends: Mapping[str, Iterable[str]] | None = None, max_kv_bytes: int | None = None,
                  model_reader: Callable[[str], ModelInfo] | None = None,
                  model_dirs: Sequence[os.PathLike[str] | str] | None = None):
-        backends = _probe_backends() if backends is None else backends
+        backends = available_backends() if backends is None else backends
         self._backends = {name: tuple(formats) for name, formats in backends.items()}
         self.max_kv_bytes = _default_max_kv_bytes() if max_kv_bytes is None else int(max_kv_bytes)
         self.model_dirs = None if model_dirs is None else tuple(Path(d) for d in model_dirs)
@@ -692,10 +667,3 @@ def apply_patch(base: ExecutionPlan, patch: ExecutionPlan, paths: Sequence[str])
     for name in ("version", "hash", "created_at"):
         out.ClearField(name)
     return out
-
-
-def changes_require_reload(old: ExecutionPlan, new: ExecutionPlan) -> bool:
-    """Whether going from `old` to `new` (both normalized) needs the model loaded again:
-    another model, backend, weight format, KV arena or context length."""
-    return (old.model != new.model or old.backend != new.backend or old.weights != new.weights
-            or old.kv_cache != new.kv_cache or old.limits.context_length != new.limits.context_length)

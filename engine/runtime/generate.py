@@ -61,6 +61,11 @@ class LoadedModel:
         self.transformer = Transformer(self.config, self.weights, self.backend)
         self.load_seconds = time.perf_counter() - start
 
+    def tokenize(self, text: str, parse_special: bool = False) -> tuple[list[int], list[str]]:
+        """Token ids of `text` and each token's piece."""
+        ids = self.tokenizer.encode(text, parse_special=parse_special)
+        return ids, [self.tokenizer.id_to_piece(i) for i in ids]
+
     def encode_prompt(self, text: str | None = None, ids: Sequence[int] | None = None,
                       messages: Sequence[dict] | None = None) -> list[int]:
         """Token ids of a prompt given as exactly one of: text, ids, chat messages."""
@@ -133,11 +138,11 @@ class TokenStream:
                  ignore_eos: bool = False, top_logprobs: int = 0, constraint: Constraint | None = None):
         model.check_context(len(prompt_ids))
         vocab = model.config.vocab_size
-        for field, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in ids if t >= vocab]
             if bad:
-                raise InvalidArgument(f"{field}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                                      field=field)
+                raise InvalidArgument(f"{name}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                                      field=name)
         # with a constraint the grammar decides the end: end-of-turn is allowed only where it accepts
         eot = frozenset() if ignore_eos and constraint is None else frozenset(model.tokenizer.eot_ids)
         self.sampler = Sampler(params, prompt_ids, stop_ids=eot)

@@ -192,7 +192,7 @@ class Transformer:
 
     def new_kv(self, capacity: int) -> SequenceKV:
         c = self.config
-        if getattr(self.backend, "resident", False):  # a device backend keeps the cache beside its weights
+        if self.backend.resident:  # a device backend keeps the cache beside its weights
             return self.backend.new_kv(c.n_layers, c.n_kv_heads, c.head_dim, capacity)
         return SequenceKV(c.n_layers, c.n_kv_heads, c.head_dim, capacity)
 
@@ -213,7 +213,7 @@ class Transformer:
         (0, vocab) for "none".
         """
         c, be, w, arch = self.config, self.backend, self.weights, self.arch
-        xp = getattr(be, "xp", np)  # the backend's array module: numpy, or cupy when device-resident
+        xp = be.xp  # the backend's array module: numpy, or cupy when device-resident
         q_dim, kv_dim, hd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.head_dim
         tokens = np.concatenate([s.tokens for s in segments])
         positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens)) for s in segments])

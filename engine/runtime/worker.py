@@ -125,6 +125,10 @@ class RequestHandle:
     def cancel(self) -> bool:
         return self._worker.cancel(self.request_id)
 
+    def deliver(self, event: TokenEvent | Final) -> None:
+        """The worker's side: hand the caller one event."""
+        self._events.put(event)
+
 
 # A request asking for prompt logprobs needs every prompt position's logits: (n, vocab) float32,
 # 49152 x 4 bytes a token for SmolLM2. Its prompt runs in chunks of at most this many tokens.
@@ -333,7 +337,7 @@ class EngineWorker:
                 s.kv.release()  # the blocks go back now, not when the handle does
             tail = s.stream.finish("cancelled")
             if tail:
-                s.handle._events.put(TokenEvent(None, tail, 0.0, index=s.index))
+                s.handle.deliver(TokenEvent(None, tail, 0.0, index=s.index))
             self._finish(s)
 
     def _step(self) -> None:
@@ -421,7 +425,7 @@ class EngineWorker:
                     event.index = s.index
                     if event.token_id is not None:
                         s.tokens.append(event.token_id)
-                    s.handle._events.put(event)
+                    s.handle.deliver(event)
                 if s.stream.finish_reason is not None:
                     finished.append(s)
         if finished:
@@ -475,7 +479,7 @@ class EngineWorker:
 
     def _finish(self, seq: _Sequence, error: str = "") -> None:
         """Send `seq`'s Final; a request that ends before forking ends its other completions too."""
-        seq.handle._events.put(self._final(seq, error))
+        seq.handle.deliver(self._final(seq, error))
         if seq.index == 0 and seq.spec.n > 1 and not seq.forked:
             seq.forked = True
             for i in range(1, seq.spec.n):
@@ -483,7 +487,7 @@ class EngineWorker:
                                 len(seq.spec.prompt_ids), 0, (seq.stream.sampler.seed + i) % (1 << 63),
                                 {k: 0.0 for k in ("queue_s", "ttft_s", "decode_s", "total_s")}, seq.spec.tag,
                                 error=error, index=i)
-                seq.handle._events.put(sibling)
+                seq.handle.deliver(sibling)
 
     def _collect_prompt_logprobs(self, seq: _Sequence, start: int, rows: np.ndarray) -> None:
         """Logprobs of the prompt tokens that the logits `rows` (positions start.. of this chunk) predict."""

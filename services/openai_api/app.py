@@ -65,7 +65,7 @@ def create_app(control: ControlPlane, operators: OperatorTokens | None = None, a
         return {"id": name, "object": "model", "created": started, "owned_by": "plan-engine"}
 
     def served_model(requested: str) -> str:
-        plan = control.runtime.plan
+        plan = control.active_plan
         if requested != plan.model:
             raise ApiError(404, f"The model '{requested}' does not exist on this server: it serves '{plan.model}' "
                                 f"(plan {PlanStamp.of(plan)}); GET /v1/models lists it", param="model",
@@ -74,7 +74,7 @@ def create_app(control: ControlPlane, operators: OperatorTokens | None = None, a
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(control.runtime.plan.model)]}
+        return {"object": "list", "data": [model_card(control.active_plan.model)]}
 
     @v1.get("/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def create_app(control: ControlPlane, operators: OperatorTokens | None = None, a
     async def health() -> JSONResponse:
         """Open to probes, as gRPC health is: 200 while serving, 503 while loading or draining."""
         try:
-            plan = control.runtime.plan
+            plan = control.active_plan
         except EngineError as exc:
             raise from_engine(exc) from None
         return JSONResponse({"status": "serving", "plan": fingerprint(PlanStamp.of(plan))})
