@@ -44,7 +44,8 @@ from services.tuning_agent import Step, TunerConfig, TuningAgent, describe
 AGENT, AGENT_TOKEN = "tuner", "tune-agent-token"
 TUNABLE = {"weights": {"values": ["NATIVE", "F32", "Q8_0"]}, "scheduler_policy": {},
            "batching.max_batch_size": {"min": 1, "max": 64}, "batching.max_batched_tokens": {"min": 64, "max": 8192},
-           "limits.max_watts": {"min": 0, "max": 1000}}
+           "execution.f32_kernel_rows": {"min": 0, "max": 1024}, "execution.energy_min_batch": {"min": 1, "max": 64},
+           "execution.energy_max_wait_ms": {"min": 0, "max": 2000}, "limits.max_watts": {"min": 0, "max": 1000}}
 GOAL_ENUM = {"max_tokens_per_s": 1, "min_joules_per_token": 2}
 
 

@@ -8,8 +8,10 @@ Two parts:
     the same moves, so it is tested on recorded outcomes without a server.
       candidates   one-field changes of the knobs the plan exposes, in a fixed order: weights
                    (native, f32, q8_0), scheduler_policy (the other three), batching.max_batch_size
-                   (x2, /2), batching.max_batched_tokens (x2, /2), and limits.max_watts from
-                   `power_caps` when given. Changes that would make the plan invalid (a token
+                   (x2, /2), batching.max_batched_tokens (x2, /2), the kernel settings that apply to
+                   the plan (execution.f32_kernel_rows with f32 weights; execution.energy_min_batch
+                   and energy_max_wait_ms under energy_balanced; x2, /2), and limits.max_watts
+                   from `power_caps` when given. Changes that would make the plan invalid (a token
                    budget below the batch size) are never proposed.
       learning     each outcome is kept per (field, direction): a kept change with gain g makes
                    that direction g-preferred (after a doubled batch helped, doubling again comes
@@ -48,7 +50,8 @@ WEIGHTS = {"native": W.WEIGHT_FORMAT_NATIVE, "f32": W.WEIGHT_FORMAT_F32, "q8_0":
            "f16": W.WEIGHT_FORMAT_F16}
 POLICIES = {"fifo": P.SCHEDULER_POLICY_FIFO, "latency": P.SCHEDULER_POLICY_LATENCY,
             "throughput": P.SCHEDULER_POLICY_THROUGHPUT, "energy_balanced": P.SCHEDULER_POLICY_ENERGY_BALANCED}
-KNOBS = ("weights", "scheduler_policy", "batching.max_batch_size", "batching.max_batched_tokens", "limits.max_watts")
+KNOBS = ("weights", "scheduler_policy", "batching.max_batch_size", "batching.max_batched_tokens",
+         "execution.f32_kernel_rows", "execution.energy_min_batch", "execution.energy_max_wait_ms", "limits.max_watts")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class TunerConfig:
     policies: tuple[str, ...] = ("throughput", "energy_balanced", "latency", "fifo")
     batch_sizes: tuple[int, int] = (1, 64)  # max_batch_size bounds
     batched_tokens: tuple[int, int] = (64, 8192)  # max_batched_tokens bounds
+    kernel_rows: tuple[int, int] = (16, 256)  # execution.f32_kernel_rows bounds (tried with f32 weights only)
+    energy_min_batch: tuple[int, int] = (1, 16)  # execution.energy_* bounds (tried under energy_balanced only)
+    energy_wait_ms: tuple[int, int] = (10, 400)
     power_caps: tuple[float, ...] = ()  # limits.max_watts values to try (0 = no cap); empty: leave it
     cooldown_trials: int = 6
     max_trials: int = 16
@@ -131,10 +137,16 @@ class Tuner:
         out = [Move("weights", WEIGHTS[w], w) for w in c.weights if WEIGHTS[w] != plan.weights]
         out += [Move("scheduler_policy", POLICIES[p], p) for p in c.policies if POLICIES[p] != plan.scheduler_policy]
         b, t = plan.batching.max_batch_size, plan.batching.max_batched_tokens
-        for path, now, (low, high), other_ok in (
-                ("batching.max_batch_size", b, c.batch_sizes, lambda v: v <= t),
-                ("batching.max_batched_tokens", t, c.batched_tokens, lambda v: v >= b)):
-            for direction, value in (("up", min(high, now * 2)), ("down", max(low, now // 2))):
+        ranges = [("batching.max_batch_size", c.batch_sizes, lambda v: v <= t),
+                  ("batching.max_batched_tokens", c.batched_tokens, lambda v: v >= b)]
+        if plan.weights == W.WEIGHT_FORMAT_F32:  # the kernel settings that matter for what the plan runs
+            ranges.append(("execution.f32_kernel_rows", c.kernel_rows, lambda v: True))
+        if plan.scheduler_policy == P.SCHEDULER_POLICY_ENERGY_BALANCED:
+            ranges += [("execution.energy_min_batch", c.energy_min_batch, lambda v: True),
+                       ("execution.energy_max_wait_ms", c.energy_wait_ms, lambda v: True)]
+        for path, (low, high), other_ok in ranges:
+            now = _get(plan, path)
+            for direction, value in (("up", min(high, max(now * 2, low))), ("down", max(low, now // 2))):
                 if value != now and other_ok(value):
                     out.append(Move(path, value, direction))
         out += [Move("limits.max_watts", float(w), f"{w:g}") for w in c.power_caps if float(w) != plan.limits.max_watts]

@@ -134,3 +134,17 @@ def test_power_caps_are_tried_only_when_configured():
     caps = [m.label() for m in Tuner(TunerConfig(power_caps=(0, 15))).candidates(default_plan())
             if m.path == "limits.max_watts"]
     assert caps == ["limits.max_watts=15"]  # 0 is the plan's own value
+
+
+def test_kernel_settings_are_tried_where_they_apply():
+    plan = default_plan()  # f32 weights, fifo
+    plan.execution.f32_kernel_rows = 64
+    labels = [m.label() for m in Tuner(TunerConfig()).candidates(plan)]
+    assert "execution.f32_kernel_rows=128" in labels and "execution.f32_kernel_rows=32" in labels
+    assert not [x for x in labels if x.startswith("execution.energy")]
+    plan.weights, plan.scheduler_policy = NATIVE, POLICIES["energy_balanced"]
+    plan.execution.energy_min_batch, plan.execution.energy_max_wait_ms = 4, 50
+    labels = [m.label() for m in Tuner(TunerConfig()).candidates(plan)]
+    assert not [x for x in labels if x.startswith("execution.f32")]
+    assert {"execution.energy_min_batch=8", "execution.energy_min_batch=2", "execution.energy_max_wait_ms=100",
+            "execution.energy_max_wait_ms=25"} <= set(labels)
