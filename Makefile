@@ -13,7 +13,7 @@ CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
 BASE_IMAGE ?=# empty: the Dockerfile's python:3.11 slim; .ci/containers.sh makes a Debian one offline
 IMAGE_BUILD_FLAGS ?=
 
-.PHONY: setup run serve test test-fast test-containers image bench clean protos
+.PHONY: setup run serve test test-fast test-containers image bench clean protos traces tune
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,14 @@ bench: setup  ## prefill/decode throughput with the per-op profile, then continu
 	$(BIN)/plan-engine bench --profile
 	$(BIN)/plan-engine bench --concurrency 1,4,16,32
 	$(BIN)/plan-engine bench --concurrency 1,4,16,32 --weights native
+
+traces: setup  ## regenerate the shipped load traces (deploy/traces/, docs/05_weos_integration.md)
+	$(BIN)/plan-engine trace generate --kind steady_chat --seed 1 --duration 60 --rate 0.5 -o deploy/traces/steady_chat.jsonl
+	$(BIN)/plan-engine trace generate --kind bursty_batch --seed 2 --duration 30 --burst 8 --period 15 -o deploy/traces/bursty_batch.jsonl
+
+tune: setup  ## the tuning agent on both shipped traces: bad trial rolled back, then final vs default, interleaved
+	$(BIN)/plan-engine tune --trace deploy/traces/bursty_batch.jsonl --goal max_tokens_per_s --max-ttft 10 --bad-trial
+	$(BIN)/plan-engine tune --trace deploy/traces/steady_chat.jsonl --goal min_joules_per_token --max-ttft 10 --max-itl 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--power-target", type=float, default=0.0,
                    help="watts: above it, propose limits.max_watts (default 0 = leave power alone)")
     p.add_argument("--cooldown", type=float, default=10.0, help="quiet seconds after each verdict (default 10)")
+    p.add_argument("--tuner", action="store_true",
+                   help="run the tuning agent instead: one change at a time, each judged as a trial by the plan's "
+                        "objective (docs/05_weos_integration.md, section 13)")
+    p.add_argument("--max-trials", type=int, default=16, help="with --tuner: trials before it stops (default 16)")
     p.add_argument("--json", action="store_true", help="print each suggestion and verdict as JSON")
 
     p = sub.add_parser("suggestions", help="the WeOS suggestion audit log; approve or reject pending ones")
@@ -267,7 +271,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-step cost of structured-output masks at --concurrency levels (default 1,32)")
     p.add_argument("--prefix-cache", type=int, default=None, metavar="PREFIX_LEN",
                    help="time to first token of two requests sharing a PREFIX_LEN-token prefix, cache on and off")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="replay a load trace (deploy/traces/*.jsonl) against --server: arrival times, prompt and "
+                        "output lengths, priorities")
+    p.add_argument("--speed", type=float, default=1.0, help="with --trace: replay this many times faster")
+    _add_server_args(p)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("tune", help="start a server, replay a trace, let the tuning agent improve the plan by "
+                                    "trials, then compare the final plan with the default on interleaved replays")
+    p.add_argument("--trace", required=True, metavar="FILE", help="a load trace (deploy/traces/*.jsonl)")
+    _add_model_arg(p)
+    p.add_argument("--goal", choices=("max_tokens_per_s", "min_joules_per_token"), default="max_tokens_per_s")
+    p.add_argument("--max-ttft", type=float, default=None, help="constraint: p99 time to first token, seconds")
+    p.add_argument("--max-itl", type=float, default=None, help="constraint: p99 inter-token latency, seconds")
+    p.add_argument("--max-watts", type=float, default=None, help="constraint: average power while busy, watts")
+    p.add_argument("--trial-requests", type=int, default=8, help="trial window in requests (default 8)")
+    p.add_argument("--trial-seconds", type=float, default=120.0, help="trial window in seconds (default 120)")
+    p.add_argument("--tolerance", type=float, default=0.05, help="a trial may score this much worse (default 0.05)")
+    p.add_argument("--min-requests", type=int, default=4, help="requests needed to judge a trial (default 4)")
+    p.add_argument("--max-trials", type=int, default=8, help="trials the agent may run (default 8)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved default/final replays at the end (default 2)")
+    p.add_argument("--bad-trial", action="store_true",
+                   help="first send a deliberately bad suggestion (max_batch_size 1) and show its rollback")
+    p.add_argument("--speed", type=float, default=1.0, help="replay the trace this many times faster")
+    p.add_argument("--json", action="store_true", help="print the report as JSON at the end")
+
+    p = sub.add_parser("trace", help="load traces for `bench --trace` and `tune`")
+    tsub = p.add_subparsers(dest="trace_command", required=True)
+    q = tsub.add_parser("generate", help="write a synthetic trace (the shipped ones: `make traces`)")
+    q.add_argument("--kind", required=True, choices=("steady_chat", "bursty_batch"))
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (default 60)")
+    q.add_argument("--rate", type=float, default=0.5, help="steady_chat: requests per second (default 0.5)")
+    q.add_argument("--burst", type=int, default=8, help="bursty_batch: requests per burst (default 8)")
+    q.add_argument("--period", type=float, default=15.0, help="bursty_batch: seconds between bursts (default 15)")
+    q.add_argument("--output", "-o", default="-", help="file to write ('-': stdout)")
+    q = tsub.add_parser("show", help="check a trace file and summarise it")
+    q.add_argument("file")
     return parser
 
 
@@ -448,6 +489,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from engine.runtime.bench import bench, bench_prefix_cache
+    if args.trace:
+        return _bench_trace(args)
     if args.structured:
         return _bench_structured(args)
     if args.concurrency:
@@ -628,6 +671,71 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_trace(args: argparse.Namespace) -> int:
+    from services import load_trace
+    from services.trace_replay import replay
+    trace = load_trace.load(args.trace)  # a bad file is refused before anything is sent
+    if not (args.speed > 0 and args.speed <= 1000):
+        raise InvalidArgument(f"--speed {args.speed} must be in (0, 1000]", field="speed")
+    result = replay(lambda: _client(args), trace, speed=args.speed)
+    s = result.summary()
+    if args.json:
+        _print_json(s)
+    else:
+        print(f"trace {s['trace']}: {s['requests']} requests, {s['failed']} failed, {s['tokens']} tokens in "
+              f"{s['wall_s']} s (busy {s['busy_s']:.1f} s)")
+        print(f"  {s['tokens_per_s']:.1f} tok/s (per busy second), {s['joules_per_token']:.4g} J/token, "
+              f"ttft p50/p99 {s['ttft_p50_s']:.3f}/{s['ttft_p99_s']:.3f} s, itl p99 {s['itl_p99_s']:.4f} s")
+        print(f"  plans: {', '.join(f'{k} ({v})' for k, v in s['plans'].items())}")
+        for e in s["errors"]:
+            print(f"  error: {e}")
+    return 1 if s["failed"] else 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import logging
+    from engine.control.objectives import Objective
+    from services import load_trace
+    from services.tune import TuneConfig, tune
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trace = load_trace.load(args.trace)
+    for name, value, low, high in (("--max-trials", args.max_trials, 1, 100), ("--rounds", args.rounds, 1, 20)):
+        if not low <= value <= high:
+            raise InvalidArgument(f"{name} {value} must be in {low}..{high}")
+    if not 0 < args.speed <= 1000:
+        raise InvalidArgument(f"--speed {args.speed} must be in (0, 1000]", field="speed")
+    objective = Objective(args.goal, args.max_ttft, args.max_itl, args.max_watts, args.trial_requests,
+                          args.trial_seconds, args.tolerance, args.min_requests)
+    report = tune(trace, TuneConfig(objective, args.model, args.max_trials, args.rounds, args.bad_trial, args.speed),
+                  say=lambda line: print(line, flush=True))
+    c = report["comparison"]
+    if "ratio_median" in c:
+        print(f"objective ({report['objective']}): final / default = {c['ratios_per_round']} per round, median "
+              f"x{c['ratio_median']}; final plan constraints broken: {c['final_constraints_broken'] or 'none'}; "
+              f"failed requests during tuning: {report['failed_during_tuning']}; load average "
+              f"{report['load_average_start']} -> {report['load_average_end']} (shared machine)")
+    if args.json:
+        _print_json(report)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from services import load_trace
+    if args.trace_command == "show":
+        trace = load_trace.load(args.file)
+        _print_json({**trace.summary(), "seed": trace.seed, "description": trace.description,
+                     "generator": trace.generator})
+        return 0
+    trace = load_trace.generate(args.kind, args.seed, args.duration, rate=args.rate, burst=args.burst,
+                                period_s=args.period)
+    if args.output == "-":
+        sys.stdout.write(trace.dumps())
+    else:
+        Path(args.output).write_text(trace.dumps(), encoding="utf-8")
+        print(f"wrote {args.output}: {trace.summary()}", file=sys.stderr)
+    return 0
+
+
 def _bench_structured(args: argparse.Namespace) -> int:
     from engine.runtime.bench import bench_structured
     try:
@@ -688,6 +796,8 @@ def _bench_concurrency(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    if args.tuner:
+        return _tuner(args)
     from google.protobuf import json_format
     from services.agent import AgentConfig, describe, run_agent
     config = AgentConfig(agent_id=args.agent_id, busy_waiting=args.busy_waiting, max_batch_size=args.max_batch,
@@ -703,6 +813,25 @@ def cmd_agent(args: argparse.Namespace) -> int:
     with _client(args) as client:
         print(f"agent {args.agent_id} watching {args.server} (Ctrl-C stops)", file=sys.stderr, flush=True)
         run_agent(client, config, args.interval, report=report)
+    return 0
+
+
+def _tuner(args: argparse.Namespace) -> int:
+    from services.tuning_agent import TunerConfig, describe, run_tuner
+    if not 1 <= args.max_trials <= 1000:
+        raise InvalidArgument(f"--max-trials {args.max_trials} must be in 1..1000", field="max_trials")
+
+    def report(step) -> None:
+        if args.json:
+            _print_json({"move": step.move.label(), "base_version": step.base_version, "result": step.outcome.result,
+                         "gain": step.outcome.gain, "reason": step.outcome.reason})
+        else:
+            print(describe(step), flush=True)
+
+    with _client(args) as client:
+        print(f"tuner {args.agent_id} on {args.server} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        steps = run_tuner(client, TunerConfig(agent_id=args.agent_id, max_trials=args.max_trials), report=report)
+    print(f"done after {len(steps)} trials", file=sys.stderr)
     return 0
 
 
@@ -729,6 +858,11 @@ def cmd_suggestions(args: argparse.Namespace) -> int:
               + (f" [by {r.decided_by}]" if r.decided_by not in ("", "policy") else ""))
         if s.rationale:
             print(f"      rationale: {s.rationale}" + (f"; expects: {s.expected_effect}" if s.expected_effect else ""))
+        if r.HasField("trial"):
+            t = r.trial
+            state = sg.TrialOutcome.State.Name(t.state).removeprefix("STATE_")
+            gain = f" x{t.gain:.2f}" if t.HasField("gain") else ""
+            print(f"      trial v{t.base_version} -> v{t.version}: {state}{gain}: {t.reason}")
     return 0
 
 
@@ -738,7 +872,8 @@ def _print_json(obj: Any) -> None:
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "tokenize": cmd_tokenize, "inspect": cmd_inspect,
             "models": cmd_models, "bench": cmd_bench, "serve": cmd_serve, "generate": cmd_generate,
-            "plan": cmd_plan, "agent": cmd_agent, "suggestions": cmd_suggestions}
+            "plan": cmd_plan, "agent": cmd_agent, "suggestions": cmd_suggestions, "trace": cmd_trace,
+            "tune": cmd_tune}
 
 
 def _rpc_error() -> type[Exception]:

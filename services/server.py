@@ -26,6 +26,7 @@ from engine.control.limits import RequestLimits
 from engine.control.plan_store import PlanStore, open_plan_store
 from engine.control.plans import PlanEnvironment
 from engine.control.agents import AgentPolicy, SuggestionLog, SuggestionReviewer
+from engine.control.trials import TrialLog, Trials
 from engine.errors import InvalidArgument
 from engine.model import registry
 from services.agent_auth import AgentAuthInterceptor
@@ -110,6 +111,7 @@ class PlanEngineServer:
         self.health = health_servicer
         self.store = store
         self.http: HttpServer | None = None  # the OpenAI-compatible API, when config.http_port is set
+        self.trials: Trials | None = None
 
     @property
     def http_port(self) -> int | None:
@@ -124,6 +126,8 @@ class PlanEngineServer:
             self.http.begin_stop(grace_s)  # closes its socket; responses in flight go on
         # grpc's grace covers RPCs already running (open Generate streams); it refuses new ones at once
         done = self.grpc_server.stop(grace_s)
+        if self.trials is not None:
+            self.trials.close()  # before the control plane: a trial being judged may still roll back
         self.control.close(grace_s)
         done.wait()
         if self.http is not None:
@@ -177,7 +181,8 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
                            tracer_provider=config.tracer_provider, limits=config.request_limits)
     closing = Closing()
     servicer = ControlPlaneServicer(control, closing, config.suggest_idle_s)
-    servicer.reviewer = SuggestionReviewer(control, agents, suggestion_log)
+    trials = Trials(control, TrialLog(store.db))  # judges accepted suggestions whose plan objective asks for trials
+    servicer.reviewer = SuggestionReviewer(control, agents, suggestion_log, trials=trials)
     control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server)
     enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
 
@@ -188,6 +193,7 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
     else:
         port = server.add_insecure_port(address)
     if port == 0:
+        trials.close()
         store.close()
         raise OSError(f"cannot bind {address}")
     server.start()  # health answers NOT_SERVING while the model loads
@@ -203,6 +209,7 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
         if http is not None:
             http.stop(0)
         server.stop(0)
+        trials.close()
         store.close()
         raise
     metrics_port = None
@@ -210,6 +217,7 @@ def create_server(config: ServerConfig) -> PlanEngineServer:
         metrics_port = control.metrics.serve_http(config.host, config.metrics_port)
     started = PlanEngineServer(server, port, control, health_servicer, store, metrics_port, closing, streams)
     started.http = http
+    started.trials = trials
     return started
 
 

@@ -8,6 +8,7 @@ whole stream.
 from __future__ import annotations
 
 import json
+import math
 from typing import Iterator
 
 import grpc
@@ -286,4 +287,23 @@ def _suggestion_record(r: SuggestionRecord) -> sg.SuggestionRecord:
                               patch_json=r.patch_json)
     if r.verdict is not None:
         out.verdict.CopyFrom(_verdict(r.verdict))
+    if r.trial is not None:
+        out.trial.CopyFrom(_trial(r.trial))
+    return out
+
+
+def _trial(t) -> sg.TrialOutcome:
+    out = sg.TrialOutcome(state=sg.TrialOutcome.State.Value("STATE_" + t.state.upper()), base_version=t.base_version,
+                          version=t.version, started_at=_timestamp(t.started_at),
+                          window_requests=t.objective.trial_requests, window_s=t.objective.trial_seconds,
+                          reason=t.reason)
+    if t.ended_at is not None:
+        out.ended_at.CopyFrom(_timestamp(t.ended_at))
+    for name, m in (("base", t.base), ("trial", t.trial)):
+        if m is not None:
+            getattr(out, name).CopyFrom(sg.TrialMeasurement(
+                requests=m.requests, failed=m.failed, tokens=m.tokens, busy_s=m.busy_s, tokens_per_s=m.tokens_per_s,
+                joules_per_token=m.joules_per_token, watts=m.watts, ttft_p99_s=m.ttft_p99_s, itl_p99_s=m.itl_p99_s))
+    if t.gain is not None and math.isfinite(t.gain):
+        out.gain = t.gain
     return out

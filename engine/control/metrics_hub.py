@@ -30,6 +30,11 @@ class MetricsHub:
         self._ticker = threading.Thread(target=self._tick_loop, args=(tick_s,), name="metrics-tick", daemon=True)
         self._ticker.start()
         self._http = None
+        self._listeners: list[Callable[[Final], None]] = []
+
+    def add_listener(self, listener: Callable[[Final], None]) -> None:
+        """Also call `listener(final)` for every finished request (on the engine thread: keep it short)."""
+        self._listeners.append(listener)
 
     @staticmethod
     def labels(plan) -> PlanLabels:
@@ -43,6 +48,8 @@ class MetricsHub:
             ttft_s=t["ttft_s"] if final.completion_tokens else None, itl_s=final.itl_s, e2e_s=t["total_s"],
             prompt_tokens=final.prompt_tokens, generation_tokens=final.completion_tokens, energy_j=final.energy_j,
             finish_reason=final.finish_reason)
+        for listener in self._listeners:
+            listener(final)
 
     def tick(self) -> None:
         runtime = self._runtime()

@@ -41,9 +41,9 @@ Fields added after the first schema follow one more rule, so that every plan sto
 field existed keeps its hash:
 
 5. A later field is a proto3 `optional` scalar inside a later section (today: `execution`,
-   field 16). The canonical JSON leaves it out when it is unset *or* holds the value it was
-   introduced with (`LATER_FIELDS` below), and leaves the section out when nothing of it
-   is left. Those introduction values are part of this rule and never change; `normalize`
+   field 16, and `objective`, field 17). The canonical JSON leaves it out when it is unset *or*
+   holds the value it was introduced with (`LATER_FIELDS` below; None: no value is left out
+   once set), and leaves the section out when nothing of it is left. Those introduction values are part of this rule and never change; `normalize`
    may write a different (newly measured) default into new plans, which is then hashed.
    `kv_cache.prefix_caching`, added before this rule, is printed whenever it is set.
 
@@ -72,6 +72,8 @@ from google.protobuf.internal import type_checkers
 
 from engine import execution
 from engine.control import names
+from engine.control.objectives import check as check_objective
+from engine.control.objectives import objective_of
 from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, shown
 from engine.model import registry
 from engine.runtime.engine import available_backends
@@ -164,8 +166,17 @@ LATER_FIELDS: dict[str, object] = {
     "execution.cuda_prefill_tokens": 32,
     "execution.energy_min_batch": 4,
     "execution.energy_max_wait_ms": 50,
+    # the objective (engine/control/objectives.py); None: no value is a default, a set one is always hashed
+    "objective.goal": 0,
+    "objective.max_ttft_p99_s": None,
+    "objective.max_itl_p99_s": None,
+    "objective.max_watts": None,
+    "objective.trial_requests": 0,
+    "objective.trial_seconds": 0.0,
+    "objective.tolerance": 0.05,
+    "objective.min_requests": 4,
 }
-LATER_SECTIONS = ("execution",)
+LATER_SECTIONS = ("execution", "objective")
 
 KV_DTYPE_BYTES = {plan_pb2.KV_CACHE_DTYPE_F32: 4, plan_pb2.KV_CACHE_DTYPE_F16: 2}
 
@@ -565,6 +576,9 @@ def validate(plan: ExecutionPlan, env: PlanEnvironment, *, stored: bool = False)
             v.append(FieldViolation(f"execution.{name}", f"{name} {value} exceeds {high}"))
     if plan.execution.HasField("energy_min_batch") and plan.execution.energy_min_batch < 1:
         v.append(FieldViolation("execution.energy_min_batch", "energy_min_batch must be >= 1"))
+    # objective: what "better" means and the trial window (engine/control/objectives.py)
+    if plan.HasField("objective"):
+        v += [FieldViolation(f"objective.{name}", problem) for name, problem in check_objective(objective_of(plan))]
 
     if v:
         raise InvalidPlan(v)

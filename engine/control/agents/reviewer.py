@@ -16,6 +16,8 @@ the verdict, named by its `rejection` kind):
                     or an identity field (apply_patch's rules)
     not_authorised  the plan id or a path the agent's policy does not list
     out_of_bounds   a value outside the policy's min/max or allowed values for its path
+    trial_running   (plans whose objective asks for trials) an earlier change is still on
+                    trial, or the active version has not yet served a baseline window
     stale           the plan is not the active one, or base_version is not its active version
                     (`current_version` says which is, so the agent can rebase)
     invalid_plan    the patched plan fails full validation (normalize + validate)
@@ -42,7 +44,8 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import replace
+from typing import Any, Protocol
 
 from engine.control.agents.audit_log import SuggestionLog
 from engine.control.agents.policy import AgentPolicy, AgentRule
@@ -50,6 +53,7 @@ from engine.control.agents.rate import RateLimiter
 from engine.control.agents.sizes import MAX_TEXT, Suggestion, _cut, bounded, oversize
 from engine.control.agents.verdicts import DECISIONS, SuggestionRecord, Verdict
 from engine.control.plan_store import PlanStore, label
+from engine.control.objectives import objective_of
 from engine.control.plans import (
     MAX_DESCRIPTION_LENGTH,
     ExecutionPlan,
@@ -108,13 +112,17 @@ class SuggestionReviewer:
     """
 
     def __init__(self, control: PlanAuthority, policy: AgentPolicy, log: SuggestionLog,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 trials: Any = None):
+        """`trials` (engine.control.trials.Trials): accepted suggestions run as trials when the plan's
+        objective asks for them; its lock is this reviewer's, so a rollback and a verdict never interleave."""
         self.control = control
         self.policy = policy
         self.log = log
+        self.trials = trials
         self._clock = clock
         self._rates = RateLimiter(monotonic)
-        self._lock = threading.Lock()
+        self._lock = trials.lock if trials is not None else threading.Lock()
 
     def authenticate(self, token: str | None) -> AgentRule:
         """The agent holding `token`; Unauthenticated when none does."""
@@ -196,6 +204,14 @@ class SuggestionReviewer:
         if active is None or active.id != s.plan_id:
             raise _Rejected("stale", f"stale: plan {shown(s.plan_id)} is not the active plan "
                                      f"({label(active)}); suggest against the active one")
+        running = self.trials.running(active.id) if self.trials is not None else None
+        if running is not None:
+            raise _Rejected("trial_running", f"trial running: {label(active)} (suggestion #{running.suggestion}) is "
+                                             f"on trial; retry once ListSuggestions shows its outcome", active.version)
+        objective = objective_of(active)  # the operator's, as it is before the change
+        pending = self.trials.baseline_pending(active, objective) if self.trials and objective.trials else None
+        if pending:
+            raise _Rejected("trial_running", f"trial running: {pending}", active.version)
         if s.base_version != active.version:
             raise _Rejected("stale", f"stale: base version {s.base_version} is not the active version "
                                      f"{active.version} of plan {active.id!r}; rebase on version {active.version}",
@@ -230,6 +246,13 @@ class SuggestionReviewer:
             current = self.control.store.active()
             raise _Rejected("activation_failed", f"activation failed: {exc}",
                             current.version if current is not None and current.id == s.plan_id else 0) from None
+        if self.trials is not None and objective.trials:
+            self.trials.start(audit_id, active, stored, objective)
+            window = " or ".join(w for w in (f"{objective.trial_requests} requests" if objective.trial_requests else "",
+                                             f"{objective.trial_seconds:g} s" if objective.trial_seconds else "") if w)
+            return self._verdict(s, "accepted", f"accepted as a trial: {label(stored)} (#{stored.hash[:12]}) is "
+                                 f"active for {window}, then kept or rolled back to {label(active)} "
+                                 f"({objective.describe()})", audit_id, plan=stored, current_version=stored.version)
         return self._verdict(s, "accepted", f"accepted: {label(stored)} (#{stored.hash[:12]}) is active, "
                              f"was {label(active)}", audit_id, plan=stored, current_version=stored.version)
 
@@ -292,4 +315,7 @@ class SuggestionReviewer:
             if records and size > MAX_LIST_BYTES:
                 break
             records.append(record)
+        if self.trials is not None:
+            trials = self.trials.log.for_suggestions([r.id for r in records])
+            records = [replace(r, trial=trials.get(r.id)) for r in records]
         return records

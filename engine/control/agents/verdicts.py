@@ -58,3 +58,4 @@ class SuggestionRecord:
     patch_json: str
     verdict: Verdict | None
     decided_by: str
+    trial: Any = None  # engine.control.trials.Trial, when the accepted suggestion ran as a trial

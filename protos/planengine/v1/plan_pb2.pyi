@@ -129,8 +129,36 @@ class Execution(_message.Message):
     energy_max_wait_ms: int
     def __init__(self, threads: _Optional[int] = ..., f32_kernel_rows: _Optional[int] = ..., gemm_rows_x8: _Optional[int] = ..., gemm_rows_rowwise: _Optional[int] = ..., cuda_prefill_tokens: _Optional[int] = ..., energy_min_batch: _Optional[int] = ..., energy_max_wait_ms: _Optional[int] = ...) -> None: ...
 
+class Objective(_message.Message):
+    __slots__ = ("goal", "max_ttft_p99_s", "max_itl_p99_s", "max_watts", "trial_requests", "trial_seconds", "tolerance", "min_requests")
+    class Goal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        GOAL_UNSPECIFIED: _ClassVar[Objective.Goal]
+        GOAL_MAX_TOKENS_PER_S: _ClassVar[Objective.Goal]
+        GOAL_MIN_JOULES_PER_TOKEN: _ClassVar[Objective.Goal]
+    GOAL_UNSPECIFIED: Objective.Goal
+    GOAL_MAX_TOKENS_PER_S: Objective.Goal
+    GOAL_MIN_JOULES_PER_TOKEN: Objective.Goal
+    GOAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_TTFT_P99_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITL_P99_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_WATTS_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    goal: Objective.Goal
+    max_ttft_p99_s: float
+    max_itl_p99_s: float
+    max_watts: float
+    trial_requests: int
+    trial_seconds: float
+    tolerance: float
+    min_requests: int
+    def __init__(self, goal: _Optional[_Union[Objective.Goal, str]] = ..., max_ttft_p99_s: _Optional[float] = ..., max_itl_p99_s: _Optional[float] = ..., max_watts: _Optional[float] = ..., trial_requests: _Optional[int] = ..., trial_seconds: _Optional[float] = ..., tolerance: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
+
 class ExecutionPlan(_message.Message):
-    __slots__ = ("id", "version", "hash", "model", "backend", "weights", "scheduler_policy", "batching", "kv_cache", "limits", "determinism", "sampling", "profiling", "description", "created_at", "execution")
+    __slots__ = ("id", "version", "hash", "model", "backend", "weights", "scheduler_policy", "batching", "kv_cache", "limits", "determinism", "sampling", "profiling", "description", "created_at", "execution", "objective")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +175,7 @@ class ExecutionPlan(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: int
     hash: str
@@ -163,4 +192,5 @@ class ExecutionPlan(_message.Message):
     description: str
     created_at: _timestamp_pb2.Timestamp
     execution: Execution
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., weights: _Optional[_Union[WeightFormat, str]] = ..., scheduler_policy: _Optional[_Union[SchedulerPolicy, str]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., kv_cache: _Optional[_Union[KVCache, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., determinism: _Optional[_Union[Determinism, _Mapping]] = ..., sampling: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., profiling: _Optional[bool] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution: _Optional[_Union[Execution, _Mapping]] = ...) -> None: ...
+    objective: Objective
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., weights: _Optional[_Union[WeightFormat, str]] = ..., scheduler_policy: _Optional[_Union[SchedulerPolicy, str]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., kv_cache: _Optional[_Union[KVCache, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., determinism: _Optional[_Union[Determinism, _Mapping]] = ..., sampling: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., profiling: _Optional[bool] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution: _Optional[_Union[Execution, _Mapping]] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ...) -> None: ...

@@ -24,6 +24,7 @@ class Rejection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECTION_NO_CHANGE: _ClassVar[Rejection]
     REJECTION_ACTIVATION_FAILED: _ClassVar[Rejection]
     REJECTION_OPERATOR: _ClassVar[Rejection]
+    REJECTION_TRIAL_RUNNING: _ClassVar[Rejection]
 REJECTION_UNSPECIFIED: Rejection
 REJECTION_RATE_LIMIT: Rejection
 REJECTION_IDENTITY: Rejection
@@ -35,6 +36,7 @@ REJECTION_INVALID_PLAN: Rejection
 REJECTION_NO_CHANGE: Rejection
 REJECTION_ACTIVATION_FAILED: Rejection
 REJECTION_OPERATOR: Rejection
+REJECTION_TRIAL_RUNNING: Rejection
 
 class Suggestion(_message.Message):
     __slots__ = ("suggestion_id", "agent_id", "plan_id", "base_version", "update_mask", "patch", "rationale", "expected_effect")
@@ -92,8 +94,68 @@ class SuggestionVerdict(_message.Message):
     rejection: Rejection
     def __init__(self, suggestion_id: _Optional[str] = ..., decision: _Optional[_Union[SuggestionVerdict.Decision, str]] = ..., reason: _Optional[str] = ..., resulting_version: _Optional[int] = ..., resulting_hash: _Optional[str] = ..., current_version: _Optional[int] = ..., resulting_plan: _Optional[_Union[_plan_pb2.ExecutionPlan, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., audit_id: _Optional[int] = ..., rejection: _Optional[_Union[Rejection, str]] = ...) -> None: ...
 
+class TrialMeasurement(_message.Message):
+    __slots__ = ("requests", "failed", "tokens", "busy_s", "tokens_per_s", "joules_per_token", "watts", "ttft_p99_s", "itl_p99_s")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    JOULES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WATTS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P99_S_FIELD_NUMBER: _ClassVar[int]
+    ITL_P99_S_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    failed: int
+    tokens: int
+    busy_s: float
+    tokens_per_s: float
+    joules_per_token: float
+    watts: float
+    ttft_p99_s: float
+    itl_p99_s: float
+    def __init__(self, requests: _Optional[int] = ..., failed: _Optional[int] = ..., tokens: _Optional[int] = ..., busy_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., joules_per_token: _Optional[float] = ..., watts: _Optional[float] = ..., ttft_p99_s: _Optional[float] = ..., itl_p99_s: _Optional[float] = ...) -> None: ...
+
+class TrialOutcome(_message.Message):
+    __slots__ = ("state", "base_version", "version", "started_at", "ended_at", "window_requests", "window_s", "reason", "base", "trial", "gain")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[TrialOutcome.State]
+        STATE_RUNNING: _ClassVar[TrialOutcome.State]
+        STATE_KEPT: _ClassVar[TrialOutcome.State]
+        STATE_ROLLED_BACK: _ClassVar[TrialOutcome.State]
+        STATE_ABANDONED: _ClassVar[TrialOutcome.State]
+    STATE_UNSPECIFIED: TrialOutcome.State
+    STATE_RUNNING: TrialOutcome.State
+    STATE_KEPT: TrialOutcome.State
+    STATE_ROLLED_BACK: TrialOutcome.State
+    STATE_ABANDONED: TrialOutcome.State
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_FIELD_NUMBER: _ClassVar[int]
+    GAIN_FIELD_NUMBER: _ClassVar[int]
+    state: TrialOutcome.State
+    base_version: int
+    version: int
+    started_at: _timestamp_pb2.Timestamp
+    ended_at: _timestamp_pb2.Timestamp
+    window_requests: int
+    window_s: float
+    reason: str
+    base: TrialMeasurement
+    trial: TrialMeasurement
+    gain: float
+    def __init__(self, state: _Optional[_Union[TrialOutcome.State, str]] = ..., base_version: _Optional[int] = ..., version: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_requests: _Optional[int] = ..., window_s: _Optional[float] = ..., reason: _Optional[str] = ..., base: _Optional[_Union[TrialMeasurement, _Mapping]] = ..., trial: _Optional[_Union[TrialMeasurement, _Mapping]] = ..., gain: _Optional[float] = ...) -> None: ...
+
 class SuggestionRecord(_message.Message):
-    __slots__ = ("id", "agent_id", "suggestion", "verdict", "received_at", "mode", "decided_by", "patch_json")
+    __slots__ = ("id", "agent_id", "suggestion", "verdict", "received_at", "mode", "decided_by", "patch_json", "trial")
     ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SUGGESTION_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +164,7 @@ class SuggestionRecord(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
     PATCH_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_FIELD_NUMBER: _ClassVar[int]
     id: int
     agent_id: str
     suggestion: Suggestion
@@ -110,4 +173,5 @@ class SuggestionRecord(_message.Message):
     mode: str
     decided_by: str
     patch_json: str
-    def __init__(self, id: _Optional[int] = ..., agent_id: _Optional[str] = ..., suggestion: _Optional[_Union[Suggestion, _Mapping]] = ..., verdict: _Optional[_Union[SuggestionVerdict, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[str] = ..., decided_by: _Optional[str] = ..., patch_json: _Optional[str] = ...) -> None: ...
+    trial: TrialOutcome
+    def __init__(self, id: _Optional[int] = ..., agent_id: _Optional[str] = ..., suggestion: _Optional[_Union[Suggestion, _Mapping]] = ..., verdict: _Optional[_Union[SuggestionVerdict, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[str] = ..., decided_by: _Optional[str] = ..., patch_json: _Optional[str] = ..., trial: _Optional[_Union[TrialOutcome, _Mapping]] = ...) -> None: ...

@@ -36,7 +36,7 @@ def test_plans_stored_before_the_execution_section_keep_their_hash(name):
 
 def test_every_execution_field_is_a_later_field_with_its_introduction_value():
     fields = {f.name for f in plan_pb2.Execution.DESCRIPTOR.fields}
-    assert {p.split(".")[1] for p in LATER_FIELDS} == fields == set(execution.FIELDS)
+    assert {p.split(".")[1] for p in LATER_FIELDS if p.startswith("execution.")} == fields == set(execution.FIELDS)
     assert all(f.has_presence for f in plan_pb2.Execution.DESCRIPTOR.fields)  # proto3 optional: set vs unset
 
 
