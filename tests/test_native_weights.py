@@ -95,8 +95,8 @@ def _load(path, weights, **backend):
 
 @needs_ext
 def test_native_keeps_the_files_blocks(tiny_path):
-    """Every block tensor resident once, in its own type: the legacy types repacked into the x8
-    layout (the same bytes, 8 rows interleaved), the K-quants read from the file mapping."""
+    """Every block tensor resident once, in its own type, repacked into the x8 layout (the same
+    bytes, 8 rows interleaved) the kernels read."""
     model = LoadedModel(tiny_path, weights="native")
     try:
         layer = model.weights.layers[0]
@@ -104,8 +104,7 @@ def test_native_keeps_the_files_blocks(tiny_path):
         assert layer.wqkv.qtypes == ("Q4_0", "Q4_1", "Q8_0")
         assert [p.layout for p in layer.wqkv.parts] == ["x8"] * 3
         assert layer.w_gate_up.qtypes == ("Q4_K", "Q6_K")
-        for part, name in zip(layer.w_gate_up.parts, ("ffn_gate", "ffn_up")):
-            assert part.layout == "rows" and np.shares_memory(part.blocks, model.file.raw(f"blk.0.{name}.weight"))
+        assert [p.layout for p in layer.w_gate_up.parts] == ["x8"] * 2
         for w, names in [(layer.wqkv, ("attn_q", "attn_k", "attn_v")), (layer.wo, ("attn_output",)),
                          (layer.w_gate_up, ("ffn_gate", "ffn_up")), (layer.w_down, ("ffn_down",))]:
             files = [f"blk.0.{n}.weight" for n in names]
@@ -149,20 +148,22 @@ def test_int8_path_close_to_f32_weights_and_decode_equals_one_pass(tiny_path, ti
 
 
 @pytest.mark.parametrize("qtype", [T.Q5_0, T.F16, T.Q4_1])
-def test_types_without_a_kernel_are_requantized_to_q8_0(qtype):
-    """`native` requantizes a block type without a kernel (Q5_0 here) to Q8_0; `q8_0` does so
-    for every type; the result is Q8_0 of the dequantized weights."""
+def test_q8_0_requantizes_every_type_and_native_keeps_blocks(qtype):
+    """`q8_0` requantizes every type to Q8_0 of the dequantized weights; `native` keeps a block
+    type's own blocks (Q5_0 had no kernel once and was requantized)."""
     from backends.base import TensorData
     from engine.model.quants import dequantize
     rng = np.random.default_rng(1)
     x = rng.standard_normal((6, 64)).astype(np.float32)
     raw = x.astype(np.float16) if qtype == T.F16 else gguf_quantize(x, qtype)
     tensor = TensorData(raw, qtype, (6, 64))
-    fmt = "native" if qtype == T.Q5_0 else "q8_0"
-    part = qz.block_part(tensor, fmt)
+    part = qz.block_part(tensor, "q8_0")
     assert part.qtype == T.Q8_0 and part.rows == 6
     dense = dequantize(raw, qtype, (6, 64))
     np.testing.assert_array_equal(part.blocks, gguf_quantize(dense, T.Q8_0).reshape(6, -1))
+    if qtype != T.F16:
+        native = qz.block_part(tensor, "native")
+        assert native.qtype == qtype and np.shares_memory(native.blocks, raw)
 
 
 def test_numpy_fallback_matches_f32_weights(tiny_path, tiny_f32, monkeypatch):

@@ -22,28 +22,32 @@ from engine.model.quants import dequantize, quant_type
 ops = qz._EXTENSION
 needs_ext = pytest.mark.skipif(ops is None, reason=f"ops_avx2 unavailable: {qz._WHY_NOT}")
 
-TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
-# (rows, k, batch): one row, odd row counts (tile remainders), many blocks, batch 1..>4
-SHAPES = [(1, 256, 1), (7, 512, 3), (37, 768, 5), (64, 1536, 1), (130, 256, 16), (5, 2048, 2), (19, 256, 9)]
+TYPES = tuple(qz.KERNEL_TYPES)  # every block type: Q4_0 .. IQ4_XS
+# (rows, k, batch): one row, odd row counts (tile remainders), 33 rows, many blocks, batch 1..>4
+SHAPES = [(1, 256, 1), (7, 512, 3), (37, 768, 5), (33, 256, 7), (64, 1536, 1), (130, 256, 16), (5, 2048, 2),
+          (19, 256, 9)]
+# Offsets and ranges of each random-byte type's fp16 fields (the others are quantized by gguf-py).
+F16_FIELDS = {
+    T.Q2_K: [(80, 1e-4, 1e-2), (82, 1e-4, 1e-2)],  # d, dmin
+    T.Q3_K: [(108, -1e-2, 1e-2)],
+    T.Q4_K: [(0, 1e-4, 1e-2), (2, 1e-4, 1e-2)],
+    T.Q5_K: [(0, 1e-4, 1e-2), (2, 1e-4, 1e-2)],
+    T.Q6_K: [(208, -1e-2, 1e-2)],
+    T.IQ4_NL: [(0, -1e-2, 1e-2)],
+    T.IQ4_XS: [(0, -1e-2, 1e-2)],
+}
 
 
 def random_blocks(qtype: T, rows: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """(rows, row_bytes) uint8 of valid blocks: gguf's quantizer where it has one, else random
-    bytes with finite fp16 super-scales."""
-    if qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
+    bytes with finite fp16 scales."""
+    if qtype not in F16_FIELDS:
         x = rng.standard_normal((rows, k)).astype(np.float32) * rng.uniform(0.01, 2.0, (rows, 1)).astype(np.float32)
         return gguf_quantize(x, qtype).reshape(rows, -1)
     qt = quant_type(qtype)
     blocks = rng.integers(0, 256, (rows * k // qt.block_size, qt.type_size), dtype=np.uint8)
-
-    def f16(offset: int, lo: float, hi: float) -> None:
+    for offset, lo, hi in F16_FIELDS[qtype]:
         blocks[:, offset:offset + 2] = rng.uniform(lo, hi, len(blocks)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-    if qtype == T.Q4_K:
-        f16(0, 1e-4, 1e-2)  # d
-        f16(2, 1e-4, 1e-2)  # dmin
-    else:  # Q6_K
-        f16(208, -1e-2, 1e-2)
     return blocks.reshape(rows, -1)
 
 
@@ -202,13 +206,12 @@ def test_path_rule_is_declared():
     assert qm.path(1, qm.handle([legacy], 64)) == "dequant_gemm"  # no kernels: always GEMM
     if ops is not None:
         qm = QuantizedMatmul("avx2")  # the measured defaults, by kernel layout
-        x8, rows = qm.handle([legacy], 64), qm.handle([kquant], 256)
-        assert (x8.layout, rows.layout) == ("x8", "rows")
-        assert qz.DEFAULT_GEMM_THRESHOLDS == {"x8": None, "rows": 32}
-        assert [qm.path(n, x8) for n in (1, 512)] == ["quantized_dot"] * 2
-        assert [qm.path(n, rows) for n in (31, 32)] == ["quantized_dot", "dequant_gemm"]
+        x8, kx8 = qm.handle([legacy], 64), qm.handle([kquant], 256)
+        assert (x8.layout, kx8.layout) == ("x8", "x8")  # every block type is repacked for the kernels
+        assert qz.DEFAULT_GEMM_THRESHOLDS == {"x8": None, "rows": 1}
+        assert [qm.path(n, w) for n in (1, 512) for w in (x8, kx8)] == ["quantized_dot"] * 4
         qm.gemm_threshold = 8  # a plan's rule applies to every weight
-        assert [qm.path(n, w) for n in (7, 8) for w in (x8, rows)] == ["quantized_dot"] * 2 + ["dequant_gemm"] * 2
+        assert [qm.path(n, w) for n in (7, 8) for w in (x8, kx8)] == ["quantized_dot"] * 2 + ["dequant_gemm"] * 2
     assert CpuBackend(gemm_threshold=3).gemm_threshold == 3
     assert CpuBackend().gemm_threshold is None
     with pytest.raises(InvalidArgument):
@@ -231,12 +234,12 @@ def test_bad_inputs_raise_clear_errors():
     rng = np.random.default_rng(9)
     blocks = random_blocks(T.Q4_K, 4, 256, rng)
     with pytest.raises(ValueError, match="no kernel"):
-        ops.matrix([(blocks, int(T.Q5_0), 4)], 256)
-    with pytest.raises(ValueError, match="no kernel"):  # legacy types only in the x8 layout
-        ops.matrix([(random_blocks(T.Q4_0, 4, 256, rng), int(T.Q4_0), 4)], 256)
+        ops.matrix([(blocks, 1, 4, True)], 256)  # F16: not a block type
+    with pytest.raises(ValueError, match="no kernel"):  # every block type only in the x8 layout
+        ops.matrix([(blocks, int(T.Q4_K), 4)], 256)
     with pytest.raises(ValueError, match="bytes"):
-        ops.matrix([(blocks[:3], int(T.Q4_K), 4)], 256)
-    m = ops.matrix([(blocks, int(T.Q4_K), 4)], 256)
+        ops.matrix([(blocks[:3], int(T.Q4_K), 4, True)], 256)
+    m = QuantizedMatmul("avx2").handle([BlockPart(blocks, T.Q4_K, 4)], 256).matrix
     with pytest.raises(ValueError, match="do not fit"):
         ops.matmul(np.zeros((1, 32), np.float32), m, np.zeros((1, 4), np.float32), 1)
     with pytest.raises(TypeError):

@@ -1,8 +1,8 @@
 """Quantized-resident weights on the CPU: the `native` and `q8_0` weight formats.
 
 A `QuantizedLinear` holds W as GGML blocks -- the file's own (`native`) or requantized to
-Q8_0 at load (`q8_0`), Q4_0/Q4_1/Q8_0 repacked 8 rows interleaved for the kernels, K-quants
-read from the file mapping -- and `QuantizedMatmul` computes `x @ W.T` by one of two
+Q8_0 at load (`q8_0`), repacked 8 rows interleaved (the x8 layout, the same bytes) for the
+kernels -- and `QuantizedMatmul` computes `x @ W.T` by one of two
 declared paths:
 
 - **quantized dot** (batch below the GEMM threshold): the `ops_avx2` C kernels quantize
@@ -39,20 +39,19 @@ from engine.model.quants import dequantize, quant_type
 
 log = logging.getLogger(__name__)
 
-# Block types the quantized-dot kernels read directly. A `native` tensor of another block
-# type is requantized to Q8_0 at load; float tensors (F32/F16/BF16) stay dense float32.
-KERNEL_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
+# Block types the quantized-dot kernels read directly: every block type engine/model/quants.py
+# decodes. Each is repacked at load into the x8 layout (8 rows interleaved, x8.h) the kernels
+# read. Float tensors (F32/F16/BF16) stay dense float32; `q8_0` requantizes on request.
+KERNEL_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
-# Repacked to the x8 layout (8 rows interleaved) for the int8 kernels; K-quants are read in
-# the file's order.
-X8_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
+X8_TYPES = KERNEL_TYPES
 
 # Batches of at least this many rows take dequantize-into-GEMM, by kernel layout, when the
 # backend is given no gemm_threshold. Measured on 2 AVX2 cores (docs/03_quantized_cpu.md):
-# the x8 kernels (Q4_0/Q4_1/Q8_0) beat dequantize + OpenBLAS at every batch size (97 against
-# 44-67 GMAC/s at 128-512 rows), so never; the K-quant row kernels level off at ~30-40
-# GMAC/s and OpenBLAS overtakes them from ~32 rows.
-DEFAULT_GEMM_THRESHOLDS: dict[str, int | None] = {"x8": None, "rows": 32}
+# the x8 kernels beat dequantize + OpenBLAS at every batch size (Q4_0/Q4_1/Q8_0: 97 against
+# 44-67 GMAC/s at 128-512 rows; the K-quants and the other types read the same layout), so
+# never. "rows" (the file's order) is only left on the numpy path, which has no int8 kernels.
+DEFAULT_GEMM_THRESHOLDS: dict[str, int | None] = {"x8": None, "rows": 1}
 
 # Weights dequantized per GEMM tile: 8 MB of float32 scratch, so the 28M-weight output
 # head of a 135M model never becomes a 113 MB temporary.
@@ -103,8 +102,8 @@ class BlockPart:
     """One stored (rows, n_in) matrix in a block format.
 
     layout "rows": the file's order, (rows, row_bytes) uint8. layout "x8": the same blocks with
-    8 rows interleaved (ops_avx2.h), flat uint8, rows padded to a multiple of 8; the int8
-    kernels read it 8 rows per register (Q4_0, Q4_1, Q8_0).
+    8 rows interleaved (ops_avx2/x8.h), flat uint8, rows padded to a multiple of 8; the int8
+    kernels read it 8 rows per register (every block type).
     """
 
     blocks: np.ndarray
@@ -265,8 +264,7 @@ class QuantizedMatmul:
     def handle(self, parts: Sequence[BlockPart], n_in: int) -> QuantizedLinear:
         """The weight handle for parts in the file's row order.
 
-        With the kernels, Q4_0/Q4_1/Q8_0 parts are repacked into the x8 layout (a copy of the
-        same bytes) and the source pages of a read-only file mapping are released from the
+        With the kernels, every part is repacked into the x8 layout (a copy of the same bytes) and the source pages of a read-only file mapping are released from the
         resident set at once, so resident memory stays one copy of the weights.
         """
         if self.ops is not None:
