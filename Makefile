@@ -13,7 +13,7 @@ CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
 BASE_IMAGE ?=# empty: the Dockerfile's python:3.11 slim; .ci/containers.sh makes a Debian one offline
 IMAGE_BUILD_FLAGS ?=
 
-.PHONY: setup run serve test test-fast test-containers image bench clean protos
+.PHONY: setup run serve test test-fast test-containers image bench bench-vs-llamacpp clean protos
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,9 @@ bench: setup  ## prefill/decode throughput with the per-op profile, then continu
 	$(BIN)/plan-engine bench --profile
 	$(BIN)/plan-engine bench --concurrency 1,4,16,32
 	$(BIN)/plan-engine bench --concurrency 1,4,16,32 --weights native
+
+bench-vs-llamacpp: setup  ## ours vs llama.cpp on a 1B llama-shaped model (Q4_K_M, Q4_0, Q8_0, Q6_K): builds llama.cpp's tools once, makes the models, prints the table
+	$(BIN)/python benchmarks/bench_vs_llamacpp.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

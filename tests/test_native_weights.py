@@ -116,6 +116,9 @@ def test_native_keeps_the_files_blocks(tiny_path):
             np.testing.assert_array_equal(got, dense)
         assert isinstance(model.weights.embedding, BlockTable)  # looked up by row, never dequantized whole
         assert isinstance(model.weights.output, np.ndarray)  # an F32 head stays float
+        report = model.backend.weights_report()  # what bench prints: nothing requantized
+        assert report["Q4_K (x8)"] >= 1 and report["F32 -> float32"] >= 1
+        assert not any("-> Q8_0" in form for form in report)
     finally:
         model.close()
 

@@ -110,6 +110,7 @@ class BlockPart:
     qtype: T
     rows: int
     layout: str = "rows"
+    source: T | None = None  # the file's type when the blocks were requantized from it
 
 
 @dataclass
@@ -195,7 +196,7 @@ def _requantize_q8_0(t: TensorData) -> BlockPart:
         out[lo:hi] = quantize_q8_0(dequantize(src[lo:hi], t.qtype, (hi - lo, k)))
         if _EXTENSION is not None:
             _EXTENSION.release_pages(src[lo:hi])  # the file's pages are not needed again
-    return BlockPart(out, T.Q8_0, rows)
+    return BlockPart(out, T.Q8_0, rows, source=T(t.qtype))
 
 
 def _check_shape(t: TensorData) -> None:
@@ -205,6 +206,23 @@ def _check_shape(t: TensorData) -> None:
 
 
 _warned_requant: set[str] = set()
+
+
+def native_form(qtype: T | int) -> str:
+    """What the `native` format keeps of a tensor of this type on the CPU (`inspect` and `bench`
+    say it): the file's own blocks, repacked into the x8 layout for the int8 kernels, or float32."""
+    qtype = T(qtype)
+    if qtype in FLOAT_TYPES:
+        return "float32"
+    if qtype in KERNEL_TYPES:
+        return "own blocks (x8 repack)"
+    return "requantized to Q8_0"
+
+
+def describe_part(part: BlockPart) -> str:
+    """One resident part as `bench` reports it: "Q4_K (x8)", "F16 -> Q8_0 (x8)"."""
+    name = part.qtype.name if part.source in (None, part.qtype) else f"{part.source.name} -> {part.qtype.name}"
+    return f"{name} ({part.layout})"
 
 
 def block_part(t: TensorData, fmt: str) -> BlockPart:
@@ -217,7 +235,8 @@ def block_part(t: TensorData, fmt: str) -> BlockPart:
         return BlockPart(as_blocks(t.raw, t.shape[0]), qtype, t.shape[0])
     if fmt == "native" and qtype.name not in _warned_requant:
         _warned_requant.add(qtype.name)
-        log.warning("native weights: %s has no quantized kernel; requantizing those tensors to Q8_0", qtype.name)
+        log.warning("native weights: %s tensors in a quantized matrix are requantized to Q8_0 (bench reports it)",
+                    qtype.name)
     return _requantize_q8_0(t)
 
 
@@ -245,6 +264,7 @@ class QuantizedMatmul:
         self.gemm_threshold = gemm_threshold
         self.threads = threads or default_threads()
         self._scratch = np.empty(0, dtype=np.float32)
+        self.resident: dict[str, int] = {}  # tensors loaded, by resident form ("Q4_K (x8)"): what bench reports
 
     @property
     def gemm_threshold(self) -> int | None:
@@ -270,6 +290,8 @@ class QuantizedMatmul:
         if self.ops is not None:
             parts = [self._repack(p, n_in) if p.qtype in X8_TYPES else p for p in parts]
         parts = tuple(parts)
+        for p in parts:
+            self.resident[describe_part(p)] = self.resident.get(describe_part(p), 0) + 1
         w = QuantizedLinear(parts, n_in, sum(p.rows for p in parts))
         if self.ops is not None:
             w.matrix = self.ops.matrix([(p.blocks, int(p.qtype), p.rows, p.layout == "x8") for p in parts], n_in)
@@ -289,7 +311,7 @@ class QuantizedMatmul:
             dst = out[lo // 8 * group_bytes:-(-hi // 8) * group_bytes]
             self.ops.repack_x8(src, qtype, hi - lo, n_in, dst, self.threads)
             self.ops.release_pages(src)  # read-only mappings only; a no-op on owned arrays
-        return BlockPart(out, part.qtype, part.rows, "x8")
+        return BlockPart(out, part.qtype, part.rows, "x8", part.source)
 
     def path(self, n: int, w: QuantizedLinear, batch_invariant: bool = False) -> str:
         """The path a batch of n rows against w takes: "quantized_dot" or "dequant_gemm".
