@@ -67,7 +67,9 @@ void ops_repack_x8(int qtype, const uint8_t *src, int64_t rows, int64_t k, uint8
 static inline __attribute__((always_inline)) void dequant_block_x8(const int T, const uint8_t *g, int64_t b, float out[8 * QK])
 {
     X8Block x;
-    x8_unpack(T, g, b, &x);
+    int s;
+    const uint8_t *rec = x8_rec(T, g, b, &s);
+    x8_unpack(T, rec, s, &x);
     __m256 A[2], B[2];
     for (int h = 0; h < 2; h++) {
         A[h] = X8_SCALED(T) ? _mm256_mul_ps(x.d, _mm256_cvtepi32_ps(x.sc[h])) : x.d;

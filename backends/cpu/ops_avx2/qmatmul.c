@@ -123,78 +123,110 @@ static inline __m256i pair16(__m256i a, __m256i b)
     return _mm256_blend_epi16(a, _mm256_slli_epi32(b, 16), 0xAA);
 }
 
+/* One activation tile: C rows' accumulators, their quantized blocks and sums. */
+typedef struct {
+    __m256 acc[MAXC];
+    const int8_t *yq;
+    const float *yd, *ys;
+    const int32_t *yi, *yh;
+    int64_t k, nb;
+} Tile;
+
+/* 32-block b (block s of record rec) of the 8 rows against the tile's C activation rows */
+static inline __attribute__((always_inline)) void block_x8(const int T, const int C, const uint8_t *rec, const int s,
+                                                            int64_t b, Tile *t)
+{
+    const int G = X8_BITS(T) <= 4 && !X8_HALVES(T) ? 8 : X8_BITS(T) == 6 ? 2 : 4; /* chunks summed in s16 */
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t nb = t->nb;
+    X8Block x;
+    x8_unpack(T, rec, s, &x);
+    const __m256i sp[2] = {X8_SCALED(T) ? pair16(x.sc[0], x.sc[0]) : ones, X8_SCALED(T) ? pair16(x.sc[1], x.sc[1]) : ones};
+    const __m256i sc01 = pair16(x.sc[0], x.sc[1]), mn01 = pair16(x.mn[0], x.mn[1]);
+    __m256 dmn = _mm256_setzero_ps(); /* Q4_K/Q5_K: dmin * mn, one min for the block */
+    if (X8_SUB_MIN(T) && !X8_HALVES(T))
+        dmn = _mm256_mul_ps(x.m, _mm256_cvtepi32_ps(x.mn[0]));
+    __m256i aq[8];
+    if (X8_SIGNED(T))
+        for (int c = 0; c < 8; c++)
+            aq[c] = _mm256_sign_epi8(x.q[c], x.q[c]);
+#pragma GCC unroll 4
+    for (int j = 0; j < C; j++) {
+        const int8_t *y = t->yq + j * t->k + b * QK;
+        __m256i p = _mm256_setzero_si256();
+        if (X8_SIGNED(T)) {
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++)
+                p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(aq[c], _mm256_sign_epi8(bcast4(y + 4 * c), x.q[c])), sp[0]));
+        } else {
+#pragma GCC unroll 8
+            for (int c0g = 0; c0g < 8; c0g += G) {
+                __m256i s16 = _mm256_maddubs_epi16(x.q[c0g], bcast4(y + 4 * c0g));
+#pragma GCC unroll 8
+                for (int c = c0g + 1; c < c0g + G; c++)
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(x.q[c], bcast4(y + 4 * c)));
+                p = _mm256_add_epi32(p, _mm256_madd_epi16(s16, sp[c0g >> 2]));
+            }
+        }
+        const int32_t S = t->yi[j * nb + b], S0 = t->yh[j * nb + b];
+        const __m256i s01 = _mm256_set1_epi32((int32_t)(((uint32_t)(S - S0) << 16) | ((uint32_t)S0 & 0xFFFF)));
+        if (X8_OFF(T) && !X8_HALVES(T))
+            p = _mm256_sub_epi32(p, _mm256_set1_epi32(X8_OFF(T) * S));
+        else if (X8_OFF(T))
+            p = _mm256_sub_epi32(p, _mm256_slli_epi32(_mm256_madd_epi16(sc01, s01), __builtin_ctz(X8_OFF(T))));
+        const __m256 dy = _mm256_broadcast_ss(t->yd + j * nb + b);
+        t->acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(x.d, dy), t->acc[j]);
+        if (X8_ADD_M(T))
+            t->acc[j] = _mm256_fmadd_ps(x.m, _mm256_broadcast_ss(t->ys + j * nb + b), t->acc[j]);
+        else if (X8_SUB_MIN(T) && X8_HALVES(T))
+            t->acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn01, s01)), _mm256_mul_ps(x.m, dy), t->acc[j]);
+        else if (X8_SUB_MIN(T))
+            t->acc[j] = _mm256_fnmadd_ps(dmn, _mm256_broadcast_ss(t->ys + j * nb + b), t->acc[j]);
+    }
+}
+
 static inline __attribute__((always_inline)) void tile_x8(
     const int T, const int C, const uint8_t *g, int64_t nb, int64_t gstride, const QAct *a, int64_t c0,
     float *out, int64_t ldo, int valid)
 {
-    const int64_t share = gstride / nb; /* record bytes per 32-block */
-    const int G = X8_BITS(T) <= 4 && !X8_HALVES(T) ? 8 : X8_BITS(T) == 6 ? 2 : 4; /* chunks summed in s16 */
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[MAXC];
+    const int64_t rs = x8_record(T);
+    Tile t = {.yq = a->q + c0 * a->k, .yd = a->d + c0 * nb, .ys = a->s + c0 * nb, .yi = a->isum + c0 * nb,
+              .yh = a->isum16 + c0 * nb, .k = a->k, .nb = nb};
 #pragma GCC unroll 4
     for (int c = 0; c < C; c++)
-        acc[c] = _mm256_setzero_ps();
-    const int8_t *yq = a->q + c0 * a->k;
-    const float *yd = a->d + c0 * nb;
-    const float *ys = a->s + c0 * nb;
-    const int32_t *yi = a->isum + c0 * nb;
-    const int32_t *yh = a->isum16 + c0 * nb;
-
-    for (int64_t b = 0; b < nb; b++) {
-        for (int64_t off = 0; off < share; off += 64)
-            _mm_prefetch((const char *)(g + b * share + PF_GROUPS * gstride + off), _MM_HINT_T0);
-        X8Block x;
-        x8_unpack(T, g, b, &x);
-        const __m256i sp[2] = {X8_SCALED(T) ? pair16(x.sc[0], x.sc[0]) : ones, X8_SCALED(T) ? pair16(x.sc[1], x.sc[1]) : ones};
-        const __m256i sc01 = pair16(x.sc[0], x.sc[1]), mn01 = pair16(x.mn[0], x.mn[1]);
-        __m256 dmn = _mm256_setzero_ps(); /* Q4_K/Q5_K: dmin * mn, one min for the block */
-        if (X8_SUB_MIN(T) && !X8_HALVES(T))
-            dmn = _mm256_mul_ps(x.m, _mm256_cvtepi32_ps(x.mn[0]));
-        __m256i aq[8];
-        if (X8_SIGNED(T))
-            for (int c = 0; c < 8; c++)
-                aq[c] = _mm256_sign_epi8(x.q[c], x.q[c]);
-#pragma GCC unroll 4
-        for (int j = 0; j < C; j++) {
-            const int8_t *y = yq + j * a->k + b * QK;
-            __m256i p = _mm256_setzero_si256();
-            if (X8_SIGNED(T)) {
-#pragma GCC unroll 8
-                for (int c = 0; c < 8; c++)
-                    p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(aq[c], _mm256_sign_epi8(bcast4(y + 4 * c), x.q[c])), sp[0]));
-            } else {
-#pragma GCC unroll 8
-                for (int c0g = 0; c0g < 8; c0g += G) {
-                    __m256i s16 = _mm256_maddubs_epi16(x.q[c0g], bcast4(y + 4 * c0g));
-#pragma GCC unroll 8
-                    for (int c = c0g + 1; c < c0g + G; c++)
-                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(x.q[c], bcast4(y + 4 * c)));
-                    p = _mm256_add_epi32(p, _mm256_madd_epi16(s16, sp[c0g >> 2]));
-                }
-            }
-            const int32_t S = yi[j * nb + b], S0 = yh[j * nb + b];
-            const __m256i s01 = _mm256_set1_epi32((int32_t)(((uint32_t)(S - S0) << 16) | ((uint32_t)S0 & 0xFFFF)));
-            if (X8_OFF(T) && !X8_HALVES(T))
-                p = _mm256_sub_epi32(p, _mm256_set1_epi32(X8_OFF(T) * S));
-            else if (X8_OFF(T))
-                p = _mm256_sub_epi32(p, _mm256_slli_epi32(_mm256_madd_epi16(sc01, s01), __builtin_ctz(X8_OFF(T))));
-            const __m256 dy = _mm256_broadcast_ss(yd + j * nb + b);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(x.d, dy), acc[j]);
-            if (X8_ADD_M(T))
-                acc[j] = _mm256_fmadd_ps(x.m, _mm256_broadcast_ss(ys + j * nb + b), acc[j]);
-            else if (X8_SUB_MIN(T) && X8_HALVES(T))
-                acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn01, s01)), _mm256_mul_ps(x.m, dy), acc[j]);
-            else if (X8_SUB_MIN(T))
-                acc[j] = _mm256_fnmadd_ps(dmn, _mm256_broadcast_ss(ys + j * nb + b), acc[j]);
+        t.acc[c] = _mm256_setzero_ps();
+    if (X8_SUPER(T)) {
+        for (int64_t sb = 0; sb < nb / 8; sb++) {
+            const uint8_t *rec = g + sb * rs;
+            /* the same record PF_GROUPS groups on: every line of it */
+            for (int64_t off = 0; off < rs; off += 64)
+                _mm_prefetch((const char *)(rec + PF_GROUPS * gstride + off), _MM_HINT_T0);
+            /* the 8 blocks spelled out: each with its s a constant, shifts and offsets fold */
+            block_x8(T, C, rec, 0, 8 * sb + 0, &t);
+            block_x8(T, C, rec, 1, 8 * sb + 1, &t);
+            block_x8(T, C, rec, 2, 8 * sb + 2, &t);
+            block_x8(T, C, rec, 3, 8 * sb + 3, &t);
+            block_x8(T, C, rec, 4, 8 * sb + 4, &t);
+            block_x8(T, C, rec, 5, 8 * sb + 5, &t);
+            block_x8(T, C, rec, 6, 8 * sb + 6, &t);
+            block_x8(T, C, rec, 7, 8 * sb + 7, &t);
+        }
+    } else {
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *rec = g + b * rs;
+#pragma GCC unroll 5
+            for (int64_t off = 0; off < rs; off += 64)
+                _mm_prefetch((const char *)(rec + PF_GROUPS * gstride + off), _MM_HINT_T0);
+            block_x8(T, C, rec, 0, b, &t);
         }
     }
 #pragma GCC unroll 4
     for (int j = 0; j < C; j++) {
         if (valid == X8) {
-            _mm256_storeu_ps(out + (c0 + j) * ldo, acc[j]);
+            _mm256_storeu_ps(out + (c0 + j) * ldo, t.acc[j]);
         } else {
             float tmp[8];
-            _mm256_storeu_ps(tmp, acc[j]);
+            _mm256_storeu_ps(tmp, t.acc[j]);
             memcpy(out + (c0 + j) * ldo, tmp, (size_t)valid * sizeof(float));
         }
     }

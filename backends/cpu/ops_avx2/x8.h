@@ -88,13 +88,21 @@ static inline void k_scale_min(__m256i A, __m256i B, __m256i C, int s, __m256i *
     }
 }
 
-/* 32-block b of the group at g (nb blocks a row) unpacked; T a compile-time constant */
-static inline __attribute__((always_inline)) void x8_unpack(const int T, const uint8_t *g, int64_t b, X8Block *x)
+/* 256-weight super-blocks: a record holds 8 32-blocks */
+#define X8_SUPER(T) ((T) == QT_Q2_K || (T) == QT_Q3_K || (T) == QT_Q4_K || (T) == QT_Q5_K || (T) == QT_Q6_K || (T) == QT_IQ4_XS)
+
+/* the record holding 32-block b of the group at g, and b's index s within it */
+static inline const uint8_t *x8_rec(int T, const uint8_t *g, int64_t b, int *s)
+{
+    *s = X8_SUPER(T) ? (int)(b & 7) : 0;
+    return X8_SUPER(T) ? g + (b >> 3) * 8 * qformat(T)->size : g + b * 8 * qformat(T)->size;
+}
+
+/* 32-block s of the record rec unpacked; T (and, in the kernels, s) compile-time constants so
+ * that every shift and offset folds */
+static inline __attribute__((always_inline)) void x8_unpack(const int T, const uint8_t *rec, const int s, X8Block *x)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), one8 = _mm256_set1_epi8(1);
-    const int kq = T == QT_Q2_K || T == QT_Q3_K || T == QT_Q4_K || T == QT_Q5_K || T == QT_Q6_K || T == QT_IQ4_XS;
-    const int s = kq ? (int)(b & 7) : 0; /* the 32-block within a 256-weight super-block */
-    const uint8_t *rec = kq ? g + (b >> 3) * 8 * qformat(T)->size : g + b * 8 * qformat(T)->size;
     x->sc[0] = x->sc[1] = _mm256_set1_epi32(1);
     x->mn[0] = x->mn[1] = _mm256_setzero_si256();
     x->m = _mm256_setzero_ps();
