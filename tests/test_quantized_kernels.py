@@ -102,9 +102,18 @@ def test_dequantize_is_bit_exact(qtype):
         np.testing.assert_array_equal(out, dequantize(blocks, qtype, (rows, k)))
 
 
+@pytest.fixture(params=["avx2", "vnni"])
+def isa(request):
+    """The int8 kernels on AVX2, then on AVX512-VNNI where this CPU has it (the default there)."""
+    if not ops.use_vnni(request.param == "vnni") and request.param == "vnni":
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    yield request.param
+    ops.use_vnni(True)
+
+
 @needs_ext
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_quantized_dot_matches_dequantize_then_matmul(qtype):
+def test_quantized_dot_matches_dequantize_then_matmul(qtype, isa):
     rng = np.random.default_rng(3)
     qm = QuantizedMatmul("avx2", gemm_threshold=1 << 30)  # always the int8 kernels
     for rows, k, n in SHAPES:
@@ -138,6 +147,25 @@ def test_fused_parts_of_mixed_types():
     qm.gemm_threshold = 1
     x = rng.standard_normal((3, k)).astype(np.float32)
     _float_close(qm.linear(x, w), x, dense, 1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_vnni_and_avx2_kernels_give_the_same_bits(qtype):
+    """Both instruction sets compute the same integer dot products exactly, then the same float
+    operations: the results do not depend on which one the CPU has."""
+    if not ops.use_vnni(True):
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    rng = np.random.default_rng(15)
+    qm = QuantizedMatmul("avx2", gemm_threshold=1 << 30)
+    w = qm.handle([BlockPart(random_blocks(qtype, 37, 768, rng), qtype, 37)], 768)
+    x = rng.standard_normal((6, 768)).astype(np.float32)
+    try:
+        vnni = qm.linear(x, w)
+        ops.use_vnni(False)
+        np.testing.assert_array_equal(qm.linear(x, w), vnni)
+    finally:
+        ops.use_vnni(True)
 
 
 @needs_ext

@@ -87,7 +87,7 @@ def extension_status() -> str:
     """One line for logs and `bench`: which kernels this process can use."""
     if _EXTENSION is None:
         return f"numpy fallback: {_WHY_NOT}"
-    return "avx2 kernels"
+    return "avx512-vnni kernels" if _EXTENSION.use_vnni(True) else "avx2 kernels"
 
 
 def default_threads() -> int:

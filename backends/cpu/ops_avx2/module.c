@@ -5,6 +5,7 @@
  * Each kernel call releases the GIL for its whole computation.
  *
  *   have_avx2() -> bool               CPU (and OS) support AVX2, FMA and F16C
+ *   use_vnni(on) -> bool              the int8 kernels on AVX512-VNNI where the CPU has it (default on)
  *   set_spin_us(us)                   how long idle pool workers spin before sleeping
  *   park()                            idle pool workers sleep now (before OpenBLAS takes the cores)
  *   matrix(parts, k) -> capsule       parts: [(buffer, ggml_type, rows, x8)], each (rows, k) in x8 blocks
@@ -49,6 +50,16 @@ int ops_cpu_has_avx2(void)
 #if OPS_X86 && defined(__GNUC__)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+int ops_cpu_has_vnni(void)
+{
+#if OPS_X86 && defined(__GNUC__)
+    __builtin_cpu_init();
+    return ops_cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
 #else
     return 0;
 #endif
@@ -906,6 +917,18 @@ static PyObject *py_have_avx2(PyObject *self, PyObject *noargs)
     return PyBool_FromLong(g_have_avx2 && OPS_X86);
 }
 
+static PyObject *py_use_vnni(PyObject *self, PyObject *arg)
+{
+    const int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+#if OPS_X86
+    return PyBool_FromLong(ops_use_vnni(on));
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyObject *py_set_spin_us(PyObject *self, PyObject *arg)
 {
     const long us = PyLong_AsLong(arg);
@@ -921,6 +944,7 @@ static PyObject *py_set_spin_us(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"have_avx2", py_have_avx2, METH_NOARGS, "CPU and OS support AVX2, FMA and F16C."},
+    {"use_vnni", py_use_vnni, METH_O, "use_vnni(on) -> bool: the AVX512-VNNI kernels if on and the CPU has them."},
     {"set_spin_us", py_set_spin_us, METH_O, "set_spin_us(us): how long idle pool workers spin before sleeping."},
     {"matrix", py_matrix, METH_VARARGS, "matrix(parts, k): a weight handle over [(buffer, ggml_type, rows)]."},
     {"matmul", py_matmul, METH_VARARGS, "matmul(x, matrix, out, threads): out[:, :rows] = x @ W.T."},

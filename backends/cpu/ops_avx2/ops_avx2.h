@@ -104,6 +104,8 @@ typedef struct {
 } QAct;
 
 int ops_cpu_has_avx2(void);
+int ops_cpu_has_vnni(void); /* AVX512-VNNI and AVX512-VL: the vpdpbusd kernels (qmatmul_vnni.c) */
+int ops_use_vnni(int on);   /* use them if on and the CPU has them; returns whether they are used */
 int ops_part_supported(int qtype);
 int64_t ops_row_bytes(int qtype, int64_t k);
 
@@ -116,6 +118,8 @@ void ops_park(void);
 /* kernels (AVX2) */
 void ops_quantize_act(const float *x, int64_t ldx, QAct *a, int nthreads);
 void ops_matmul(const QMatrix *w, const QAct *a, float *out, int64_t ldo, int nthreads);
+void ops_x8_rows_vnni(int qtype, const uint8_t *data, int64_t r0, int64_t nr, int64_t nb, const QAct *a, float *o,
+                      int64_t ldo);
 void ops_dequantize(const QMatrix *w, int64_t row0, int64_t row1, float *out, int nthreads);
 void ops_quantize_q8_0(const float *x, int64_t n, uint8_t *out, int nthreads);
 void ops_repack_x8(int qtype, const uint8_t *src, int64_t rows, int64_t k, uint8_t *dst, int nthreads);
