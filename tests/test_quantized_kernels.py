@@ -169,6 +169,22 @@ def test_vnni_and_avx2_kernels_give_the_same_bits(qtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_prompt_sized_batches_span_several_activation_chunks(qtype):
+    """A prefill-sized batch is taken in chunks of activation rows (256 KB of int8 each: 128 rows
+    at k = 2048); every row still matches the reference and its own one-row result."""
+    rng = np.random.default_rng(16)
+    qm = QuantizedMatmul("avx2", gemm_threshold=1 << 30)
+    part = BlockPart(random_blocks(qtype, 21, 2048, rng), qtype, 21)
+    w = qm.handle([part], 2048)
+    x = rng.standard_normal((301, 2048)).astype(np.float32)
+    got = qm.linear(x, w)
+    _close(got, int8_reference(x, [part]), 1e-5)
+    for i in (0, 127, 128, 255, 300):
+        np.testing.assert_array_equal(qm.linear(x[i:i + 1], w)[0], got[i])
+
+
+@needs_ext
 def test_thread_count_does_not_change_results():
     """Each output is computed by exactly one thread: results are bit-identical at any count."""
     rng = np.random.default_rng(5)

@@ -187,6 +187,20 @@ static inline __attribute__((always_inline)) void tile_x8(
     }
 }
 
+/* Activation rows per pass over a work item's weight groups: as many as fit ACT_CHUNK_BYTES of
+ * int8 (a multiple of MAXC, so the tiles, and every result, are those of one pass). Each
+ * group reads the chunk's activations; a prompt's whole (512 x 8192 = 4 MB for ffn_down) would
+ * come from L3 for every 8 weight rows, a chunk stays in L2 beside the item's weights. */
+#ifndef ACT_CHUNK_BYTES
+#define ACT_CHUNK_BYTES (256 << 10)
+#endif
+
+static inline int64_t act_chunk(int64_t k)
+{
+    const int64_t rows = ACT_CHUNK_BYTES / k / MAXC * MAXC;
+    return rows > MAXC ? rows : MAXC;
+}
+
 #define X8_KERNEL(T, NAME)                                                                                  \
     static void NAME##_c1(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) { tile_x8(T, 1, g, nb, gs, a, c0, o, l, v); } \
     static void NAME##_c2(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) { tile_x8(T, 2, g, nb, gs, a, c0, o, l, v); } \
@@ -196,15 +210,19 @@ static inline __attribute__((always_inline)) void tile_x8(
     static void NAME##_rows(const uint8_t *data, int64_t r0, int64_t nr, int64_t nb, const QAct *a, float *out, int64_t ldo) \
     {                                                                                                       \
         const int64_t gs = nb * QK / qformat(T)->block * x8_record(T);                                      \
-        for (int64_t r = 0; r < nr; r += X8) {                                                              \
-            const uint8_t *g = data + (r0 + r) / X8 * gs;                                                   \
-            const int v = nr - r < X8 ? (int)(nr - r) : X8;                                                 \
-            for (int64_t c0 = 0; c0 < a->n; c0 += MAXC) {                                                   \
-                const int64_t cn = a->n - c0 < MAXC ? a->n - c0 : MAXC;                                     \
-                if (cn == 1) NAME##_c1(g, nb, gs, a, c0, out + r, ldo, v);                                  \
-                else if (cn == 2) NAME##_c2(g, nb, gs, a, c0, out + r, ldo, v);                             \
-                else if (cn == 3) NAME##_c3(g, nb, gs, a, c0, out + r, ldo, v);                             \
-                else NAME##_c4(g, nb, gs, a, c0, out + r, ldo, v);                                          \
+        const int64_t chunk = act_chunk(a->k);                                                              \
+        for (int64_t cc = 0; cc < a->n; cc += chunk) {                                                      \
+            const int64_t ce = a->n - cc < chunk ? a->n : cc + chunk;                                       \
+            for (int64_t r = 0; r < nr; r += X8) {                                                          \
+                const uint8_t *g = data + (r0 + r) / X8 * gs;                                               \
+                const int v = nr - r < X8 ? (int)(nr - r) : X8;                                             \
+                for (int64_t c0 = cc; c0 < ce; c0 += MAXC) {                                                \
+                    const int64_t cn = ce - c0 < MAXC ? ce - c0 : MAXC;                                     \
+                    if (cn == 1) NAME##_c1(g, nb, gs, a, c0, out + r, ldo, v);                              \
+                    else if (cn == 2) NAME##_c2(g, nb, gs, a, c0, out + r, ldo, v);                         \
+                    else if (cn == 3) NAME##_c3(g, nb, gs, a, c0, out + r, ldo, v);                         \
+                    else NAME##_c4(g, nb, gs, a, c0, out + r, ldo, v);                                      \
+                }                                                                                           \
             }                                                                                               \
         }                                                                                                   \
     }
