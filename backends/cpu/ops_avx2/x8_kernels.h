@@ -7,7 +7,15 @@
 
 #include "x8.h"
 
-#define MAXC 4 /* activation rows per tile */
+#ifndef X8_VNNI
+#define X8_VNNI 0
+#endif
+/* activation rows per tile: 4 in AVX2's 16 registers, 8 in AVX-512's 32 (the VNNI build) */
+#if X8_VNNI
+#define MAXC 8
+#else
+#define MAXC 4
+#endif
 #ifndef PF_GROUPS
 #define PF_GROUPS 8 /* prefetch the same record this many 8-row groups on */
 #endif
@@ -28,10 +36,6 @@
  *
  * Signed types (Q8_0, IQ4_*) take |q| . sign(y, q), a madd per chunk. Per block and 8 rows
  * this is ~40 instructions for 256 multiply-adds against ~17 per 32 for one row at a time. */
-
-#ifndef X8_VNNI
-#define X8_VNNI 0
-#endif
 
 static inline __m256i bcast4(const int8_t *p)
 {
@@ -84,7 +88,7 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
         for (int c = 0; c < 8; c++)
             aq[c] = _mm256_sign_epi8(x.q[c], x.q[c]);
 #endif
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < C; j++) {
         const int8_t *y = t->yq + j * t->k + b * QK;
         __m256i p = _mm256_setzero_si256();
@@ -93,7 +97,7 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
         /* u8 x s8 products summed by 4 straight into int32: no s16 stage, no overflow limit */
         if (X8_HALVES(T)) {
             __m256i p1 = _mm256_setzero_si256();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int c = 0; c < 4; c++) {
                 p = _mm256_dpbusd_epi32(p, x.q[c], bcast4(y + 4 * c));
                 p1 = _mm256_dpbusd_epi32(p1, x.q[c + 4], bcast4(y + 16 + 4 * c));
@@ -147,7 +151,7 @@ static inline __attribute__((always_inline)) void tile_x8(
     const int64_t rs = x8_record(T);
     Tile t = {.yq = a->q + c0 * a->k, .yd = a->d + c0 * nb, .ys = a->s + c0 * nb, .yi = a->isum + c0 * nb,
               .yh = a->isum16 + c0 * nb, .k = a->k, .nb = nb};
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int c = 0; c < C; c++)
         t.acc[c] = _mm256_setzero_ps();
     if (X8_SUPER(T)) {
@@ -175,7 +179,7 @@ static inline __attribute__((always_inline)) void tile_x8(
             block_x8(T, C, rec, 0, b, &t);
         }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < C; j++) {
         if (valid == X8) {
             _mm256_storeu_ps(out + (c0 + j) * ldo, t.acc[j]);
@@ -201,11 +205,21 @@ static inline int64_t act_chunk(int64_t k)
     return rows > MAXC ? rows : MAXC;
 }
 
+#define X8_TILE(T, NAME, C)                                                                                 \
+    static void NAME##_c##C(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) \
+    {                                                                                                       \
+        tile_x8(T, C, g, nb, gs, a, c0, o, l, v);                                                           \
+    }
+
+#if MAXC == 8
+#define X8_TILE8(T, NAME) X8_TILE(T, NAME, 8)
+#else /* never called: the dispatch below takes 8-row tiles only when MAXC is 8 */
+#define X8_TILE8(T, NAME)                                                                                   \
+    static void NAME##_c8(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) {}
+#endif
+
 #define X8_KERNEL(T, NAME)                                                                                  \
-    static void NAME##_c1(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) { tile_x8(T, 1, g, nb, gs, a, c0, o, l, v); } \
-    static void NAME##_c2(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) { tile_x8(T, 2, g, nb, gs, a, c0, o, l, v); } \
-    static void NAME##_c3(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) { tile_x8(T, 3, g, nb, gs, a, c0, o, l, v); } \
-    static void NAME##_c4(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) { tile_x8(T, 4, g, nb, gs, a, c0, o, l, v); } \
+    X8_TILE(T, NAME, 1) X8_TILE(T, NAME, 2) X8_TILE(T, NAME, 3) X8_TILE(T, NAME, 4) X8_TILE8(T, NAME)       \
     /* rows r0..r0+nr-1 of an x8 part, r0 a multiple of 8; nb 32-blocks a row */                          \
     static void NAME##_rows(const uint8_t *data, int64_t r0, int64_t nr, int64_t nb, const QAct *a, float *out, int64_t ldo) \
     {                                                                                                       \
@@ -216,12 +230,13 @@ static inline int64_t act_chunk(int64_t k)
             for (int64_t r = 0; r < nr; r += X8) {                                                          \
                 const uint8_t *g = data + (r0 + r) / X8 * gs;                                               \
                 const int v = nr - r < X8 ? (int)(nr - r) : X8;                                             \
-                for (int64_t c0 = cc; c0 < ce; c0 += MAXC) {                                                \
-                    const int64_t cn = ce - c0 < MAXC ? ce - c0 : MAXC;                                     \
-                    if (cn == 1) NAME##_c1(g, nb, gs, a, c0, out + r, ldo, v);                              \
-                    else if (cn == 2) NAME##_c2(g, nb, gs, a, c0, out + r, ldo, v);                         \
+                for (int64_t c0 = cc, cn; c0 < ce; c0 += cn) { /* tiles of MAXC rows, then the rest */     \
+                    cn = ce - c0;                                                                           \
+                    if (MAXC == 8 && cn >= 8) cn = 8, NAME##_c8(g, nb, gs, a, c0, out + r, ldo, v);         \
+                    else if (cn >= 4) cn = 4, NAME##_c4(g, nb, gs, a, c0, out + r, ldo, v);                 \
                     else if (cn == 3) NAME##_c3(g, nb, gs, a, c0, out + r, ldo, v);                         \
-                    else NAME##_c4(g, nb, gs, a, c0, out + r, ldo, v);                                      \
+                    else if (cn == 2) NAME##_c2(g, nb, gs, a, c0, out + r, ldo, v);                         \
+                    else NAME##_c1(g, nb, gs, a, c0, out + r, ldo, v);                                      \
                 }                                                                                           \
             }                                                                                               \
         }                                                                                                   \
