@@ -23,9 +23,9 @@ Usage: python benchmarks/bench_vs_llamacpp.py [--types Q4_K_M,Q4_0] [--rounds 2]
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -74,13 +74,15 @@ def llama_tools(root: Path) -> Path:
     """The bin/ directory holding TOOLS, built with cmake if any is missing."""
     src = llama_source(root)
     bin_dir = src / "build" / "bin"
-    if all((bin_dir / t).exists() for t in TOOLS):
-        return bin_dir
-    log(f"building {', '.join(TOOLS)} in {src / 'build'} (~10 min on 2 cores)")
-    subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF"], check=True)
-    subprocess.run(["cmake", "--build", str(src / "build"), "--config", "Release", "-j", str(os.cpu_count() or 2),
-                    "--target", *TOOLS], check=True)
+    with open(root / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second run waits for the first one's build, then reuses it
+        if all((bin_dir / t).exists() for t in TOOLS):
+            return bin_dir
+        log(f"building {', '.join(TOOLS)} in {src / 'build'} (~10 min on 2 cores)")
+        subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF"], check=True)
+        subprocess.run(["cmake", "--build", str(src / "build"), "--config", "Release", "-j", str(os.cpu_count() or 2),
+                        "--target", *TOOLS], check=True)
     return bin_dir
 
 
