@@ -98,8 +98,10 @@ def write_f16_model(path: Path, seed: int = 0) -> None:
     def field(name: str):
         return tok.fields[name]
 
-    tokens = [bytes(field("tokenizer.ggml.tokens").parts[i]).decode("utf-8") for i in field("tokenizer.ggml.tokens").data]
-    merges = [bytes(field("tokenizer.ggml.merges").parts[i]).decode("utf-8") for i in field("tokenizer.ggml.merges").data]
+    def strings(name: str) -> list[str]:
+        return [bytes(field(name).parts[i]).decode("utf-8") for i in field(name).data]
+
+    tokens, merges = strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges")
     types = [int(field("tokenizer.ggml.token_type").parts[i][0]) for i in field("tokenizer.ggml.token_type").data]
     scalar = lambda name: int(field(name).parts[field(name).data[0]][0])  # noqa: E731
     s = SHAPE
@@ -271,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     _pinned(args.threads)
     bin_dir = llama_tools(args.llama_dir)
     files = models(args.workdir, bin_dir, types)
-    sides = {"llama.cpp": lambda m: {**llama_pp_tg(bin_dir, m, args.threads), **llama_streams(bin_dir, m, args.threads)},
+    sides = {"llama.cpp": lambda m: {**llama_pp_tg(bin_dir, m, args.threads),
+                                     **llama_streams(bin_dir, m, args.threads)},
              "ours": lambda m: {**ours_pp_tg(m, args.threads), **ours_streams(m, args.threads)}}
     if args.only:
         sides = {args.only: sides[args.only]}

@@ -284,8 +284,9 @@ class QuantizedMatmul:
     def handle(self, parts: Sequence[BlockPart], n_in: int) -> QuantizedLinear:
         """The weight handle for parts in the file's row order.
 
-        With the kernels, every part is repacked into the x8 layout (a copy of the same bytes) and the source pages of a read-only file mapping are released from the
-        resident set at once, so resident memory stays one copy of the weights.
+        With the kernels, every part is repacked into the x8 layout (a copy of the same bytes)
+        and the source pages of a read-only file mapping are released from the resident set at
+        once, so resident memory stays one copy of the weights.
         """
         if self.ops is not None:
             parts = [self._repack(p, n_in) if p.qtype in X8_TYPES else p for p in parts]
