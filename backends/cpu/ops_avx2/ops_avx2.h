@@ -73,8 +73,8 @@ static inline int64_t x8_record(int qtype)
     return 8 * (int64_t)qformat(qtype)->size;
 }
 
-/* One stored weight matrix (rows, k) in a block format, rows in the file's order (x8 = 0)
- * or interleaved by 8 (x8 = 1); row_bytes is a file row's size either way. */
+/* One stored weight matrix (rows, k) in a block format, interleaved by 8 (x8 = 1, the only
+ * layout the kernels take; x8.h); row_bytes is a file row's size. */
 typedef struct {
     const uint8_t *data;
     int qtype;
