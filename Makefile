@@ -13,7 +13,7 @@ CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
 BASE_IMAGE ?=# empty: the Dockerfile's python:3.11 slim; .ci/containers.sh makes a Debian one offline
 IMAGE_BUILD_FLAGS ?=
 
-.PHONY: setup run serve test test-fast test-containers image bench clean protos traces tune
+.PHONY: setup run serve test test-fast test-containers image bench bench-vs-llamacpp clean protos traces tune
 
 setup: $(VENV)/.installed
 
@@ -69,6 +69,9 @@ traces: setup  ## regenerate the shipped load traces (deploy/traces/, docs/05_we
 tune: setup  ## the tuning agent on both shipped traces: bad trial rolled back, then final vs default, interleaved
 	$(BIN)/plan-engine tune --trace deploy/traces/bursty_batch.jsonl --goal max_tokens_per_s --max-ttft 10 --bad-trial
 	$(BIN)/plan-engine tune --trace deploy/traces/steady_chat.jsonl --goal min_joules_per_token --max-ttft 10 --max-itl 2
+
+bench-vs-llamacpp: setup  ## ours vs llama.cpp on a 1B llama-shaped model (Q4_K_M, Q4_0, Q8_0, Q6_K): builds llama.cpp's tools once, makes the models, prints the table
+	$(BIN)/python benchmarks/bench_vs_llamacpp.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

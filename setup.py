@@ -8,8 +8,8 @@ headers, no OpenMP (its thread pool is plain pthreads).
 
 from setuptools import Extension, setup
 
-SOURCES = ("module", "threadpool", "qmatmul", "dequant", "ops", "fmatmul")
-HEADERS = ("ops_avx2", "simd")
+SOURCES = ("module", "threadpool", "qmatmul", "qmatmul_vnni", "dequant", "ops", "fmatmul")
+HEADERS = ("ops_avx2", "simd", "x8", "x8_kernels")
 
 ops_avx2 = Extension(
     "backends.cpu._ops_avx2",

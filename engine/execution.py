@@ -30,11 +30,12 @@ class ExecutionSettings:
     # f32 weights: the C float kernel takes 0.4-0.9x OpenBLAS's time up to 64 rows; OpenBLAS
     # is 3-15 % faster from 96 rows. 0: OpenBLAS for every batch.
     f32_kernel_rows: int = 64
-    # x8 block weights (Q4_0/Q4_1/Q8_0): the int8 kernels beat dequantize + OpenBLAS at every
+    # x8 block weights (every block type): the int8 kernels beat dequantize + OpenBLAS at every
     # batch size measured (97 against 44-67 GMAC/s at 128-512 rows): 0, never GEMM.
     gemm_rows_x8: int = 0
-    # Row-order block weights (K-quants): the row kernels level off at 30-40 GMAC/s and
-    # OpenBLAS (float activations) overtakes them from ~32 rows.
+    # Block weights read in the file's row order. Since every block type has an x8 kernel no
+    # weight is kept in that order (the old K-quant row kernels took GEMM from 32 rows), so this
+    # has no effect today; kept because schema fields are never removed.
     gemm_rows_rowwise: int = 32
     # CUDA: the fused dequantize-matvec kernel up to this many tokens, dequantize + GEMM above.
     cuda_prefill_tokens: int = 32

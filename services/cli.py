@@ -446,9 +446,12 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from gguf import GGMLQuantizationType
     from engine.model.gguf_file import ModelFile
     from engine.model.registry import resolve
+    from backends.cpu.quantized import native_form
     info = ModelFile(resolve(args.model)).describe()
+    info["native_weights"] = {t: native_form(GGMLQuantizationType[t]) for t in info["tensor_types"]}
     if args.json:
         _print_json(info)
         return 0
@@ -462,6 +465,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     tok = {k: v for k, v in info["tokenizer"].items() if k != "chat_template"}
     print("tokenizer: " + ", ".join(f"{k}={v}" for k, v in tok.items()))
     print(f"chat template: {'yes' if 'chat_template' in info['tokenizer'] else 'no'}")
+    print("with --weights native (CPU): " + ", ".join(f"{t}: {form}" for t, form in info["native_weights"].items()))
     print(f"\n{'tensor':<28} {'type':<6} {'shape':<16} {'bytes':>12}")
     for t in info["tensors"]:
         print(f"{t['name']:<28} {t['type']:<6} {'x'.join(map(str, t['shape'])):<16} {t['bytes']:>12,}")

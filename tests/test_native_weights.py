@@ -93,8 +93,8 @@ def _load(path, weights, **settings):
 
 @needs_ext
 def test_native_keeps_the_files_blocks(tiny_path):
-    """Every block tensor resident once, in its own type: the legacy types repacked into the x8
-    layout (the same bytes, 8 rows interleaved), the K-quants read from the file mapping."""
+    """Every block tensor resident once, in its own type, repacked into the x8 layout (the same
+    bytes, 8 rows interleaved) the kernels read."""
     model = LoadedModel(tiny_path, weights="native")
     try:
         layer = model.weights.layers[0]
@@ -102,8 +102,7 @@ def test_native_keeps_the_files_blocks(tiny_path):
         assert layer.wqkv.qtypes == ("Q4_0", "Q4_1", "Q8_0")
         assert [p.layout for p in layer.wqkv.parts] == ["x8"] * 3
         assert layer.w_gate_up.qtypes == ("Q4_K", "Q6_K")
-        for part, name in zip(layer.w_gate_up.parts, ("ffn_gate", "ffn_up")):
-            assert part.layout == "rows" and np.shares_memory(part.blocks, model.file.raw(f"blk.0.{name}.weight"))
+        assert [p.layout for p in layer.w_gate_up.parts] == ["x8"] * 2
         for w, names in [(layer.wqkv, ("attn_q", "attn_k", "attn_v")), (layer.wo, ("attn_output",)),
                          (layer.w_gate_up, ("ffn_gate", "ffn_up")), (layer.w_down, ("ffn_down",))]:
             files = [f"blk.0.{n}.weight" for n in names]
@@ -115,6 +114,9 @@ def test_native_keeps_the_files_blocks(tiny_path):
             np.testing.assert_array_equal(got, dense)
         assert isinstance(model.weights.embedding, BlockTable)  # looked up by row, never dequantized whole
         assert isinstance(model.weights.output, np.ndarray)  # an F32 head stays float
+        report = model.backend.weights_report()  # what bench prints: nothing requantized
+        assert report["Q4_K (x8)"] >= 1 and report["F32 -> float32"] >= 1
+        assert not any("-> Q8_0" in form for form in report)
     finally:
         model.close()
 
@@ -146,28 +148,30 @@ def test_int8_path_close_to_f32_weights_and_decode_equals_one_pass(tiny_path, ti
         model.close()
 
 
-@pytest.mark.parametrize("qtype", [T.F16, T.Q4_1, T.Q5_1])
-def test_types_without_a_kernel_are_requantized_to_q8_0(qtype):
-    """`native` requantizes a block type without a kernel (Q5_1 here) to Q8_0; `q8_0` does so
-    for every type; the result is Q8_0 of the dequantized weights."""
+@pytest.mark.parametrize("qtype", [T.Q5_1, T.F16, T.Q4_1])
+def test_q8_0_requantizes_every_type_and_native_keeps_blocks(qtype):
+    """`q8_0` requantizes every type to Q8_0 of the dequantized weights; `native` keeps a block
+    type's own blocks (Q5_1 had no kernel once and was requantized; Q5_0 and IQ4_NL widen exactly, below)."""
     from backends.base import TensorData
     from engine.model.quants import dequantize
     rng = np.random.default_rng(1)
     x = rng.standard_normal((6, 64)).astype(np.float32)
     raw = x.astype(np.float16) if qtype == T.F16 else gguf_quantize(x, qtype)
     tensor = TensorData(raw, qtype, (6, 64))
-    fmt = "native" if qtype == T.Q5_1 else "q8_0"
-    part = qz.block_part(tensor, fmt)
+    part = qz.block_part(tensor, "q8_0")
     assert part.qtype == T.Q8_0 and part.rows == 6
     dense = dequantize(raw, qtype, (6, 64))
     np.testing.assert_array_equal(part.blocks, gguf_quantize(dense, T.Q8_0).reshape(6, -1))
+    if qtype != T.F16:
+        native = qz.block_part(tensor, "native")
+        assert native.qtype == qtype and np.shares_memory(native.blocks, raw)
 
 
-@pytest.mark.parametrize("fmt", ["native", "q8_0"])
 @pytest.mark.parametrize("qtype", [T.Q5_0, T.IQ4_NL])
-def test_q5_0_and_iq4_nl_widen_to_q8_0_exactly(qtype, fmt):
-    """A Q5_0 or IQ4_NL block is a scale times small integers: as Q8_0 (same scale, same
-    integers) it holds the very same weights, where rounding to Q8_0 would move them."""
+def test_q5_0_and_iq4_nl_widen_to_q8_0_exactly(qtype):
+    """Under `q8_0` weights, a Q5_0 or IQ4_NL block (a scale times small integers) becomes Q8_0
+    with the same scale and integers: the very same weights, where rounding to Q8_0 would move
+    them. (`native` keeps their own blocks: both have x8 kernels.)"""
     from backends.base import TensorData
     from engine.model.quants import dequantize
     rng = np.random.default_rng(2)
@@ -177,7 +181,8 @@ def test_q5_0_and_iq4_nl_widen_to_q8_0_exactly(qtype, fmt):
         raw = rng.integers(0, 256, (12, 18), dtype=np.uint8)
         raw[:, 0:2] = rng.standard_normal((12, 1)).astype(np.float16).view(np.uint8)
         raw = raw.reshape(6, -1)
-    part = qz.block_part(TensorData(raw, qtype, (6, 64)), fmt)
+    part = qz.block_part(TensorData(raw, qtype, (6, 64)), "q8_0")
+    assert qz.block_part(TensorData(raw, qtype, (6, 64)), "native").qtype == qtype
     assert part.qtype == T.Q8_0 and part.rows == 6
     want = dequantize(raw, qtype, (6, 64))
     got = dequantize(part.blocks, T.Q8_0, (6, 64))

@@ -25,28 +25,32 @@ INT8_ALWAYS = kernel_settings(gemm_rows_x8=0, gemm_rows_rowwise=0)  # 0: never d
 ops = qz._EXTENSION
 needs_ext = pytest.mark.skipif(ops is None, reason=f"ops_avx2 unavailable: {qz._WHY_NOT}")
 
-TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
-# (rows, k, batch): one row, odd row counts (tile remainders), many blocks, batch 1..>4
-SHAPES = [(1, 256, 1), (7, 512, 3), (37, 768, 5), (64, 1536, 1), (130, 256, 16), (5, 2048, 2), (19, 256, 9)]
+TYPES = tuple(qz.KERNEL_TYPES)  # every block type: Q4_0 .. IQ4_XS
+# (rows, k, batch): one row, odd row counts (tile remainders), 33 rows, many blocks, batch 1..>4
+SHAPES = [(1, 256, 1), (7, 512, 3), (37, 768, 5), (33, 256, 7), (64, 1536, 1), (130, 256, 16), (5, 2048, 2),
+          (19, 256, 9)]
+# Offsets and ranges of each random-byte type's fp16 fields (the others are quantized by gguf-py).
+F16_FIELDS = {
+    T.Q2_K: [(80, 1e-4, 1e-2), (82, 1e-4, 1e-2)],  # d, dmin
+    T.Q3_K: [(108, -1e-2, 1e-2)],
+    T.Q4_K: [(0, 1e-4, 1e-2), (2, 1e-4, 1e-2)],
+    T.Q5_K: [(0, 1e-4, 1e-2), (2, 1e-4, 1e-2)],
+    T.Q6_K: [(208, -1e-2, 1e-2)],
+    T.IQ4_NL: [(0, -1e-2, 1e-2)],
+    T.IQ4_XS: [(0, -1e-2, 1e-2)],
+}
 
 
 def random_blocks(qtype: T, rows: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """(rows, row_bytes) uint8 of valid blocks: gguf's quantizer where it has one, else random
-    bytes with finite fp16 super-scales."""
-    if qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
+    bytes with finite fp16 scales."""
+    if qtype not in F16_FIELDS:
         x = rng.standard_normal((rows, k)).astype(np.float32) * rng.uniform(0.01, 2.0, (rows, 1)).astype(np.float32)
         return gguf_quantize(x, qtype).reshape(rows, -1)
     qt = quant_type(qtype)
     blocks = rng.integers(0, 256, (rows * k // qt.block_size, qt.type_size), dtype=np.uint8)
-
-    def f16(offset: int, lo: float, hi: float) -> None:
+    for offset, lo, hi in F16_FIELDS[qtype]:
         blocks[:, offset:offset + 2] = rng.uniform(lo, hi, len(blocks)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-    if qtype == T.Q4_K:
-        f16(0, 1e-4, 1e-2)  # d
-        f16(2, 1e-4, 1e-2)  # dmin
-    else:  # Q6_K
-        f16(208, -1e-2, 1e-2)
     return blocks.reshape(rows, -1)
 
 
@@ -101,9 +105,18 @@ def test_dequantize_is_bit_exact(qtype):
         np.testing.assert_array_equal(out, dequantize(blocks, qtype, (rows, k)))
 
 
+@pytest.fixture(params=["avx2", "vnni"])
+def isa(request):
+    """The int8 kernels on AVX2, then on AVX512-VNNI where this CPU has it (the default there)."""
+    if not ops.use_vnni(request.param == "vnni") and request.param == "vnni":
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    yield request.param
+    ops.use_vnni(True)
+
+
 @needs_ext
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_quantized_dot_matches_dequantize_then_matmul(qtype):
+def test_quantized_dot_matches_dequantize_then_matmul(qtype, isa):
     rng = np.random.default_rng(3)
     qm = QuantizedMatmul("avx2", INT8_ALWAYS)  # always the int8 kernels
     for rows, k, n in SHAPES:
@@ -137,6 +150,41 @@ def test_fused_parts_of_mixed_types():
     qm.configure(kernel_settings(gemm_rows_x8=1, gemm_rows_rowwise=1))
     x = rng.standard_normal((3, k)).astype(np.float32)
     _float_close(qm.linear(x, w), x, dense, 1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_vnni_and_avx2_kernels_give_the_same_bits(qtype):
+    """Both instruction sets compute the same integer dot products exactly, then the same float
+    operations: the results do not depend on which one the CPU has."""
+    if not ops.use_vnni(True):
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    rng = np.random.default_rng(15)
+    qm = QuantizedMatmul("avx2", INT8_ALWAYS)
+    w = qm.handle([BlockPart(random_blocks(qtype, 37, 768, rng), qtype, 37)], 768)
+    x = rng.standard_normal((6, 768)).astype(np.float32)
+    try:
+        vnni = qm.linear(x, w)
+        ops.use_vnni(False)
+        np.testing.assert_array_equal(qm.linear(x, w), vnni)
+    finally:
+        ops.use_vnni(True)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_prompt_sized_batches_span_several_activation_chunks(qtype):
+    """A prefill-sized batch is taken in chunks of activation rows (256 KB of int8 each: 128 rows
+    at k = 2048); every row still matches the reference and its own one-row result."""
+    rng = np.random.default_rng(16)
+    qm = QuantizedMatmul("avx2", INT8_ALWAYS)
+    part = BlockPart(random_blocks(qtype, 21, 2048, rng), qtype, 21)
+    w = qm.handle([part], 2048)
+    x = rng.standard_normal((301, 2048)).astype(np.float32)
+    got = qm.linear(x, w)
+    _close(got, int8_reference(x, [part]), 1e-5)
+    for i in (0, 127, 128, 255, 300):
+        np.testing.assert_array_equal(qm.linear(x[i:i + 1], w)[0], got[i])
 
 
 @needs_ext
@@ -204,16 +252,15 @@ def test_path_rule_is_declared():
     qm = QuantizedMatmul("numpy", kernel_settings())
     assert qm.path(1, qm.handle([legacy], 64)) == "dequant_gemm"  # no kernels: always GEMM
     if ops is not None:
-        qm = QuantizedMatmul("avx2", kernel_settings())  # the measured defaults, by kernel layout
-        x8, rows = qm.handle([legacy], 64), qm.handle([kquant], 256)
-        assert (x8.layout, rows.layout) == ("x8", "rows")
-        assert (DEFAULT_EXECUTION.gemm_rows_x8, DEFAULT_EXECUTION.gemm_rows_rowwise) == (0, 32)
-        assert [qm.path(n, x8) for n in (1, 512)] == ["quantized_dot"] * 2
-        assert [qm.path(n, rows) for n in (31, 32)] == ["quantized_dot", "dequant_gemm"]
-        qm.configure(kernel_settings(gemm_rows_x8=8, gemm_rows_rowwise=8))  # a plan's rule applies to every weight
-        assert [qm.path(n, w) for n in (7, 8) for w in (x8, rows)] == ["quantized_dot"] * 2 + ["dequant_gemm"] * 2
-    be = CpuBackend(kernel_settings(gemm_rows_rowwise=3))
-    assert be.settings.gemm_rows_rowwise == 3
+        qm = QuantizedMatmul("avx2", kernel_settings())  # the measured defaults
+        x8, kx8 = qm.handle([legacy], 64), qm.handle([kquant], 256)
+        assert (x8.layout, kx8.layout) == ("x8", "x8")  # every block type is repacked for the kernels
+        assert DEFAULT_EXECUTION.gemm_rows_x8 == 0  # never dequantize-into-GEMM
+        assert [qm.path(n, w) for n in (1, 512) for w in (x8, kx8)] == ["quantized_dot"] * 4
+        qm.configure(kernel_settings(gemm_rows_x8=8))  # a plan's rule applies to every weight
+        assert [qm.path(n, w) for n in (7, 8) for w in (x8, kx8)] == ["quantized_dot"] * 2 + ["dequant_gemm"] * 2
+    be = CpuBackend(kernel_settings(gemm_rows_x8=3))
+    assert be.settings.gemm_rows_x8 == 3
     be.configure(kernel_settings())  # live, as a new plan version's execution section
     assert be.settings == DEFAULT_EXECUTION.kernels
     with pytest.raises(InvalidArgument):
@@ -236,12 +283,12 @@ def test_bad_inputs_raise_clear_errors():
     rng = np.random.default_rng(9)
     blocks = random_blocks(T.Q4_K, 4, 256, rng)
     with pytest.raises(ValueError, match="no kernel"):
-        ops.matrix([(blocks, int(T.Q5_0), 4)], 256)
-    with pytest.raises(ValueError, match="no kernel"):  # legacy types only in the x8 layout
-        ops.matrix([(random_blocks(T.Q4_0, 4, 256, rng), int(T.Q4_0), 4)], 256)
+        ops.matrix([(blocks, 1, 4, True)], 256)  # F16: not a block type
+    with pytest.raises(ValueError, match="no kernel"):  # every block type only in the x8 layout
+        ops.matrix([(blocks, int(T.Q4_K), 4)], 256)
     with pytest.raises(ValueError, match="bytes"):
-        ops.matrix([(blocks[:3], int(T.Q4_K), 4)], 256)
-    m = ops.matrix([(blocks, int(T.Q4_K), 4)], 256)
+        ops.matrix([(blocks[:3], int(T.Q4_K), 4, True)], 256)
+    m = QuantizedMatmul("avx2", kernel_settings()).handle([BlockPart(blocks, T.Q4_K, 4)], 256).matrix
     with pytest.raises(ValueError, match="do not fit"):
         ops.matmul(np.zeros((1, 32), np.float32), m, np.zeros((1, 4), np.float32), 1)
     with pytest.raises(TypeError):

@@ -45,6 +45,7 @@ class CpuBackend(Backend):
         self.quantized = QuantizedMatmul(kernels, settings)
         self._ops = self.quantized.ops  # the C extension, or None: numpy for every op
         self._format = "f32"  # of the model being loaded, for the embedding table (see load_embedding)
+        self._dense: dict[str, int] = {}  # weight tensors loaded as float32, by file type (weights_report)
 
     def configure(self, settings: KernelSettings) -> None:
         self.quantized.configure(settings)
@@ -57,10 +58,18 @@ class CpuBackend(Backend):
         super().check_weight_format(fmt)
         self._format = fmt
 
+    def weights_report(self) -> dict[str, int]:
+        """Weight tensors loaded so far, by resident form: "Q4_K (x8)" (the file's blocks,
+        repacked for the kernels), "F16 -> Q8_0 (x8)" (requantized), "F16 -> float32"."""
+        return {**self.quantized.resident, **self._dense}
+
     def load_linear(self, parts: Sequence[TensorData], fmt: str) -> Any:
         self.check_weight_format(fmt)
         if fmt != "f32" and not all(T(p.qtype) in FLOAT_TYPES for p in parts):
             return self.quantized.handle([block_part(p, fmt) for p in parts], parts[0].shape[1])
+        for p in parts:
+            key = f"{T(p.qtype).name} -> float32"
+            self._dense[key] = self._dense.get(key, 0) + 1
         # float32, and float tensors under a block format: there are no blocks to keep.
         # Kept as W (out, in) contiguous, the file's orientation, and handed out as the (in, out)
         # view W.T, like the tied head's table: the float kernel reads W's rows as contiguous

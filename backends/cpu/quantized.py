@@ -1,8 +1,8 @@
 """Quantized-resident weights on the CPU: the `native` and `q8_0` weight formats.
 
 A `QuantizedLinear` holds W as GGML blocks -- the file's own (`native`) or requantized to
-Q8_0 at load (`q8_0`), Q4_0/Q4_1/Q8_0 repacked 8 rows interleaved for the kernels, K-quants
-read from the file mapping -- and `QuantizedMatmul` computes `x @ W.T` by one of two
+Q8_0 at load (`q8_0`), repacked 8 rows interleaved (the x8 layout, the same bytes) for the
+kernels -- and `QuantizedMatmul` computes `x @ W.T` by one of two
 declared paths:
 
 - **quantized dot** (batch below the GEMM threshold): the `ops_avx2` C kernels quantize
@@ -40,13 +40,12 @@ from engine.model.quants import EXACT_IN_Q8_0, dequantize, quant_type, widen_to_
 
 log = logging.getLogger(__name__)
 
-# Block types the quantized-dot kernels read directly. A `native` tensor of another block
-# type is requantized to Q8_0 at load; float tensors (F32/F16/BF16) stay dense float32.
-KERNEL_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
+# Block types the quantized-dot kernels read directly: every block type engine/model/quants.py
+# decodes. Each is repacked at load into the x8 layout (8 rows interleaved, x8.h) the kernels
+# read. Float tensors (F32/F16/BF16) stay dense float32; `q8_0` requantizes on request.
+KERNEL_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
-# Repacked to the x8 layout (8 rows interleaved) for the int8 kernels; K-quants are read in
-# the file's order.
-X8_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
+X8_TYPES = KERNEL_TYPES
 
 # Weights dequantized per GEMM tile: 8 MB of float32 scratch, so the 28M-weight output
 # head of a 135M model never becomes a 113 MB temporary.
@@ -82,7 +81,7 @@ def extension_status() -> str:
     """One line for logs and `bench`: which kernels this process can use."""
     if _EXTENSION is None:
         return f"numpy fallback: {_WHY_NOT}"
-    return "avx2 kernels"
+    return "avx512-vnni kernels" if _EXTENSION.use_vnni(True) else "avx2 kernels"
 
 
 def default_threads() -> int:
@@ -97,14 +96,15 @@ class BlockPart:
     """One stored (rows, n_in) matrix in a block format.
 
     layout "rows": the file's order, (rows, row_bytes) uint8. layout "x8": the same blocks with
-    8 rows interleaved (ops_avx2.h), flat uint8, rows padded to a multiple of 8; the int8
-    kernels read it 8 rows per register (Q4_0, Q4_1, Q8_0).
+    8 rows interleaved (ops_avx2/x8.h), flat uint8, rows padded to a multiple of 8; the int8
+    kernels read it 8 rows per register (every block type).
     """
 
     blocks: np.ndarray
     qtype: T
     rows: int
     layout: str = "rows"
+    source: T | None = None  # the file's type when the blocks were requantized from it
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _requantize_q8_0(t: TensorData) -> BlockPart:
             out[lo:hi] = quantize_q8_0(dequantize(src[lo:hi], t.qtype, (hi - lo, k)))
         if _EXTENSION is not None:
             _EXTENSION.release_pages(src[lo:hi])  # the file's pages are not needed again
-    return BlockPart(out, T.Q8_0, rows)
+    return BlockPart(out, T.Q8_0, rows, source=T(t.qtype))
 
 
 def _check_shape(t: TensorData) -> None:
@@ -204,6 +204,23 @@ def _check_shape(t: TensorData) -> None:
 
 
 _warned_requant: set[str] = set()
+
+
+def native_form(qtype: T | int) -> str:
+    """What the `native` format keeps of a tensor of this type on the CPU (`inspect` and `bench`
+    say it): the file's own blocks, repacked into the x8 layout for the int8 kernels, or float32."""
+    qtype = T(qtype)
+    if qtype in FLOAT_TYPES:
+        return "float32"
+    if qtype in KERNEL_TYPES:
+        return "own blocks (x8 repack)"
+    return "requantized to Q8_0"
+
+
+def describe_part(part: BlockPart) -> str:
+    """One resident part as `bench` reports it: "Q4_K (x8)", "F16 -> Q8_0 (x8)"."""
+    name = part.qtype.name if part.source in (None, part.qtype) else f"{part.source.name} -> {part.qtype.name}"
+    return f"{name} ({part.layout})"
 
 
 def block_part(t: TensorData, fmt: str) -> BlockPart:
@@ -218,7 +235,8 @@ def block_part(t: TensorData, fmt: str) -> BlockPart:
         pass  # widened exactly: the same weights, computed as llama.cpp does (int8 x Q8_0 activations)
     elif fmt == "native" and qtype.name not in _warned_requant:
         _warned_requant.add(qtype.name)
-        log.warning("native weights: %s has no quantized kernel; requantizing those tensors to Q8_0", qtype.name)
+        log.warning("native weights: %s tensors in a quantized matrix are requantized to Q8_0 (bench reports it)",
+                    qtype.name)
     return _requantize_q8_0(t)
 
 
@@ -245,6 +263,7 @@ class QuantizedMatmul:
         self.kernels = "avx2" if self.ops is not None else "numpy"
         self.configure(settings)
         self._scratch = np.empty(0, dtype=np.float32)
+        self.resident: dict[str, int] = {}  # tensors loaded, by resident form ("Q4_K (x8)"): what bench reports
 
     def configure(self, settings: KernelSettings) -> None:
         """New settings, used from the next call."""
@@ -259,13 +278,15 @@ class QuantizedMatmul:
     def handle(self, parts: Sequence[BlockPart], n_in: int) -> QuantizedLinear:
         """The weight handle for parts in the file's row order.
 
-        With the kernels, Q4_0/Q4_1/Q8_0 parts are repacked into the x8 layout (a copy of the
-        same bytes) and the source pages of a read-only file mapping are released from the
-        resident set at once, so resident memory stays one copy of the weights.
+        With the kernels, every part is repacked into the x8 layout (a copy of the same bytes)
+        and the source pages of a read-only file mapping are released from the resident set at
+        once, so resident memory stays one copy of the weights.
         """
         if self.ops is not None:
             parts = [self._repack(p, n_in) if p.qtype in X8_TYPES else p for p in parts]
         parts = tuple(parts)
+        for p in parts:
+            self.resident[describe_part(p)] = self.resident.get(describe_part(p), 0) + 1
         w = QuantizedLinear(parts, n_in, sum(p.rows for p in parts))
         if self.ops is not None:
             w.matrix = self.ops.matrix([(p.blocks, int(p.qtype), p.rows, p.layout == "x8") for p in parts], n_in)
@@ -285,7 +306,7 @@ class QuantizedMatmul:
             dst = out[lo // 8 * group_bytes:-(-hi // 8) * group_bytes]
             self.ops.repack_x8(src, qtype, hi - lo, n_in, dst, self.threads)
             self.ops.release_pages(src)  # read-only mappings only; a no-op on owned arrays
-        return BlockPart(out, part.qtype, part.rows, "x8")
+        return BlockPart(out, part.qtype, part.rows, "x8", part.source)
 
     def path(self, n: int, w: QuantizedLinear, batch_invariant: bool = False) -> str:
         """The path a batch of n rows against w takes: "quantized_dot" or "dequant_gemm".

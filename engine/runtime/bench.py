@@ -67,6 +67,11 @@ def bench(model: LoadedModel, pp: int = 512, tg: int = 128, repeats: int = 2, pr
         f"tg{tg}_tok_s": round(tg / tg_s, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
+    report = getattr(model.backend, "weights_report", None)
+    if report is not None:  # what the weights became at load: kept, repacked, requantized; which kernels
+        from backends.cpu.quantized import extension_status
+        result["weights_report"] = ", ".join(f"{k}: {v}" for k, v in sorted(report().items()))
+        result["kernels"] = extension_status()
     if profile:
         result["profile"] = {}
         inner = model.transformer.backend

@@ -1,8 +1,9 @@
-/* Block formats <-> float32, AVX2: the dequantize-into-GEMM path and Q8_0 requantization.
+/* Block formats <-> float32, AVX2: the x8 repacking, the dequantize-into-GEMM path and Q8_0
+ * requantization.
  *
  * Dequantization is bit-identical to engine/model/quants.py (and so to gguf-py): the
  * same float32 products in the same order, no FMA contraction (`q * d + m` is a
- * multiply, then an add).
+ * multiply, then an add). It reads the x8 layout through x8_unpack, as the kernels do.
  */
 #if defined(__x86_64__) || defined(_M_X64)
 
@@ -14,56 +15,19 @@
 
 #include "ops_avx2.h"
 #include "simd.h"
+#include "x8.h"
 
-/* 32 int8 (signed) or uint8 values times d (plus m), stored as 32 floats */
-static inline void store_scaled_i8(__m256i q, int is_signed, __m256 d, const __m256 *m, float *out)
-{
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    const __m128i parts[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
-    for (int i = 0; i < 4; i++) {
-        const __m256i w = is_signed ? _mm256_cvtepi8_epi32(parts[i]) : _mm256_cvtepu8_epi32(parts[i]);
-        __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(w), d);
-        if (m)
-            f = _mm256_add_ps(f, *m);
-        _mm256_storeu_ps(out + 8 * i, f);
-    }
-}
-
-static void dequant_row(int qtype, const uint8_t *w, int64_t k, float *out);
-
-/* ---- the x8 layout (ops_avx2.h): repacking and reading one row back ---- */
-
-/* offsets of d, m and qs in a record, and the file block's layout */
-static inline void x8_fields(int qtype, int64_t *m_off, int64_t *qs_off, int64_t *chunks, int64_t *bs, int64_t *bqs)
-{
-    *m_off = qtype == QT_Q4_1 ? 16 : -1;
-    *qs_off = qtype == QT_Q4_1 ? 32 : 16;
-    *chunks = qtype == QT_Q8_0 ? 8 : 4;
-    *bs = qtype == QT_Q4_0 ? 18 : qtype == QT_Q4_1 ? 20 : 34;
-    *bqs = qtype == QT_Q4_1 ? 4 : 2; /* qs offset in a file block */
-}
+/* ---- the x8 layout (x8.h): repacking, and reading rows back as float32 ---- */
 
 int ops_x8_supported(int qtype)
 {
-    return qtype == QT_Q4_0 || qtype == QT_Q4_1 || qtype == QT_Q8_0;
+    return qformat(qtype) != NULL;
 }
 
 int64_t ops_x8_bytes(int qtype, int64_t rows, int64_t k)
 {
-    return (rows + X8 - 1) / X8 * (k / QK) * x8_record(qtype);
-}
-
-/* block b of row r (within its group) out of the x8 layout, as the file stores it */
-static inline void x8_block(int qtype, const uint8_t *group, int64_t b, int r, uint8_t *blk)
-{
-    int64_t m_off, qs_off, chunks, bs, bqs;
-    x8_fields(qtype, &m_off, &qs_off, &chunks, &bs, &bqs);
-    const uint8_t *rec = group + b * x8_record(qtype);
-    memcpy(blk, rec + 2 * r, 2);
-    if (m_off >= 0)
-        memcpy(blk + 2, rec + m_off + 2 * r, 2);
-    for (int64_t c = 0; c < chunks; c++)
-        memcpy(blk + bqs + 4 * c, rec + qs_off + 32 * c + 4 * r, 4);
+    const QFormat *f = qformat(qtype);
+    return (rows + X8 - 1) / X8 * X8 * (k / f->block) * f->size;
 }
 
 typedef struct {
@@ -73,25 +37,21 @@ typedef struct {
     uint8_t *dst;
 } RepackCtx;
 
+/* group g: the unit at file offset o of row r goes to record offset 8 * o + r * unit */
 static void repack_task(void *p, int64_t g)
 {
     const RepackCtx *c = p;
-    int64_t m_off, qs_off, chunks, bs, bqs;
-    x8_fields(c->qtype, &m_off, &qs_off, &chunks, &bs, &bqs);
-    const int64_t nb = c->k / QK, rs = x8_record(c->qtype);
+    const QFormat *f = qformat(c->qtype);
+    const int64_t nb = c->k / f->block, rs = x8_record(c->qtype);
     uint8_t *group = c->dst + g * nb * rs;
     memset(group, 0, (size_t)(nb * rs)); /* padding rows: zero scales and weights */
     for (int r = 0; r < X8 && g * X8 + r < c->rows; r++) {
-        const uint8_t *row = c->src + (g * X8 + r) * nb * bs;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = row + b * bs;
-            uint8_t *rec = group + b * rs;
-            memcpy(rec + 2 * r, blk, 2);
-            if (m_off >= 0)
-                memcpy(rec + m_off + 2 * r, blk + 2, 2);
-            for (int64_t ch = 0; ch < chunks; ch++)
-                memcpy(rec + qs_off + 32 * ch + 4 * r, blk + bqs + 4 * ch, 4);
-        }
+        const uint8_t *row = c->src + (g * X8 + r) * nb * f->size;
+        for (int64_t b = 0; b < nb; b++)
+            for (int o = 0, u; o < f->size; o += u) {
+                u = x8_unit(f, o);
+                memcpy(group + b * rs + 8 * o + r * u, row + b * f->size + o, (size_t)u);
+            }
     }
 }
 
@@ -101,138 +61,88 @@ void ops_repack_x8(int qtype, const uint8_t *src, int64_t rows, int64_t k, uint8
     ops_parallel_for((rows + X8 - 1) / X8, nthreads, repack_task, &c);
 }
 
-/* row `r` of a part, in either layout, as float32 */
-static void dequant_part_row(const QPart *part, int64_t k, int64_t r, float *out)
+/* 32-block b of the 8 rows of a group as float32, out[r * 32 + i], bit-identical to
+ * engine/model/quants.py: w = float(q - OFF) * (d * sc), then + m or - (dmin * mn) (a
+ * multiply, then an add: no FMA). */
+static inline __attribute__((always_inline)) void dequant_block_x8(const int T, const uint8_t *g, int64_t b, float out[8 * QK])
 {
-    if (!part->x8) {
-        dequant_row(part->qtype, part->data + r * part->row_bytes, k, out);
-        return;
+    X8Block x;
+    int s;
+    const uint8_t *rec = x8_rec(T, g, b, &s);
+    x8_unpack(T, rec, s, &x);
+    __m256 A[2], B[2];
+    for (int h = 0; h < 2; h++) {
+        A[h] = X8_SCALED(T) ? _mm256_mul_ps(x.d, _mm256_cvtepi32_ps(x.sc[h])) : x.d;
+        B[h] = X8_SUB_MIN(T) ? _mm256_mul_ps(x.m, _mm256_cvtepi32_ps(x.mn[h])) : x.m;
     }
-    const int64_t nb = k / QK, rs = x8_record(part->qtype);
-    const uint8_t *group = part->data + (r / X8) * nb * rs;
-    uint8_t blk[34];
-    for (int64_t b = 0; b < nb; b++) {
-        x8_block(part->qtype, group, b, (int)(r % X8), blk);
-        dequant_row(part->qtype, blk, QK, out + QK * b);
-    }
-}
-
-static void dequant_row(int qtype, const uint8_t *w, int64_t k, float *out)
-{
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    switch (qtype) {
-    case QT_Q4_0:
-        for (int64_t b = 0; b < k / QK; b++, w += 18)
-            store_scaled_i8(_mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8)), 1, f16_bcast(w), NULL, out + QK * b);
-        break;
-    case QT_Q4_1:
-        for (int64_t b = 0; b < k / QK; b++, w += 20) {
-            const __m256 m = f16_bcast(w + 2);
-            store_scaled_i8(nibbles32(w + 4), 0, f16_bcast(w), &m, out + QK * b);
-        }
-        break;
-    case QT_Q8_0:
-        for (int64_t b = 0; b < k / QK; b++, w += 34)
-            store_scaled_i8(_mm256_loadu_si256((const __m256i *)(w + 2)), 1, f16_bcast(w), NULL, out + QK * b);
-        break;
-    case QT_Q4_K:
-        for (int64_t sb = 0; sb < k / QK_K; sb++, w += 144) {
-            const float d = f16_load(w), dmin = f16_load(w + 2);
-            const uint8_t *p = w + 4;
-            for (int s = 0; s < 8; s++) {
-                const int j = s & 3;
-                const uint8_t sc = s < 4 ? (p[j] & 63) : ((p[j + 8] & 0x0F) | ((p[j] >> 6) << 4));
-                const uint8_t mn = s < 4 ? (p[j + 4] & 63) : ((p[j + 8] >> 4) | ((p[j + 4] >> 6) << 4));
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (s >> 1)));
-                const __m256i q = (s & 1) ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4) : _mm256_and_si256(raw, m4);
-                /* q * (d * sc) - (dmin * mn): a multiply, then a subtraction of the negated add */
-                float *o = out + QK_K * sb + QK * s;
-                store_scaled_i8(q, 0, _mm256_set1_ps(d * (float)sc), NULL, o);
-                const __m256 mm = _mm256_set1_ps(dmin * (float)mn);
-                for (int i = 0; i < QK; i += 8)
-                    _mm256_storeu_ps(o + i, _mm256_sub_ps(_mm256_loadu_ps(o + i), mm));
-            }
-        }
-        break;
-    case QT_Q6_K:
-        for (int64_t sb = 0; sb < k / QK_K; sb++, w += 210) {
-            const uint8_t *ql = w, *qh = w + 128;
-            const int8_t *scales = (const int8_t *)(w + 192);
-            const float d = f16_load(w + 208);
-            for (int j8 = 0; j8 < 8; j8++) {
-                const int h = j8 >> 2, j = j8 & 3;
-                const __m256i lraw = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32 * (j & 1)));
-                const __m256i lo = j < 2 ? _mm256_and_si256(lraw, m4) : _mm256_and_si256(_mm256_srli_epi16(lraw, 4), m4);
-                const __m256i hraw = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
-                const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(hraw, _mm_cvtsi32_si128(2 * j)), _mm256_set1_epi8(3));
-                const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-                /* two 16-weight sub-blocks, each with its own scale */
-                float *o = out + QK_K * sb + QK * j8;
-                float tmp[32];
-                store_scaled_i8(q, 1, _mm256_set1_ps(1.0f), NULL, tmp);
-                const __m256 s0 = _mm256_set1_ps(d * (float)scales[2 * j8]);
-                const __m256 s1 = _mm256_set1_ps(d * (float)scales[2 * j8 + 1]);
-                _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(tmp), s0));
-                _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_loadu_ps(tmp + 8), s0));
-                _mm256_storeu_ps(o + 16, _mm256_mul_ps(_mm256_loadu_ps(tmp + 16), s1));
-                _mm256_storeu_ps(o + 24, _mm256_mul_ps(_mm256_loadu_ps(tmp + 24), s1));
-            }
-        }
-        break;
-    default:
-        break; /* rejected when the matrix was built */
-    }
-}
-
-/* 8 rows of an x8 group at once, bit-identical to dequant_row: each 32-byte chunk
- * holds 4 weights of each row; convert, scale (and shift) per row, store 4 floats per row. */
-static void dequant_group_x8(int qtype, const uint8_t *group, int64_t k, float *out)
-{
-    int64_t m_off, qs_off, chunks, bs, bqs;
-    x8_fields(qtype, &m_off, &qs_off, &chunks, &bs, &bqs);
-    const int64_t nb = k / QK, rs = x8_record(qtype);
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *rec = group + b * rs;
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)rec));
-        const __m256 mv = m_off >= 0 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + m_off))) : _mm256_setzero_ps();
-        /* per row pair p (rows 2p, 2p+1): [d_2p x4 | d_2p+1 x4] */
-        __m256 dp[4], mp[4];
+    for (int c = 0; c < 8; c++) {
+        __m256i q = x.q[c];
+        if (X8_OFF(T))
+            q = _mm256_sub_epi8(q, _mm256_set1_epi8(X8_OFF(T)));
+        /* rows 2p and 2p + 1: 8 bytes -> 8 floats, scaled by [A_2p x4 | A_2p+1 x4] */
+        const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        const __m128i pairs[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
         for (int p = 0; p < 4; p++) {
             const __m256i idx = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
-            dp[p] = _mm256_permutevar8x32_ps(dv, idx);
-            mp[p] = _mm256_permutevar8x32_ps(mv, idx);
-        }
-        for (int64_t c = 0; c < chunks; c++) {
-            const __m256i raw = _mm256_loadu_si256((const __m256i *)(rec + qs_off + 32 * c));
-            /* (weights, their offset in the row): Q4 chunks give two, Q8_0 one */
-            __m256i vals[2];
-            int64_t offs[2];
-            int nv;
-            if (qtype == QT_Q8_0) {
-                vals[0] = raw, offs[0] = 4 * c, nv = 1;
-            } else {
-                vals[0] = _mm256_and_si256(raw, m4), offs[0] = 4 * c;
-                vals[1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), offs[1] = 16 + 4 * c, nv = 2;
-                if (qtype == QT_Q4_0) {
-                    vals[0] = _mm256_sub_epi8(vals[0], _mm256_set1_epi8(8));
-                    vals[1] = _mm256_sub_epi8(vals[1], _mm256_set1_epi8(8));
-                }
-            }
-            for (int v = 0; v < nv; v++) {
-                const __m128i lo = _mm256_castsi256_si128(vals[v]), hi = _mm256_extracti128_si256(vals[v], 1);
-                const __m128i pairs[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
-                for (int p = 0; p < 4; p++) {
-                    const __m256i wi = qtype == QT_Q4_1 ? _mm256_cvtepu8_epi32(pairs[p]) : _mm256_cvtepi8_epi32(pairs[p]);
-                    __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(wi), dp[p]);
-                    if (qtype == QT_Q4_1)
-                        f = _mm256_add_ps(f, mp[p]);
-                    _mm_storeu_ps(out + (2 * p) * k + QK * b + offs[v], _mm256_castps256_ps128(f));
-                    _mm_storeu_ps(out + (2 * p + 1) * k + QK * b + offs[v], _mm256_extractf128_ps(f, 1));
-                }
-            }
+            const __m256i v = X8_SIGNED(T) || X8_OFF(T) ? _mm256_cvtepi8_epi32(pairs[p]) : _mm256_cvtepu8_epi32(pairs[p]);
+            __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_permutevar8x32_ps(A[c >> 2], idx));
+            if (X8_ADD_M(T))
+                f = _mm256_add_ps(f, _mm256_permutevar8x32_ps(B[c >> 2], idx));
+            else if (X8_SUB_MIN(T))
+                f = _mm256_sub_ps(f, _mm256_permutevar8x32_ps(B[c >> 2], idx));
+            _mm_storeu_ps(out + 2 * p * QK + 4 * c, _mm256_castps256_ps128(f));
+            _mm_storeu_ps(out + (2 * p + 1) * QK + 4 * c, _mm256_extractf128_ps(f, 1));
         }
     }
+}
+
+#define DEQUANT_GROUP(T, NAME)                                                                              \
+    static void NAME(const uint8_t *g, int64_t k, int r0, int nr, float *out)                            \
+    {                                                                                                       \
+        float tmp[8 * QK];                                                                                  \
+        for (int64_t b = 0; b < k / QK; b++) {                                                              \
+            dequant_block_x8(T, g, b, tmp);                                                                 \
+            for (int r = 0; r < nr; r++)                                                                    \
+                memcpy(out + r * k + QK * b, tmp + (r0 + r) * QK, QK * sizeof(float));                      \
+        }                                                                                                   \
+    }
+
+DEQUANT_GROUP(QT_Q4_0, dq_q4_0)
+DEQUANT_GROUP(QT_Q4_1, dq_q4_1)
+DEQUANT_GROUP(QT_Q5_0, dq_q5_0)
+DEQUANT_GROUP(QT_Q5_1, dq_q5_1)
+DEQUANT_GROUP(QT_Q8_0, dq_q8_0)
+DEQUANT_GROUP(QT_Q2_K, dq_q2_k)
+DEQUANT_GROUP(QT_Q3_K, dq_q3_k)
+DEQUANT_GROUP(QT_Q4_K, dq_q4_k)
+DEQUANT_GROUP(QT_Q5_K, dq_q5_k)
+DEQUANT_GROUP(QT_Q6_K, dq_q6_k)
+DEQUANT_GROUP(QT_IQ4_NL, dq_iq4_nl)
+DEQUANT_GROUP(QT_IQ4_XS, dq_iq4_xs)
+
+/* rows r0 .. r0 + nr - 1 (within one group) of the group at g, (nr, k) float32 */
+static void dequant_group_rows(int qtype, const uint8_t *g, int64_t k, int r0, int nr, float *out)
+{
+    switch (qtype) {
+    case QT_Q4_0: dq_q4_0(g, k, r0, nr, out); break;
+    case QT_Q4_1: dq_q4_1(g, k, r0, nr, out); break;
+    case QT_Q5_0: dq_q5_0(g, k, r0, nr, out); break;
+    case QT_Q5_1: dq_q5_1(g, k, r0, nr, out); break;
+    case QT_Q8_0: dq_q8_0(g, k, r0, nr, out); break;
+    case QT_Q2_K: dq_q2_k(g, k, r0, nr, out); break;
+    case QT_Q3_K: dq_q3_k(g, k, r0, nr, out); break;
+    case QT_Q4_K: dq_q4_k(g, k, r0, nr, out); break;
+    case QT_Q5_K: dq_q5_k(g, k, r0, nr, out); break;
+    case QT_Q6_K: dq_q6_k(g, k, r0, nr, out); break;
+    case QT_IQ4_NL: dq_iq4_nl(g, k, r0, nr, out); break;
+    case QT_IQ4_XS: dq_iq4_xs(g, k, r0, nr, out); break;
+    default: break; /* rejected when the matrix was built */
+    }
+}
+
+static inline const uint8_t *part_group(const QPart *part, int64_t k, int64_t r)
+{
+    return part->data + r / X8 * X8 * part->row_bytes;
 }
 
 typedef struct {
@@ -258,14 +168,12 @@ static void dequant_task(void *p, int64_t t)
             p++;
         }
         const QPart *part = &w->parts[p];
-        float *o = c->out + (r - c->row0) * k;
-        if (part->x8 && local % X8 == 0 && local + X8 <= part->rows && r + X8 <= r1) {
-            dequant_group_x8(part->qtype, part->data + (local / X8) * (k / QK) * x8_record(part->qtype), k, o);
-            r += X8;
-        } else {
-            dequant_part_row(part, k, local, o);
-            r++;
-        }
+        /* the rest of this row's group, within the part and the task */
+        int64_t nr = X8 - local % X8;
+        nr = nr < part->rows - local ? nr : part->rows - local;
+        nr = nr < r1 - r ? nr : r1 - r;
+        dequant_group_rows(part->qtype, part_group(part, k, local), k, (int)(local % X8), (int)nr, c->out + (r - c->row0) * k);
+        r += nr;
     }
 }
 
@@ -286,7 +194,7 @@ void ops_dequantize_ids(const QMatrix *w, const int64_t *ids, int64_t n, float *
             local -= w->parts[p].rows;
             p++;
         }
-        dequant_part_row(&w->parts[p], w->k, local, out + i * w->k);
+        dequant_group_rows(w->parts[p].qtype, part_group(&w->parts[p], w->k, local), w->k, (int)(local % X8), 1, out + i * w->k);
     }
 }
 

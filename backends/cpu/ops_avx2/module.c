@@ -5,10 +5,11 @@
  * Each kernel call releases the GIL for its whole computation.
  *
  *   have_avx2() -> bool               CPU (and OS) support AVX2, FMA and F16C
+ *   use_vnni(on) -> bool              the int8 kernels on AVX512-VNNI where the CPU has it (default on)
  *   set_spin_us(us)                   how long idle pool workers spin before sleeping
  *   park()                            idle pool workers sleep now (before OpenBLAS takes the cores)
- *   matrix(parts, k) -> capsule       parts: [(buffer, ggml_type, rows[, x8])], each (rows, k) in blocks
- *   x8_bytes / repack_x8              the 8-row interleaved layout of Q4_0/Q4_1/Q8_0 (ops_avx2.h)
+ *   matrix(parts, k) -> capsule       parts: [(buffer, ggml_type, rows, x8)], each (rows, k) in x8 blocks
+ *   x8_bytes / repack_x8              the 8-row interleaved layout every block type is read in (x8.h)
  *   release_pages(buffer)             drop a read-only file mapping's pages from the resident set
  *   dequantize_ids(matrix, ids, out)  rows by index (embedding lookups through the output head)
  *   matmul(x, matrix, out, threads)   out[:, :rows] = x @ W.T, x (n, k) float32, out (n, >= rows)
@@ -54,21 +55,25 @@ int ops_cpu_has_avx2(void)
 #endif
 }
 
+int ops_cpu_has_vnni(void)
+{
+#if OPS_X86 && defined(__GNUC__)
+    __builtin_cpu_init();
+    return ops_cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
 int ops_part_supported(int qtype)
 {
-    return qtype == QT_Q4_0 || qtype == QT_Q4_1 || qtype == QT_Q8_0 || qtype == QT_Q4_K || qtype == QT_Q6_K;
+    return qformat(qtype) != NULL;
 }
 
 int64_t ops_row_bytes(int qtype, int64_t k)
 {
-    switch (qtype) {
-    case QT_Q4_0: return k % QK ? -1 : k / QK * 18;
-    case QT_Q4_1: return k % QK ? -1 : k / QK * 20;
-    case QT_Q8_0: return k % QK ? -1 : k / QK * 34;
-    case QT_Q4_K: return k % QK_K ? -1 : k / QK_K * 144;
-    case QT_Q6_K: return k % QK_K ? -1 : k / QK_K * 210;
-    default: return -1;
-    }
+    const QFormat *f = qformat(qtype);
+    return f && k % f->block == 0 ? k / f->block * f->size : -1;
 }
 
 static int g_have_avx2 = -1;
@@ -132,8 +137,8 @@ static PyObject *py_matrix(PyObject *self, PyObject *args)
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OiL|p", &buf, &qtype, &rows, &x8))
             goto fail;
         const int64_t rb = ops_row_bytes(qtype, k);
-        /* the legacy types have kernels in the x8 layout only, the K-quants in the file's order only */
-        if (!ops_part_supported(qtype) || rb < 0 || rows < 1 || x8 != ops_x8_supported(qtype)) {
+        /* every block type has its kernels in the x8 layout only */
+        if (!ops_part_supported(qtype) || rb < 0 || rows < 1 || !x8) {
             PyErr_Format(PyExc_ValueError, "part %zd: type %d%s with %lld rows of %lld weights has no kernel",
                          i, qtype, x8 ? " (x8)" : "", rows, k);
             goto fail;
@@ -202,14 +207,15 @@ static int alloc_act(QAct *a, int64_t n, int64_t k)
     a->n = n;
     a->k = k;
     a->nb = k / QK;
-    /* one allocation: q, then d, s, isum (4-byte aligned since k is a multiple of 32) */
-    char *mem = malloc((size_t)(n * k + 3 * n * a->nb * 4));
+    /* one allocation: q, then d, s, isum, isum16 (4-byte aligned since k is a multiple of 32) */
+    char *mem = malloc((size_t)(n * k + 4 * n * a->nb * 4));
     if (!mem)
         return 0;
     a->q = (int8_t *)mem;
     a->d = (float *)(mem + n * k);
     a->s = a->d + n * a->nb;
     a->isum = (int32_t *)(a->s + n * a->nb);
+    a->isum16 = a->isum + n * a->nb;
     return 1;
 }
 
@@ -287,12 +293,18 @@ static PyObject *py_quantize_act(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "quantize_act: buffer sizes do not match x");
         goto done;
     }
-    QAct a = {n, k, k / QK, (int8_t *)qv.buf, (float *)dv.buf, (float *)sv.buf, (int32_t *)iv.buf};
+    int32_t *isum16 = malloc((size_t)dv.len);
+    if (!isum16) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    QAct a = {n, k, k / QK, (int8_t *)qv.buf, (float *)dv.buf, (float *)sv.buf, (int32_t *)iv.buf, isum16};
 #if OPS_X86
     Py_BEGIN_ALLOW_THREADS
     ops_quantize_act((const float *)xv.buf, k, &a, threads);
     Py_END_ALLOW_THREADS
 #endif
+    free(isum16);
     result = Py_NewRef(Py_None);
 done:
     if (got >= 4) PyBuffer_Release(&iv);
@@ -789,7 +801,7 @@ static PyObject *py_x8_bytes(PyObject *self, PyObject *args)
     long long rows, k;
     if (!PyArg_ParseTuple(args, "iLL", &qtype, &rows, &k))
         return NULL;
-    if (!ops_x8_supported(qtype) || k % QK || rows < 1) {
+    if (!ops_x8_supported(qtype) || ops_row_bytes(qtype, k) < 0 || rows < 1) {
         PyErr_Format(PyExc_ValueError, "type %d has no x8 layout for (%lld, %lld)", qtype, rows, k);
         return NULL;
     }
@@ -803,7 +815,7 @@ static PyObject *py_repack_x8(PyObject *self, PyObject *args)
     long long rows, k;
     if (!PyArg_ParseTuple(args, "OiLLOi", &so, &qtype, &rows, &k, &dst_o, &threads) || !require_avx2())
         return NULL;
-    if (!ops_x8_supported(qtype) || k % QK || rows < 1) {
+    if (!ops_x8_supported(qtype) || ops_row_bytes(qtype, k) < 0 || rows < 1) {
         PyErr_Format(PyExc_ValueError, "type %d has no x8 layout for (%lld, %lld)", qtype, rows, k);
         return NULL;
     }
@@ -905,6 +917,18 @@ static PyObject *py_have_avx2(PyObject *self, PyObject *noargs)
     return PyBool_FromLong(g_have_avx2 && OPS_X86);
 }
 
+static PyObject *py_use_vnni(PyObject *self, PyObject *arg)
+{
+    const int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+#if OPS_X86
+    return PyBool_FromLong(ops_use_vnni(on));
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyObject *py_set_spin_us(PyObject *self, PyObject *arg)
 {
     const long us = PyLong_AsLong(arg);
@@ -920,6 +944,7 @@ static PyObject *py_set_spin_us(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"have_avx2", py_have_avx2, METH_NOARGS, "CPU and OS support AVX2, FMA and F16C."},
+    {"use_vnni", py_use_vnni, METH_O, "use_vnni(on) -> bool: the AVX512-VNNI kernels if on and the CPU has them."},
     {"set_spin_us", py_set_spin_us, METH_O, "set_spin_us(us): how long idle pool workers spin before sleeping."},
     {"matrix", py_matrix, METH_VARARGS, "matrix(parts, k): a weight handle over [(buffer, ggml_type, rows)]."},
     {"matmul", py_matmul, METH_VARARGS, "matmul(x, matrix, out, threads): out[:, :rows] = x @ W.T."},

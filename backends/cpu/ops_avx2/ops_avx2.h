@@ -14,34 +14,67 @@
 enum {
     QT_Q4_0 = 2,
     QT_Q4_1 = 3,
+    QT_Q5_0 = 6,
+    QT_Q5_1 = 7,
     QT_Q8_0 = 8,
+    QT_Q2_K = 10,
+    QT_Q3_K = 11,
     QT_Q4_K = 12,
+    QT_Q5_K = 13,
     QT_Q6_K = 14,
+    QT_IQ4_NL = 20,
+    QT_IQ4_XS = 23,
 };
 
 #define QK 32    /* weights per legacy block, and per activation block */
 #define QK_K 256 /* weights per K-quant super-block */
 
-/* The x8 layout of a legacy 32-weight type (Q4_0, Q4_1, Q8_0): the same blocks, 8 rows
- * interleaved so that one AVX2 register holds 4 weights of each of 8 rows. Rows are padded
- * to a multiple of 8 (zero blocks); group g (rows 8g..8g+7) is nb records, record b holding
- * block b of the 8 rows, the same bytes as 8 file blocks:
- *
- *     d[8] fp16 | m[8] fp16 (Q4_1 only) | qs: chunk c = 4 bytes of each row, rows 0..7
- *
- * Q4_0/Q4_1: 4 chunks of the 16 nibble bytes (chunk c = qs[4c..4c+3] of rows 0..7):
- *     chunk c & 0xF = weights 4c..4c+3, chunk c >> 4 = weights 16+4c..16+4c+3.
- * Q8_0: 8 chunks of the 32 int8 weights (chunk c = q[4c..4c+3] of rows 0..7).
- * Record sizes: 8 * 18 = 144, 8 * 20 = 160, 8 * 34 = 272 bytes. */
+/* Every block type is read in the x8 layout (x8.h has the diagram): 8 rows interleaved unit by
+ * unit, a record of 8 * size bytes per block, rows padded to a multiple of 8. */
 #define X8 8
+
+/* Block geometry (ggml's; the same numbers as engine/model/quants.py's table). */
+typedef struct {
+    int qtype;
+    int block; /* weights per block: 32, or 256 for the K-quants and IQ4_XS */
+    int size;  /* bytes per block */
+    int f16[2]; /* file offsets of the fp16 scalars (2-byte units), -1 for none */
+} QFormat;
+
+static const QFormat QFORMATS[] = {
+    {QT_Q4_0, QK, 18, {0, -1}},      {QT_Q4_1, QK, 20, {0, 2}},      {QT_Q5_0, QK, 22, {0, -1}},
+    {QT_Q5_1, QK, 24, {0, 2}},       {QT_Q8_0, QK, 34, {0, -1}},     {QT_Q2_K, QK_K, 84, {80, 82}},
+    {QT_Q3_K, QK_K, 110, {108, -1}}, {QT_Q4_K, QK_K, 144, {0, 2}},   {QT_Q5_K, QK_K, 176, {0, 2}},
+    {QT_Q6_K, QK_K, 210, {208, -1}}, {QT_IQ4_NL, QK, 18, {0, -1}},   {QT_IQ4_XS, QK_K, 136, {0, 2}},
+};
+
+/* a switch, not a search, so that a compile-time type folds to its constants */
+static inline const QFormat *qformat(int qtype)
+{
+    switch (qtype) {
+    case QT_Q4_0: return &QFORMATS[0];
+    case QT_Q4_1: return &QFORMATS[1];
+    case QT_Q5_0: return &QFORMATS[2];
+    case QT_Q5_1: return &QFORMATS[3];
+    case QT_Q8_0: return &QFORMATS[4];
+    case QT_Q2_K: return &QFORMATS[5];
+    case QT_Q3_K: return &QFORMATS[6];
+    case QT_Q4_K: return &QFORMATS[7];
+    case QT_Q5_K: return &QFORMATS[8];
+    case QT_Q6_K: return &QFORMATS[9];
+    case QT_IQ4_NL: return &QFORMATS[10];
+    case QT_IQ4_XS: return &QFORMATS[11];
+    default: return NULL;
+    }
+}
 
 static inline int64_t x8_record(int qtype)
 {
-    return qtype == QT_Q4_0 ? 144 : qtype == QT_Q4_1 ? 160 : 272;
+    return 8 * (int64_t)qformat(qtype)->size;
 }
 
-/* One stored weight matrix (rows, k) in a block format, rows in the file's order (x8 = 0)
- * or interleaved by 8 (x8 = 1); row_bytes is a file row's size either way. */
+/* One stored weight matrix (rows, k) in a block format, interleaved by 8 (x8 = 1, the only
+ * layout the kernels take; x8.h); row_bytes is a file row's size. */
 typedef struct {
     const uint8_t *data;
     int qtype;
@@ -67,9 +100,12 @@ typedef struct {
     float *s;         /* (n, nb) d * sum(q): the block sum for Q4_1's min term (llama.cpp's Q8_1
                        * rounds it to fp16, a 2e-3 relative error in Q4_1 outputs not copied here) */
     int32_t *isum;    /* (n, nb) sum(q), exact: used for K-quant mins */
+    int32_t *isum16;  /* (n, nb) sum of the block's first 16 q: 16-weight sub-blocks' offsets and mins */
 } QAct;
 
 int ops_cpu_has_avx2(void);
+int ops_cpu_has_vnni(void); /* AVX512-VNNI and AVX512-VL: the vpdpbusd kernels (qmatmul_vnni.c) */
+int ops_use_vnni(int on);   /* use them if on and the CPU has them; returns whether they are used */
 int ops_part_supported(int qtype);
 int64_t ops_row_bytes(int qtype, int64_t k);
 
@@ -82,6 +118,8 @@ void ops_park(void);
 /* kernels (AVX2) */
 void ops_quantize_act(const float *x, int64_t ldx, QAct *a, int nthreads);
 void ops_matmul(const QMatrix *w, const QAct *a, float *out, int64_t ldo, int nthreads);
+void ops_x8_rows_vnni(int qtype, const uint8_t *data, int64_t r0, int64_t nr, int64_t nb, const QAct *a, float *o,
+                      int64_t ldo);
 void ops_dequantize(const QMatrix *w, int64_t row0, int64_t row1, float *out, int nthreads);
 void ops_quantize_q8_0(const float *x, int64_t n, uint8_t *out, int nthreads);
 void ops_repack_x8(int qtype, const uint8_t *src, int64_t rows, int64_t k, uint8_t *dst, int nthreads);

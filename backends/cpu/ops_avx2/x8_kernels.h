@@ -1,0 +1,278 @@
+/* The x8 int8 kernels, included by qmatmul.c (AVX2) and qmatmul_vnni.c (AVX512-VNNI, X8_VNNI 1):
+ * the same source compiled twice for two instruction sets; each defines the file-static x8_rows. */
+#ifndef OPS_X8_KERNELS_H
+#define OPS_X8_KERNELS_H
+
+#include <string.h>
+
+#include "x8.h"
+
+#ifndef X8_VNNI
+#define X8_VNNI 0
+#endif
+/* activation rows per tile: 4 in AVX2's 16 registers, 8 in AVX-512's 32 (the VNNI build) */
+#if X8_VNNI
+#define MAXC 8
+#else
+#define MAXC 4
+#endif
+#ifndef PF_GROUPS
+#define PF_GROUPS 8 /* prefetch the same record this many 8-row groups on */
+#endif
+
+/* ---- the x8 kernel: 8 weight rows per register, lanes = rows, every block type ----
+ *
+ * x8_unpack (x8.h) gives chunk c = weights 4c..4c+3 of each of the 8 rows; the activation's
+ * matching 4 bytes are broadcast to every lane, so maddubs + madd leave one partial dot
+ * product per row in each 32-bit lane: no horizontal sums, the 8 rows' scales are one
+ * vector. For each activation row y and 32-block (dy its scale, S = sum(y), S0 and S1 the
+ * sums of its halves):
+ *
+ *   P  = sum_c sc[h(c)] * (q_c . y_c)   in int32: chunks summed in s16 (as many as cannot
+ *                                        overflow: 8 at 4 bits, 4 at 5, 2 at 6), then one
+ *                                        madd with the sub-block scale pair (or ones)
+ *   P -= OFF * (sc0 * S0 + sc1 * S1)     the weights' offset, exact (one madd)
+ *   acc += d * dy * P  (+ m * dy * S  |  - dmin * dy * (mn0 * S0 + mn1 * S1))
+ *
+ * Signed types (Q8_0, IQ4_*) take |q| . sign(y, q), a madd per chunk. Per block and 8 rows
+ * this is ~40 instructions for 256 multiply-adds against ~17 per 32 for one row at a time. */
+
+static inline __m256i bcast4(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* int32 lanes (a, b) -> int16 pairs (a, b) for madd */
+static inline __m256i pair16(__m256i a, __m256i b)
+{
+    return _mm256_blend_epi16(a, _mm256_slli_epi32(b, 16), 0xAA);
+}
+
+/* One activation tile: C rows' accumulators, their quantized blocks and sums. */
+typedef struct {
+    __m256 acc[MAXC];
+    const int8_t *yq;
+    const float *yd, *ys;
+    const int32_t *yi, *yh;
+    int64_t k, nb;
+} Tile;
+
+/* 32-block b (block s of record rec) of the 8 rows against the tile's C activation rows */
+static inline __attribute__((always_inline)) void block_x8(const int T, const int C, const uint8_t *rec, const int s,
+                                                            int64_t b, Tile *t)
+{
+#if !X8_VNNI
+    const int G = X8_BITS(T) <= 4 && !X8_HALVES(T) ? 8 : X8_BITS(T) == 6 ? 2 : 4; /* chunks summed in s16 */
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    const int64_t nb = t->nb;
+    X8Block x;
+    x8_unpack(T, rec, s, &x);
+#if !X8_VNNI
+    const __m256i sp[2] = {X8_SCALED(T) ? pair16(x.sc[0], x.sc[0]) : ones, X8_SCALED(T) ? pair16(x.sc[1], x.sc[1]) : ones};
+#endif
+    const __m256i sc01 = pair16(x.sc[0], x.sc[1]), mn01 = pair16(x.mn[0], x.mn[1]);
+    __m256 dmn = _mm256_setzero_ps(); /* Q4_K/Q5_K: dmin * mn, one min for the block */
+    if (X8_SUB_MIN(T) && !X8_HALVES(T))
+        dmn = _mm256_mul_ps(x.m, _mm256_cvtepi32_ps(x.mn[0]));
+#if X8_VNNI
+    __m256i uq[8]; /* signed types: q + 128 as u8 */
+    if (X8_SIGNED(T))
+        for (int c = 0; c < 8; c++)
+            uq[c] = _mm256_xor_si256(x.q[c], _mm256_set1_epi8((char)0x80));
+#else
+    __m256i aq[8]; /* signed types: |q| */
+    if (X8_SIGNED(T))
+        for (int c = 0; c < 8; c++)
+            aq[c] = _mm256_sign_epi8(x.q[c], x.q[c]);
+#endif
+#pragma GCC unroll 8
+    for (int j = 0; j < C; j++) {
+        const int8_t *y = t->yq + j * t->k + b * QK;
+        __m256i p = _mm256_setzero_si256();
+        const int32_t S = t->yi[j * nb + b], S0 = t->yh[j * nb + b];
+#if X8_VNNI
+        /* u8 x s8 products summed by 4 straight into int32: no s16 stage, no overflow limit */
+        if (X8_HALVES(T)) {
+            __m256i p1 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int c = 0; c < 4; c++) {
+                p = _mm256_dpbusd_epi32(p, x.q[c], bcast4(y + 4 * c));
+                p1 = _mm256_dpbusd_epi32(p1, x.q[c + 4], bcast4(y + 16 + 4 * c));
+            }
+            p = _mm256_add_epi32(_mm256_mullo_epi32(p, x.sc[0]), _mm256_mullo_epi32(p1, x.sc[1]));
+        } else {
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++)
+                p = _mm256_dpbusd_epi32(p, X8_SIGNED(T) ? uq[c] : x.q[c], bcast4(y + 4 * c));
+            if (X8_SIGNED(T)) /* the weights went in as q + 128 */
+                p = _mm256_sub_epi32(p, _mm256_set1_epi32(128 * S));
+            if (X8_SCALED(T))
+                p = _mm256_mullo_epi32(p, x.sc[0]);
+        }
+#else
+        if (X8_SIGNED(T)) {
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++)
+                p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(aq[c], _mm256_sign_epi8(bcast4(y + 4 * c), x.q[c])), sp[0]));
+        } else {
+#pragma GCC unroll 8
+            for (int c0g = 0; c0g < 8; c0g += G) {
+                __m256i s16 = _mm256_maddubs_epi16(x.q[c0g], bcast4(y + 4 * c0g));
+#pragma GCC unroll 8
+                for (int c = c0g + 1; c < c0g + G; c++)
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(x.q[c], bcast4(y + 4 * c)));
+                p = _mm256_add_epi32(p, _mm256_madd_epi16(s16, sp[c0g >> 2]));
+            }
+        }
+#endif
+        const __m256i s01 = _mm256_set1_epi32((int32_t)(((uint32_t)(S - S0) << 16) | ((uint32_t)S0 & 0xFFFF)));
+        if (X8_OFF(T) && !X8_HALVES(T))
+            p = _mm256_sub_epi32(p, _mm256_set1_epi32(X8_OFF(T) * S));
+        else if (X8_OFF(T))
+            p = _mm256_sub_epi32(p, _mm256_slli_epi32(_mm256_madd_epi16(sc01, s01), __builtin_ctz(X8_OFF(T))));
+        const __m256 dy = _mm256_broadcast_ss(t->yd + j * nb + b);
+        t->acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(x.d, dy), t->acc[j]);
+        if (X8_ADD_M(T))
+            t->acc[j] = _mm256_fmadd_ps(x.m, _mm256_broadcast_ss(t->ys + j * nb + b), t->acc[j]);
+        else if (X8_SUB_MIN(T) && X8_HALVES(T))
+            t->acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn01, s01)), _mm256_mul_ps(x.m, dy), t->acc[j]);
+        else if (X8_SUB_MIN(T))
+            t->acc[j] = _mm256_fnmadd_ps(dmn, _mm256_broadcast_ss(t->ys + j * nb + b), t->acc[j]);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_x8(
+    const int T, const int C, const uint8_t *g, int64_t nb, int64_t gstride, const QAct *a, int64_t c0,
+    float *out, int64_t ldo, int valid)
+{
+    const int64_t rs = x8_record(T);
+    Tile t = {.yq = a->q + c0 * a->k, .yd = a->d + c0 * nb, .ys = a->s + c0 * nb, .yi = a->isum + c0 * nb,
+              .yh = a->isum16 + c0 * nb, .k = a->k, .nb = nb};
+#pragma GCC unroll 8
+    for (int c = 0; c < C; c++)
+        t.acc[c] = _mm256_setzero_ps();
+    if (X8_SUPER(T)) {
+        for (int64_t sb = 0; sb < nb / 8; sb++) {
+            const uint8_t *rec = g + sb * rs;
+            /* the same record PF_GROUPS groups on: every line of it */
+            for (int64_t off = 0; off < rs; off += 64)
+                _mm_prefetch((const char *)(rec + PF_GROUPS * gstride + off), _MM_HINT_T0);
+            /* the 8 blocks spelled out: each with its s a constant, shifts and offsets fold */
+            block_x8(T, C, rec, 0, 8 * sb + 0, &t);
+            block_x8(T, C, rec, 1, 8 * sb + 1, &t);
+            block_x8(T, C, rec, 2, 8 * sb + 2, &t);
+            block_x8(T, C, rec, 3, 8 * sb + 3, &t);
+            block_x8(T, C, rec, 4, 8 * sb + 4, &t);
+            block_x8(T, C, rec, 5, 8 * sb + 5, &t);
+            block_x8(T, C, rec, 6, 8 * sb + 6, &t);
+            block_x8(T, C, rec, 7, 8 * sb + 7, &t);
+        }
+    } else {
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *rec = g + b * rs;
+#pragma GCC unroll 5
+            for (int64_t off = 0; off < rs; off += 64)
+                _mm_prefetch((const char *)(rec + PF_GROUPS * gstride + off), _MM_HINT_T0);
+            block_x8(T, C, rec, 0, b, &t);
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < C; j++) {
+        if (valid == X8) {
+            _mm256_storeu_ps(out + (c0 + j) * ldo, t.acc[j]);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, t.acc[j]);
+            memcpy(out + (c0 + j) * ldo, tmp, (size_t)valid * sizeof(float));
+        }
+    }
+}
+
+/* Activation rows per pass over a work item's weight groups: as many as fit ACT_CHUNK_BYTES of
+ * int8 (a multiple of MAXC, so the tiles, and every result, are those of one pass). Each
+ * group reads the chunk's activations; a prompt's whole (512 x 8192 = 4 MB for ffn_down) would
+ * come from L3 for every 8 weight rows, a chunk stays in L2 beside the item's weights. */
+#ifndef ACT_CHUNK_BYTES
+#define ACT_CHUNK_BYTES (256 << 10)
+#endif
+
+static inline int64_t act_chunk(int64_t k)
+{
+    const int64_t rows = ACT_CHUNK_BYTES / k / MAXC * MAXC;
+    return rows > MAXC ? rows : MAXC;
+}
+
+#define X8_TILE(T, NAME, C)                                                                                 \
+    static void NAME##_c##C(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) \
+    {                                                                                                       \
+        tile_x8(T, C, g, nb, gs, a, c0, o, l, v);                                                           \
+    }
+
+#if MAXC == 8
+#define X8_TILE8(T, NAME) X8_TILE(T, NAME, 8)
+#else /* never called: the dispatch below takes 8-row tiles only when MAXC is 8 */
+#define X8_TILE8(T, NAME)                                                                                   \
+    static void NAME##_c8(const uint8_t *g, int64_t nb, int64_t gs, const QAct *a, int64_t c0, float *o, int64_t l, int v) {}
+#endif
+
+#define X8_KERNEL(T, NAME)                                                                                  \
+    X8_TILE(T, NAME, 1) X8_TILE(T, NAME, 2) X8_TILE(T, NAME, 3) X8_TILE(T, NAME, 4) X8_TILE8(T, NAME)       \
+    /* rows r0..r0+nr-1 of an x8 part, r0 a multiple of 8; nb 32-blocks a row */                          \
+    static void NAME##_rows(const uint8_t *data, int64_t r0, int64_t nr, int64_t nb, const QAct *a, float *out, int64_t ldo) \
+    {                                                                                                       \
+        const int64_t gs = nb * QK / qformat(T)->block * x8_record(T);                                      \
+        const int64_t chunk = act_chunk(a->k);                                                              \
+        for (int64_t cc = 0; cc < a->n; cc += chunk) {                                                      \
+            const int64_t ce = a->n - cc < chunk ? a->n : cc + chunk;                                       \
+            for (int64_t r = 0; r < nr; r += X8) {                                                          \
+                const uint8_t *g = data + (r0 + r) / X8 * gs;                                               \
+                const int v = nr - r < X8 ? (int)(nr - r) : X8;                                             \
+                for (int64_t c0 = cc, cn; c0 < ce; c0 += cn) { /* tiles of MAXC rows, then the rest */     \
+                    cn = ce - c0;                                                                           \
+                    if (MAXC == 8 && cn >= 8) cn = 8, NAME##_c8(g, nb, gs, a, c0, out + r, ldo, v);         \
+                    else if (cn >= 4) cn = 4, NAME##_c4(g, nb, gs, a, c0, out + r, ldo, v);                 \
+                    else if (cn == 3) NAME##_c3(g, nb, gs, a, c0, out + r, ldo, v);                         \
+                    else if (cn == 2) NAME##_c2(g, nb, gs, a, c0, out + r, ldo, v);                         \
+                    else NAME##_c1(g, nb, gs, a, c0, out + r, ldo, v);                                      \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
+X8_KERNEL(QT_Q4_0, x8_q4_0)
+X8_KERNEL(QT_Q4_1, x8_q4_1)
+X8_KERNEL(QT_Q5_0, x8_q5_0)
+X8_KERNEL(QT_Q5_1, x8_q5_1)
+X8_KERNEL(QT_Q8_0, x8_q8_0)
+X8_KERNEL(QT_Q2_K, x8_q2_k)
+X8_KERNEL(QT_Q3_K, x8_q3_k)
+X8_KERNEL(QT_Q4_K, x8_q4_k)
+X8_KERNEL(QT_Q5_K, x8_q5_k)
+X8_KERNEL(QT_Q6_K, x8_q6_k)
+X8_KERNEL(QT_IQ4_NL, x8_iq4_nl)
+X8_KERNEL(QT_IQ4_XS, x8_iq4_xs)
+
+/* rows r0 .. r0 + nr - 1 of an x8 part of type qtype */
+static void x8_rows(int qtype, const uint8_t *data, int64_t r0, int64_t nr, int64_t nb, const QAct *a, float *o, int64_t ldo)
+{
+    switch (qtype) {
+    case QT_Q4_0: x8_q4_0_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_Q4_1: x8_q4_1_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_Q5_0: x8_q5_0_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_Q5_1: x8_q5_1_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_Q8_0: x8_q8_0_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_Q2_K: x8_q2_k_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_Q3_K: x8_q3_k_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_Q4_K: x8_q4_k_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_Q5_K: x8_q5_k_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_Q6_K: x8_q6_k_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_IQ4_NL: x8_iq4_nl_rows(data, r0, nr, nb, a, o, ldo); break;
+    case QT_IQ4_XS: x8_iq4_xs_rows(data, r0, nr, nb, a, o, ldo); break;
+    default: break; /* rejected when the matrix was built */
+    }
+}
+
+#endif
