@@ -20,7 +20,7 @@ from backends.cuda.kernel_check import random_blocks
 from backends.cuda.opencl import opencl_available
 from engine.errors import InvalidArgument
 from engine.execution import kernel_settings
-from engine.model.quants import dequantize
+from backends.quants import dequantize
 
 CUDA_OK, CUDA_REASON = cuda_available()
 POCL_OK, POCL_REASON = opencl_available("pocl")

@@ -18,7 +18,7 @@ from tiny_gguf import tiny_writer
 from backends.cpu import quantized as qz
 from backends.cpu.quantized import BlockTable, QuantizedLinear
 from engine.execution import kernel_settings
-from engine.model.quants import dequantize
+from backends.quants import dequantize
 from engine.runtime.generate import LoadedModel, decode_one_token, prefill, score
 
 needs_ext = pytest.mark.skipif(qz._EXTENSION is None, reason=f"ops_avx2 unavailable: {qz._WHY_NOT}")
@@ -153,7 +153,7 @@ def test_q8_0_requantizes_every_type_and_native_keeps_blocks(qtype):
     """`q8_0` requantizes every type to Q8_0 of the dequantized weights; `native` keeps a block
     type's own blocks (Q5_1 had no kernel once and was requantized; Q5_0 and IQ4_NL widen exactly, below)."""
     from backends.base import TensorData
-    from engine.model.quants import dequantize
+    from backends.quants import dequantize
     rng = np.random.default_rng(1)
     x = rng.standard_normal((6, 64)).astype(np.float32)
     raw = x.astype(np.float16) if qtype == T.F16 else gguf_quantize(x, qtype)
@@ -173,7 +173,7 @@ def test_q5_0_and_iq4_nl_widen_to_q8_0_exactly(qtype):
     with the same scale and integers: the very same weights, where rounding to Q8_0 would move
     them. (`native` keeps their own blocks: both have x8 kernels.)"""
     from backends.base import TensorData
-    from engine.model.quants import dequantize
+    from backends.quants import dequantize
     rng = np.random.default_rng(2)
     if qtype == T.Q5_0:
         raw = gguf_quantize(rng.standard_normal((6, 64)).astype(np.float32), qtype)

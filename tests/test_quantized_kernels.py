@@ -1,4 +1,4 @@
-"""The quantized-resident kernels against dequantize-then-matmul (engine/model/quants.py).
+"""The quantized-resident kernels against dequantize-then-matmul (backends/quants.py).
 
 Every kernel type, awkward shapes (1 row, non-power-of-two rows, many blocks, batch 1 and
 batch > 1, fused parts of mixed types), both matmul paths, the numpy fallback, and the C
@@ -18,7 +18,7 @@ from backends.cpu.backend import CpuBackend
 from backends.cpu.quantized import BlockPart, QuantizedMatmul, quantize_activations
 from engine.errors import InvalidArgument
 from engine.execution import DEFAULT_EXECUTION, kernel_settings
-from engine.model.quants import dequantize, quant_type
+from backends.quants import dequantize, quant_type
 
 INT8_ALWAYS = kernel_settings(gemm_rows_x8=0, gemm_rows_rowwise=0)  # 0: never dequantize-into-GEMM
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from engine.model import quants
-from engine.model.quants import (
+from backends import quants
+from backends.quants import (
     QUANT_TYPES,
     UnsupportedTensorType,
     dequantize,

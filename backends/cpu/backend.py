@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 from backends.base import Backend, KernelSettings, RopeYarn, TensorData, rope_angles
 from backends.cpu import invariant
 from backends.cpu.quantized import FLOAT_TYPES, BlockTable, QuantizedLinear, QuantizedMatmul, as_blocks, block_part
-from engine.model.quants import dequantize
+from backends.quants import dequantize
 
 
 class CpuBackend(Backend):

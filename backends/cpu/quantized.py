@@ -35,12 +35,12 @@ from gguf import GGMLQuantizationType as T
 
 from backends.base import KernelSettings, TensorData
 from backends.cpu import invariant
+from backends.quants import EXACT_IN_Q8_0, dequantize, quant_type, widen_to_q8_0
 from engine.errors import InvalidArgument
-from engine.model.quants import EXACT_IN_Q8_0, dequantize, quant_type, widen_to_q8_0
 
 log = logging.getLogger(__name__)
 
-# Block types the quantized-dot kernels read directly: every block type engine/model/quants.py
+# Block types the quantized-dot kernels read directly: every block type backends/quants.py
 # decodes. Each is repacked at load into the x8 layout (8 rows interleaved, x8.h) the kernels
 # read. Float tensors (F32/F16/BF16) stay dense float32; `q8_0` requantizes on request.
 KERNEL_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
@@ -335,7 +335,7 @@ class QuantizedMatmul:
             return
         assert all(p.layout == "rows" for p in w.parts), "x8 parts are read by the extension only"
         start = 0
-        for p in w.parts:  # the parts overlapping [lo, hi), each through engine.model.quants (file order)
+        for p in w.parts:  # the parts overlapping [lo, hi), each through backends.quants (file order)
             a, b = max(lo, start), min(hi, start + p.rows)
             if a < b:
                 out[a - lo:b - lo] = dequantize(p.blocks[a - start:b - start], p.qtype, (b - a, w.n_in))

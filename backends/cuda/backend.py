@@ -30,8 +30,8 @@ from backends.base import Backend, KernelSettings, TensorData
 from backends.cuda.device import Device
 from backends.cuda.kernels import DEVICE_TYPES
 from backends.cuda.ops import KernelOps, LinearWeight, QuantMatrix, pack_rows, rope_tables, segments_of
+from backends.quants import dequantize
 from engine.errors import ContextOverflow, InvalidArgument, UnsupportedModel
-from engine.model.quants import dequantize
 
 _UPLOAD_CACHE = 64  # small index arrays (positions, ids) kept on the device by content
 

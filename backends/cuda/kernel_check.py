@@ -5,7 +5,7 @@ Each check yields rows of one table, kernel × weight type × shape × check →
 - `nvrtc sm_80`, `nvrtc sm_90`: every kernel of every program compiles through NVRTC with
   `--ptxas-options=-v`, with no warning and no register spill (registers are reported);
 - `pocl`: the kernels run on the CPU as OpenCL through the CUDA backend's own launch code
-  (`ops.KernelOps`) and match numpy oracles (`engine.model.quants`, the float64 `ref_*` below) on awkward
+  (`ops.KernelOps`) and match numpy oracles (`backends.quants`, the float64 `ref_*` below) on awkward
   shapes: one row, non-power-of-two sizes, many blocks, every weight type;
 - `oclgrind`: small shapes again under Oclgrind with data-race and uninitialised-value detection,
   in a child process with its own log; Oclgrind exits 0 whatever it finds, so a row passes only when
@@ -34,7 +34,7 @@ from gguf import GGMLQuantizationType as T
 from backends.cuda.dialect import render
 from backends.cuda.kernels import DEVICE_TYPES, ProgramSpec, all_programs
 from backends.cuda.ops import KernelOps, pack_rows, rope_tables
-from engine.model.quants import quant_type
+from backends.quants import quant_type
 
 ARCHS = ("sm_80", "sm_90")
 NVRTC_CHECK_OPTIONS = ["-std=c++17", "--diag-suppress=177", "--ptxas-options=-v"]
@@ -155,7 +155,7 @@ def _matvec_case(qtype: T, rows: int, blocks: int, n: int) -> Case:
     cols = blocks * dt.block_size
 
     def run(ops: KernelOps, rng: np.random.Generator) -> tuple[bool, str]:
-        from engine.model.quants import dequantize
+        from backends.quants import dequantize
         raw = random_blocks(qtype, rows, cols, rng)
         w = dequantize(raw, qtype, (rows, cols)).astype(np.float64)
         m = ops.upload_matrix(qtype, pack_rows(raw, qtype, (rows, cols))[1], cols)
@@ -178,7 +178,7 @@ def _dequant_case(qtype: T, rows: int, blocks: int, ids: list[int]) -> Case:
     cols = blocks * dt.block_size
 
     def run(ops: KernelOps, rng: np.random.Generator) -> tuple[bool, str]:
-        from engine.model.quants import dequantize
+        from backends.quants import dequantize
         raw = random_blocks(qtype, rows, cols, rng)
         ref = dequantize(raw, qtype, (rows, cols))[ids]
         m = ops.upload_matrix(qtype, pack_rows(raw, qtype, (rows, cols))[1], cols)
@@ -186,7 +186,7 @@ def _dequant_case(qtype: T, rows: int, blocks: int, ids: list[int]) -> Case:
         ops.dequant_rows(m, ops.device.upload(np.array(ids, np.int32)), out)
         got = ops.device.to_host(out)
         same = np.array_equal(got.view(np.uint32), ref.view(np.uint32))
-        return same, "bit-exact vs engine.model.quants" if same else f"max diff {np.abs(got - ref).max():.1e}"
+        return same, "bit-exact vs backends.quants" if same else f"max diff {np.abs(got - ref).max():.1e}"
 
     return f"dequant_{dt.name}", dt.name, f"{rows}x{cols} rows {ids}", run
 

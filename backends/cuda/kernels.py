@@ -8,7 +8,7 @@ Two sources:
   embedding lookups and for prefill through a dense GEMM.
 - `OPS_SOURCE`: RMSNorm, RoPE, SiLU-and-multiply, paged causal attention and top-k / greedy selection.
 
-Block layouts are those of `engine/model/quants.py` (the numpy oracle), whose diagrams are the
+Block layouts are those of `backends/quants.py` (the numpy oracle), whose diagrams are the
 reference; `dequant_part` reproduces its arithmetic product for product (FMUL/FSUB are never fused
 into an FMA), so `dequant_*` is bit-identical to it.
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gguf import GGMLQuantizationType as T
+
+from backends.quants import QUANT_TYPES
 
 # --- weight types on the device ---------------------------------------------------------------
 # (weights per block, bytes per block) as the kernels see them. F16 and F32 are read in "blocks"
@@ -45,20 +47,14 @@ class DeviceType:
         return n_cols // self.block_size * self.type_size
 
 
+# The block types with kernels here. Their geometry is backends/quants.py's table, handed to
+# each program as QK (weights per block) and QTS (bytes per block); float rows are walked in
+# blocks of 8 weights.
 DEVICE_TYPES: dict[T, DeviceType] = {
     t: DeviceType(t, block, size, block // 8)
-    for t, block, size in [
-        (T.Q4_0, 32, 18),
-        (T.Q4_1, 32, 20),
-        (T.Q5_0, 32, 22),
-        (T.Q5_1, 32, 24),
-        (T.Q8_0, 32, 34),
-        (T.Q4_K, 256, 144),
-        (T.Q5_K, 256, 176),
-        (T.Q6_K, 256, 210),
-        (T.F16, 8, 16),
-        (T.F32, 8, 32),
-    ]
+    for t, block, size in [(q, QUANT_TYPES[q].block_size, QUANT_TYPES[q].type_size)
+                           for q in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)]
+                          + [(T.F16, 8, 16), (T.F32, 8, 32)]
 }
 
 QUANT_SOURCE = r"""
@@ -68,8 +64,6 @@ QUANT_SOURCE = r"""
 #if defined(QTYPE_Q4_0)
 /* Q4_0: d f16 | qs[16]; qs[j] = [w(j+16) : 4 | w(j) : 4];  w = d * (q - 8).  4 parts: bytes 4p..4p+3. */
 #define QNAME q4_0
-#define QK 32
-#define QTS 18
 DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o1) {
     float d = LOAD_F16(b, 0);
     for (int i = 0; i < 4; ++i) {
@@ -84,8 +78,6 @@ DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o
 #elif defined(QTYPE_Q4_1)
 /* Q4_1: d f16 | m f16 | qs[16] as Q4_0;  w = d * q + m. */
 #define QNAME q4_1
-#define QK 32
-#define QTS 20
 DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o1) {
     float d = LOAD_F16(b, 0), m = LOAD_F16(b, 2);
     for (int i = 0; i < 4; ++i) {
@@ -100,8 +92,6 @@ DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o
 #elif defined(QTYPE_Q5_0)
 /* Q5_0: d f16 | qh u32 | qs[16]; bit j of qh is the 5th bit of weight j;  w = d * (q - 16). */
 #define QNAME q5_0
-#define QK 32
-#define QTS 22
 DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o1) {
     float d = LOAD_F16(b, 0);
     uint qh = (uint)b[2] | ((uint)b[3] << 8) | ((uint)b[4] << 16) | ((uint)b[5] << 24);
@@ -120,8 +110,6 @@ DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o
 #elif defined(QTYPE_Q5_1)
 /* Q5_1: d f16 | m f16 | qh u32 | qs[16];  w = d * q + m. */
 #define QNAME q5_1
-#define QK 32
-#define QTS 24
 DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o1) {
     float d = LOAD_F16(b, 0), m = LOAD_F16(b, 2);
     uint qh = (uint)b[4] | ((uint)b[5] << 8) | ((uint)b[6] << 16) | ((uint)b[7] << 24);
@@ -140,8 +128,6 @@ DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o
 #elif defined(QTYPE_Q8_0)
 /* Q8_0: d f16 | qs[32] int8;  w = d * q.  4 parts of 8 consecutive weights. */
 #define QNAME q8_0
-#define QK 32
-#define QTS 34
 DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o1) {
     float d = LOAD_F16(b, 0);
     for (int i = 0; i < 8; ++i) w[i] = FMUL((float)(signed char)b[2 + 8 * p + i], d);
@@ -157,14 +143,11 @@ DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o
    high nibbles in the next one. */
 #if defined(QTYPE_Q4_K)
 #define QNAME q4_k
-#define QTS 144
 #define QS_AT 16
 #else
 #define QNAME q5_k
-#define QTS 176
 #define QS_AT 48
 #endif
-#define QK 256
 DEVICE void k_scale_min(const GLOBAL uchar* s, int j, float* sc, float* mn) {
     if (j < 4) {
         *sc = (float)(s[j] & 63);
@@ -202,8 +185,6 @@ DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o
    w = (d * scale_s) * (q - 32), sub-block s = w / 16.
    32 parts: h = p / 16, jp = (p / 8) % 2, lanes 4 (p % 8) .. +3; run 0 is j = jp, run 1 is j = jp + 2. */
 #define QNAME q6_k
-#define QK 256
-#define QTS 210
 DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o1) {
     float d = LOAD_F16(b, 208);
     int h = p >> 4, jp = (p >> 3) & 1, l0 = 4 * (p & 7);
@@ -225,8 +206,6 @@ DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o
 #elif defined(QTYPE_F16)
 /* F16 rows, read 8 weights (16 bytes) at a time. */
 #define QNAME f16
-#define QK 8
-#define QTS 16
 DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o1) {
     for (int i = 0; i < 8; ++i) w[i] = LOAD_F16(b, 2 * i);
     *o0 = 0;
@@ -235,8 +214,6 @@ DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o
 
 #elif defined(QTYPE_F32)
 #define QNAME f32
-#define QK 8
-#define QTS 32
 DEVICE void dequant_part(const GLOBAL uchar* b, int p, float* w, int* o0, int* o1) {
     const GLOBAL float* f = (const GLOBAL float*)b;
     for (int i = 0; i < 8; ++i) w[i] = f[i];
@@ -486,7 +463,8 @@ MAX_HEAD_DIM = 256
 
 def quant_program(t: T) -> ProgramSpec:
     dt = DEVICE_TYPES[t]
-    return ProgramSpec(f"quant_{dt.name}", QUANT_SOURCE, {f"QTYPE_{t.name}": 1},
+    defines = {f"QTYPE_{t.name}": 1, "QK": dt.block_size, "QTS": dt.type_size}
+    return ProgramSpec(f"quant_{dt.name}", QUANT_SOURCE, defines,
                        (f"matvec1_{dt.name}", f"matvec8_{dt.name}", f"dequant_{dt.name}"))
 
 

@@ -35,8 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.control.objectives import Judgement, Measurement, Objective, RequestSample, judge, measure
 from engine.control.database import SqlDatabase
+from engine.control.objectives import Judgement, Measurement, Objective, RequestSample, judge, measure
 from engine.control.plan_store import label
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
+from backends.quants import quant_type
 from engine.errors import ModelFormatError, ModelNotFound, UnsupportedModel
 from engine.model.config import ModelConfig, read_config
-from engine.model.quants import quant_type
 
 __all__ = ["ModelConfig", "ModelFile", "TensorInfo"]
 

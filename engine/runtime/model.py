@@ -21,13 +21,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from backends.base import Backend, TensorData
+from backends.quants import dequantize
 from engine.errors import ModelFormatError
 from engine.memory.kv_cache import SequenceKV
 from engine.memory.paged import PagedKV, PagedStep
 from engine.model.arch import ARCHITECTURES
 from engine.model.config import global_tensors, layer_tensors
 from engine.model.gguf_file import ModelConfig, ModelFile
-from engine.model.quants import dequantize
 
 
 @dataclass

@@ -1,7 +1,7 @@
 /* Block formats <-> float32, AVX2: the x8 repacking, the dequantize-into-GEMM path and Q8_0
  * requantization.
  *
- * Dequantization is bit-identical to engine/model/quants.py (and so to gguf-py): the
+ * Dequantization is bit-identical to backends/quants.py (and so to gguf-py): the
  * same float32 products in the same order, no FMA contraction (`q * d + m` is a
  * multiply, then an add). It reads the x8 layout through x8_unpack, as the kernels do.
  */
@@ -62,7 +62,7 @@ void ops_repack_x8(int qtype, const uint8_t *src, int64_t rows, int64_t k, uint8
 }
 
 /* 32-block b of the 8 rows of a group as float32, out[r * 32 + i], bit-identical to
- * engine/model/quants.py: w = float(q - OFF) * (d * sc), then + m or - (dmin * mn) (a
+ * backends/quants.py: w = float(q - OFF) * (d * sc), then + m or - (dmin * mn) (a
  * multiply, then an add: no FMA). */
 static inline __attribute__((always_inline)) void dequant_block_x8(const int T, const uint8_t *g, int64_t b, float out[8 * QK])
 {

@@ -33,7 +33,7 @@ enum {
  * unit, a record of 8 * size bytes per block, rows padded to a multiple of 8. */
 #define X8 8
 
-/* Block geometry (ggml's; the same numbers as engine/model/quants.py's table). */
+/* Block geometry (ggml's): a copy of backends/quants.py's table, checked equal by tests/backends/test_quant_geometry.py. */
 typedef struct {
     int qtype;
     int block; /* weights per block: 32, or 256 for the K-quants and IQ4_XS */

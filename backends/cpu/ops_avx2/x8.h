@@ -20,7 +20,7 @@
  *
  * q is unsigned except for the SIGNED types (Q8_0, IQ4_NL, IQ4_XS: the signed value itself);
  * sc is 1 where a type has no sub-block scale. Dequantization (dequant.c) and the int8
- * kernels (qmatmul.c) both read this; engine/model/quants.py has the file formats.
+ * kernels (qmatmul.c) both read this; backends/quants.py has the file formats.
  */
 #ifndef OPS_X8_H
 #define OPS_X8_H

@@ -52,8 +52,8 @@ from engine.control.agents.policy import AgentPolicy, AgentRule
 from engine.control.agents.rate import RateLimiter
 from engine.control.agents.sizes import MAX_TEXT, Suggestion, _cut, bounded, oversize
 from engine.control.agents.verdicts import DECISIONS, SuggestionRecord, Verdict
-from engine.control.plan_store import PlanStore, label
 from engine.control.objectives import objective_of
+from engine.control.plan_store import PlanStore, label
 from engine.control.plans import (
     MAX_DESCRIPTION_LENGTH,
     ExecutionPlan,
