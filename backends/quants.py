@@ -10,7 +10,7 @@ fields out with slicing and ``.view`` and never looping over blocks in Python.
 All multi-byte fields are little-endian.  The arithmetic follows llama.cpp's
 reference ``dequantize_row_*`` functions operation for operation (same float32
 products, in the same order), so results are bit-identical to gguf-py's
-``gguf.quants.dequantize``; ``tests/test_quants.py`` checks this per type.
+``gguf.quants.dequantize``; ``tests/backends/test_quants.py`` checks this per type.
 The one caveat is the ``x * d + m`` of Q4_1/Q5_1/K-quants: a C compiler may
 fuse it into an FMA, numpy never does, and we (like gguf-py) follow the
 unfused ISO C semantics.

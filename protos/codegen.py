@@ -6,7 +6,7 @@ than inside one layer.
 
 grpc_tools writes imports as `from planengine.v1 import x_pb2`, i.e. relative to
 the proto root; they are rewritten to this package so the generated modules
-import without touching sys.path. tests/test_protos.py fails when the committed
+import without touching sys.path. tests/protos/test_protos.py fails when the committed
 files differ from a fresh generation.
 """
 

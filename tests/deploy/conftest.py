@@ -6,7 +6,6 @@ deselects (pyproject.toml's addopts): run them with `pytest tests/deploy -m cont
 from __future__ import annotations
 
 import pytest
-
 from podman_cli import Built, Container, build, image_size, unavailable_reason
 
 

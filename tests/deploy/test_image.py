@@ -12,7 +12,6 @@ import time
 import urllib.request
 
 import pytest
-
 from podman_cli import Container, free_port, host_ca_mount, image_inspect, image_size, podman
 
 # the first test to run builds the images (session fixture): minutes on a cold machine
@@ -60,7 +59,7 @@ def test_the_image_runs_as_uid_10001_with_its_healthcheck_and_extension(images):
     assert baked["cached"] and baked["size"] > 50e6 and not plain["cached"]
     sizes = {image: image_size(image) for image in (images.plain, images.baked)}
     assert sizes[images.baked] - sizes[images.plain] > 0.9 * baked["size"]
-    print(f"\nimage sizes: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in sizes.items())
+    print("\nimage sizes: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in sizes.items())
           + f" (built by make image in {images.seconds:.0f} s on {images.base})")
 
 
@@ -78,8 +77,8 @@ def test_the_baked_image_serves_with_no_network(images, containers):
 
 def test_a_container_turns_healthy_and_streams_generate_to_the_host(images, containers):
     from grpc_health.v1 import health_pb2
-
     from podman_cli import grpc_health
+
     from services.client import PlanEngineClient
 
     port, metrics_port, http_port = free_port(), free_port(), free_port()
@@ -131,8 +130,8 @@ def test_a_volume_keeps_the_plan_store_and_the_model_cache(images, containers, v
     """The plain image's model is pulled into an empty volume by a one-shot `models pull`
     container (the Kubernetes Deployment's init container; `serve` does not pull); a server on
     the volume activates a plan; a new container on the same volume finds both."""
-    from services.client import PlanEngineClient
     from protos.planengine.v1 import plan_pb2
+    from services.client import PlanEngineClient
 
     port = free_port()
     mount = ["--volume", f"{volume}:/var/lib/plan-engine"]

@@ -22,9 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-
 from grpc_health.v1 import health_pb2
-
 from podman_cli import REPO, Container, free_port, grpc_health
 from postgres_server import start_postgres, wait_served
 

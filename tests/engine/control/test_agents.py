@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from engine.control.control_plane import ControlPlane
-from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
-from engine.control.plans import GgufModelReader, ModelInfo, PlanEnvironment, plan_hash, prepare
 from engine.control.agents import (
     AgentPolicy,
     SuggestionLog,
     SuggestionReviewer,
     Unauthenticated,
 )
+from engine.control.control_plane import ControlPlane
+from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
+from engine.control.plans import GgufModelReader, ModelInfo, PlanEnvironment, plan_hash, prepare
 from engine.errors import EngineError, FailedPrecondition, InvalidArgument, NotFound
-from services.agent import Advisor, Agent, AgentConfig, Load
 from protos.planengine.v1 import plan_pb2
 from protos.planengine.v1 import suggestion_pb2 as sg
+from services.agent import Advisor, Agent, AgentConfig, Load
 from services.servicer import _verdict
 
 ENV = PlanEnvironment.with_models({"smol": ModelInfo(2048, 30, 3, 64), "other": ModelInfo(2048, 30, 3, 64)})

@@ -18,15 +18,15 @@ import threading
 from pathlib import Path
 
 import pytest
+from postgres_server import free_port, served_hash, start_postgres, wait_served
+from test_store_contract import make_plan
 
 from engine.control.agents import SuggestionLog, Verdict
 from engine.control.database import is_postgres_url
 from engine.control.plan_store import PlanStore, SqlitePlanStore
 from engine.control.postgres_store import PostgresDatabase, PostgresPlanStore
 from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
-from postgres_server import free_port, served_hash, start_postgres, wait_served
 from protos.planengine.v1 import control_plane_pb2, plan_pb2, suggestion_pb2
-from test_store_contract import make_plan
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[dev]')")
 

@@ -13,11 +13,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_store_contract import make_plan
 
 from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
 from engine.control.plans import plan_hash
 from engine.errors import FailedPrecondition
-from test_store_contract import make_plan
 
 REPO = Path(__file__).resolve().parents[3]
 

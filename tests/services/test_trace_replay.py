@@ -4,9 +4,9 @@ every request and token, bogus files and values are refused before anything is s
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from paths import REPO
 
 from protos.planengine.v1 import plan_pb2
 from services import cli, load_trace
@@ -77,7 +77,7 @@ def test_trace_generate_writes_what_trace_show_reads(tmp_path, capsys):
     (["--max-trials", "0"], "--max-trials 0"),
 ])
 def test_tune_refuses_hostile_objectives_before_starting_anything(args, words, capsys):
-    trace = Path(__file__).resolve().parents[1] / "deploy" / "traces" / "steady_chat.jsonl"
+    trace = REPO / "deploy" / "traces" / "steady_chat.jsonl"
     assert cli.main(["tune", "--trace", str(trace), *args]) == 1  # refused before a server starts
     assert words in capsys.readouterr().err
 

@@ -239,7 +239,7 @@ def test_n_choices_each_follow_the_response_format(tiny_model):
 def test_cli_generate_flags_for_each_feature(served):
     import json as _json
 
-    from test_cli import cli
+    from cli_runner import cli
     server, _ = served
     r = cli("generate", "abcd", "--server", f"127.0.0.1:{server.port}", "-n", "3", "--json", "--n", "2",
             "--logit-bias", "2=100", "--min-tokens", "1", "--stop-token-id", "5", "--prompt-logprobs", "1")

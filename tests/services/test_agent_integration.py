@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services import cli
-from services.agent import AgentConfig, MetricLoads, run_agent
 from protos.planengine.v1 import control_plane_pb2 as pb
 from protos.planengine.v1 import plan_pb2
 from protos.planengine.v1 import suggestion_pb2 as sg
+from services import cli
+from services.agent import AgentConfig, MetricLoads, run_agent
 from services.client import PlanEngineClient
 from services.server import ServerConfig, create_server
 

@@ -317,7 +317,7 @@ def test_openai_sdk_response_format_json_schema_returns_valid_json(served):
 
 @pytest.mark.slow
 def test_cli_run_with_a_schema_a_grammar_and_a_choice(tmp_path):
-    from test_cli import assert_clean_error, cli
+    from cli_runner import assert_clean_error, cli
     schema = tmp_path / "city.json"
     schema.write_text(json.dumps({"type": "object", "additionalProperties": False, "required": ["city"],
                                   "properties": {"city": {"type": "string", "maxLength": 20}}}))
@@ -339,7 +339,7 @@ def test_cli_run_with_a_schema_a_grammar_and_a_choice(tmp_path):
 
 @pytest.mark.slow
 def test_cli_generate_through_a_server(served):
-    from test_cli import cli
+    from cli_runner import cli
     server, _ = served
     r = cli("generate", "Give a three digit number.", "--chat", "--server", f"127.0.0.1:{server.port}",
             "-n", "8", "--regex", "[1-9][0-9]{2}")
@@ -349,7 +349,7 @@ def test_cli_generate_through_a_server(served):
 
 @pytest.mark.slow
 def test_structured_bench_reports_mask_cost_per_level(model_path):
-    from test_cli import cli
+    from cli_runner import cli
     r = cli("bench", "--structured", "--weights", "native", "--concurrency", "1,3", "--gen-len", "6",
             "--repeats", "1", "--json")
     assert r.returncode == 0, r.stderr

@@ -15,6 +15,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from paths import REPO
 
 from protos.planengine.v1 import control_plane_pb2 as pb
 from protos.planengine.v1 import plan_pb2
@@ -22,7 +23,6 @@ from services.client import PlanEngineClient
 from services.server import ServerConfig, create_server
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def start(tmp_path: Path, **overrides) -> tuple:
@@ -277,7 +277,7 @@ def test_sigkill_during_plan_burst_keeps_acknowledged_plans(model_path, tmp_path
 
     def spawn() -> tuple[subprocess.Popen, int]:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", "0", "--store", str(store)],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = proc.stdout.readline()
         assert "serving on" in line, line
         return proc, int(line.split(":")[1].split()[0])

@@ -16,9 +16,9 @@ from backends.base import TensorData
 from backends.cpu import quantized as qz
 from backends.cpu.backend import CpuBackend
 from backends.cpu.quantized import BlockPart, QuantizedMatmul, quantize_activations
+from backends.quants import dequantize, quant_type
 from engine.errors import InvalidArgument
 from engine.execution import DEFAULT_EXECUTION, kernel_settings
-from backends.quants import dequantize, quant_type
 
 INT8_ALWAYS = kernel_settings(gemm_rows_x8=0, gemm_rows_rowwise=0)  # 0: never dequantize-into-GEMM
 

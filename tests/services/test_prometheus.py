@@ -16,14 +16,13 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
+from paths import REPO
 
 from services.client import PlanEngineClient, plan_from_json
 from services.server import ServerConfig, create_server
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None or PROMTOOL is None,
@@ -33,7 +32,7 @@ needs_prometheus = pytest.mark.skipif(
 def documented_metrics() -> dict[str, str]:
     """{name: type} from the serving-metrics table of docs/06_observability.md."""
     rows = re.findall(r"^\| `(planengine_[a-z0-9_]+)(?:\{[a-z_]+\})?` \| (histogram|gauge|counter) \|",
-                      (ROOT / "docs" / "06_observability.md").read_text(), flags=re.M)
+                      (REPO / "docs" / "06_observability.md").read_text(), flags=re.M)
     return dict(rows)
 
 

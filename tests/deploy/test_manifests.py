@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "example"]

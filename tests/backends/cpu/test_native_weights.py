@@ -17,8 +17,8 @@ from tiny_gguf import tiny_writer
 
 from backends.cpu import quantized as qz
 from backends.cpu.quantized import BlockTable, QuantizedLinear
-from engine.execution import kernel_settings
 from backends.quants import dequantize
+from engine.execution import kernel_settings
 from engine.runtime.generate import LoadedModel, decode_one_token, prefill, score
 
 needs_ext = pytest.mark.skipif(qz._EXTENSION is None, reason=f"ops_avx2 unavailable: {qz._WHY_NOT}")
@@ -221,7 +221,7 @@ TOP1_AGREEMENT = 0.99  # of all teacher-forced positions, over every reference p
 LLAMA_CPP_TOP1 = 0.97
 LLAMA_CPP_NEAR_TIE = 0.5  # a disagreement must be a near-tie in llama.cpp's own logits
 LLAMA_CPP_LOGIT_TOLERANCE = 1.5  # top-20 logits (observed 1.26; exact f32 math: 1.34)
-HF_LOGIT_TOLERANCE = 0.05  # top-20 logits, GEMM path vs hf_f32 (as tests/test_model.py for f32)
+HF_LOGIT_TOLERANCE = 0.05  # top-20 logits, GEMM path vs hf_f32 (as tests/engine/runtime/test_model.py for f32)
 # q8_0 requantizes the Q4_1 weights (an 8-bit grid over the 4-bit values) with float activations
 Q8_0_TOP1 = 0.96
 Q8_0_NEAR_TIE = 0.5

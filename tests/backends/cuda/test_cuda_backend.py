@@ -18,9 +18,9 @@ from backends.base import TensorData
 from backends.cuda import cuda_available
 from backends.cuda.kernel_check import random_blocks
 from backends.cuda.opencl import opencl_available
+from backends.quants import dequantize
 from engine.errors import InvalidArgument
 from engine.execution import kernel_settings
-from backends.quants import dequantize
 
 CUDA_OK, CUDA_REASON = cuda_available()
 POCL_OK, POCL_REASON = opencl_available("pocl")
@@ -29,7 +29,7 @@ needs_pocl = pytest.mark.skipif(not POCL_OK, reason=POCL_REASON)
 gpu = pytest.mark.skipif(not CUDA_OK, reason=f"no GPU: {CUDA_REASON}")
 
 TOP1_AGREEMENT = 1.0
-LOGIT_TOLERANCE = 0.05  # as tests/test_model.py against hf_f32
+LOGIT_TOLERANCE = 0.05  # as tests/engine/runtime/test_model.py against hf_f32
 
 
 @pytest.fixture(scope="module")

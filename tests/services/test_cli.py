@@ -5,34 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
+from cli_runner import assert_clean_error, cli
 from gguf import GGMLQuantizationType
-
 from tiny_gguf import write_tiny_gguf
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    # progress lines may come first; the error is one line, the last
-    assert lines and lines[-1].startswith("plan-engine: error: "), result.stderr
-    assert sum("error" in line for line in lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
 
 
 def test_run_json_tiny_model(tiny):

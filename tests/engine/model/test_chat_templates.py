@@ -5,13 +5,13 @@ a template without a system role gets it folded into the next message as llama.c
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from paths import FIXTURES
 
 from engine.model.chat import ChatTemplate, fold_system_message
 
-REF = json.loads((Path(__file__).parent / "fixtures" / "chat_llamacpp.json").read_text())
+REF = json.loads((FIXTURES / "chat_llamacpp.json").read_text())
 SYSTEM_REFUSED = {"gemma2"}  # raises on a system role: llama.cpp folds it
 
 

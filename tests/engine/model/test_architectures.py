@@ -7,17 +7,17 @@ whose float32 logits are the reference (tests/fixtures/make_arch_models.py; not 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from paths import FIXTURES
 
 from engine.memory.paged import BlockArena, PagedKV
 from engine.runtime.generate import Generation, LoadedModel, score
 from engine.runtime.model import Segment
 from engine.runtime.sampling import SamplingParams
 
-ARCH = Path(__file__).parent / "fixtures" / "arch"
+ARCH = FIXTURES / "arch"
 CASES = sorted(json.loads((ARCH / "manifest.json").read_text()))
 TOP_K, LOGIT_TOLERANCE = 20, 0.05
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from paths import FIXTURES
 from tiny_gguf import tiny_writer
 
 from backends.cpu.backend import CpuBackend
@@ -230,7 +231,7 @@ def test_llama_sliding_window_key_is_applied(tmp_path):
 def test_cuda_backend_refuses_what_it_does_not_compute():
     pytest.importorskip("cupy")
     from backends.cuda.backend import CudaBackend
-    config = ModelFile(Path(__file__).parent / "fixtures" / "arch" / "gemma3.gguf").config()
+    config = ModelFile(FIXTURES / "arch" / "gemma3.gguf").config()
     with pytest.raises(UnsupportedModel, match="the cuda backend does not compute per-head q/k RMSNorm"):
         CudaBackend.check_model(None, config, config.variants())  # type: ignore[arg-type]
 

@@ -16,9 +16,6 @@ from gguf import GGMLQuantizationType
 from tiny_gguf import write_tiny_gguf
 
 from engine.control import control_plane as cp
-from engine.control.control_plane import ControlPlane
-from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
-from engine.control.plans import InvalidPlan, ModelInfo, PlanEnvironment, prepare
 from engine.control.agents import (
     MAX_LIST,
     MAX_LIST_BYTES,
@@ -27,6 +24,9 @@ from engine.control.agents import (
     SuggestionLog,
     SuggestionReviewer,
 )
+from engine.control.control_plane import ControlPlane
+from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
+from engine.control.plans import InvalidPlan, ModelInfo, PlanEnvironment, prepare
 from engine.errors import DataLoss, EngineError, InvalidArgument, ResourceExhausted, shown
 from engine.model import registry
 from protos.planengine.v1 import plan_pb2

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from test_cli import assert_clean_error, cli
+from cli_runner import assert_clean_error, cli
 
 
 @pytest.mark.parametrize("mode", [[], ["--grpc"], ["--batch-invariant"]])

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
+from paths import REPO
 
 from engine.control.objectives import (
     Measurement,
@@ -21,8 +21,6 @@ from engine.control.objectives import (
 )
 from engine.errors import InvalidArgument
 from services import load_trace
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample(start, end, ttft=0.1, itl=(0.05,), tokens=10, energy=1.0, failed=False):
@@ -129,7 +127,7 @@ def test_generated_traces_are_deterministic_and_round_trip():
 @pytest.mark.parametrize("name", ["steady_chat", "bursty_batch"])
 def test_shipped_traces_are_what_their_documented_command_makes(name):
     """deploy/traces/*.jsonl are exactly what `make traces` writes (the command is in each header)."""
-    path = ROOT / "deploy" / "traces" / f"{name}.jsonl"
+    path = REPO / "deploy" / "traces" / f"{name}.jsonl"
     trace = load_trace.load(path)
     args = trace.generator.split()
     assert args[:3] == ["plan-engine", "trace", "generate"]
@@ -138,7 +136,7 @@ def test_shipped_traces_are_what_their_documented_command_makes(name):
                                 **({"rate": float(opts["--rate"])} if "--rate" in opts else
                                    {"burst": int(opts["--burst"]), "period_s": float(opts["--period"])}))
     assert again.dumps() == path.read_text()
-    assert f"--seed {trace.seed}" in (ROOT / "Makefile").read_text() or trace.generator in (ROOT / "Makefile").read_text()
+    assert f"--seed {trace.seed}" in (REPO / "Makefile").read_text() or trace.generator in (REPO / "Makefile").read_text()
 
 
 HEADER = json.dumps({"format": "planengine.load_trace", "version": 1, "name": "t", "seed": 1})

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from paths import FIXTURES
 
 from engine.errors import ModelNotFound
 from engine.model.registry import resolve
 from engine.runtime.generate import LoadedModel, score
 
-REF = Path(__file__).parent / "fixtures" / "gemma3_270m_hf_f32.npz"
-LLAMA_CPP_REF = Path(__file__).parent / "fixtures" / "gemma3_270m_llamacpp.npz"
+REF = FIXTURES / "gemma3_270m_hf_f32.npz"
+LLAMA_CPP_REF = FIXTURES / "gemma3_270m_llamacpp.npz"
 
 
 def gemma3_path() -> Path:
