@@ -17,7 +17,7 @@ import grpc
 
 from services.handlers import deny_handler
 
-from engine.control.suggestions import AgentPolicy
+from engine.control.agents import AgentPolicy
 from services.auth import OPEN_SERVICES, metadata_bearer
 
 _SERVICE = "/planengine.v1.ControlPlane/"

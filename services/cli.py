@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = p.add_subparsers(dest="suggestions_command", required=True)
     q = ssub.add_parser("list", help="suggestions with their latest verdicts, newest first")
     q.add_argument("--agent", default="", help="only this agent's")
-    q.add_argument("--decision", choices=SUGGESTION_DECISIONS, default=None, help="only with this verdict")
+    q.add_argument("--decision", choices=_decision_choices(), default=None,
+                   help="only with this verdict (pending: pending_review)")
     q.add_argument("--plan", default="", help="only for this plan id")
     q.add_argument("--limit", type=int, default=20)
     q.add_argument("--json", action="store_true")
@@ -578,10 +579,19 @@ def _request_limits(args):
         raise InvalidArgument(str(exc)) from None
 
 
+def _decision_choices() -> list[str]:
+    """The verdict decisions, as suggestion.proto names them (lower case), and "pending" for short."""
+    from protos.planengine.v1 import suggestion_pb2 as sg
+    names = [name.removeprefix("DECISION_").lower() for name in sg.SuggestionVerdict.Decision.keys()]
+    return [name for name in names if name != "unspecified"] + ["pending"]
+
+
 def _store_target(store: str | None):
     """A postgresql:// URL stays a string (a Path would fold its '//'); anything else is a SQLite file."""
     from pathlib import Path
-    return store if store and "://" in store else (Path(store) if store else None)
+
+    from engine.control.database import is_postgres_url
+    return store if is_postgres_url(store) else (Path(store) if store else None)
 
 
 def _read_plan(path: str):
@@ -823,9 +833,6 @@ def _tuner(args: argparse.Namespace) -> int:
         steps = run_tuner(client, TunerConfig(agent_id=args.agent_id, max_trials=args.max_trials), report=report)
     print(f"done after {len(steps)} trials", file=sys.stderr)
     return 0
-
-
-SUGGESTION_DECISIONS = ("accepted", "rejected", "pending", "dry_run")
 
 
 def cmd_suggestions(args: argparse.Namespace) -> int:

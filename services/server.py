@@ -23,9 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.control.control_plane import ControlPlane
 from engine.control.limits import RequestLimits
-from engine.control.plan_store import PlanStore, SqlitePlanStore
+from engine.control.plan_store import PlanStore, open_plan_store
 from engine.control.plans import PlanEnvironment
-from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
+from engine.control.agents import AgentPolicy, SuggestionLog, SuggestionReviewer
 from engine.control.trials import TrialLog, Trials
 from engine.errors import InvalidArgument
 from engine.model import registry
@@ -52,11 +52,7 @@ def default_store_path() -> Path:
 def open_store(target: str | Path) -> tuple[PlanStore, SuggestionLog]:
     """The plan store and the suggestion audit log, in one database: a SQLite file, or a
     postgresql:// URL for a database that replicas share (psycopg is imported only then)."""
-    if str(target).startswith(("postgresql://", "postgres://")):
-        from engine.control.postgres_store import PostgresPlanStore, PostgresSuggestionLog
-        store = PostgresPlanStore(str(target))
-        return store, PostgresSuggestionLog(store.db)
-    store = SqlitePlanStore(target)
+    store = open_plan_store(target)
     return store, SuggestionLog(store.db)
 
 

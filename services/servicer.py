@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.control.control_plane import ControlPlane, GenerateInput, PlanStamp
-from engine.control.suggestions import SuggestionRecord, SuggestionReviewer, Verdict
+from engine.control.agents import DECISIONS, SuggestionRecord, SuggestionReviewer, Verdict
 from engine.errors import FailedPrecondition, InvalidArgument, RequestFailed
 from engine.model import registry
 from engine.runtime.constraints import ResponseFormat
@@ -267,10 +267,7 @@ def _actor(context: grpc.ServicerContext) -> str:
 
 
 # --- WeOS agents: domain verdicts and records -> protobuf ----------------------------------
-_DECISIONS = {sg.SuggestionVerdict.DECISION_UNSPECIFIED: "", sg.SuggestionVerdict.DECISION_ACCEPTED: "accepted",
-              sg.SuggestionVerdict.DECISION_REJECTED: "rejected",
-              sg.SuggestionVerdict.DECISION_PENDING_REVIEW: "pending_review",
-              sg.SuggestionVerdict.DECISION_DRY_RUN: "dry_run"}
+_DECISIONS = {0: "", **{sg.SuggestionVerdict.Decision.Value("DECISION_" + d.upper()): d for d in DECISIONS}}
 
 
 def _verdict(v: Verdict) -> sg.SuggestionVerdict:

@@ -42,3 +42,19 @@ def tiny(tmp_path_factory) -> Path:
 def generation_reference() -> list[dict]:
     """shared/reference/smollm2-135m-q4_1/generation.json (hf_f32 and llama.cpp numerics)."""
     return json.loads((FIXTURES / "generation.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A PostgreSQL server for the session (tests/postgres_server.py); skipped without one."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[dev]')")
+    from postgres_server import start_postgres
+    server = start_postgres()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def dsn(pg) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    return pg.create_database()

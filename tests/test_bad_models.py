@@ -236,7 +236,15 @@ def test_cuda_backend_refuses_what_it_does_not_compute():
 
 
 def test_model_without_chat_template_is_told(tmp_path, caplog):
-    """No tokenizer.chat_template: chat falls back to ChatML as llama.cpp's does, and the load says so."""
+    """No tokenizer.chat_template: chat messages are refused naming the key (llama.cpp would
+    render ChatML, which the model was not trained on); a plain prompt still works."""
+    from engine.model.chat import NoChatTemplate
     model = LoadedModel(write(tmp_path / "t.gguf"))
-    assert model.chat_template.is_fallback
-    assert "has no chat template (tokenizer.chat_template)" in caplog.text
+    try:
+        assert model.chat_template is None
+        assert "has no chat template (tokenizer.chat_template)" in caplog.text
+        with pytest.raises(NoChatTemplate, match=r"t.gguf has no chat template \(GGUF key tokenizer.chat_template\)"):
+            model.encode_prompt(messages=[{"role": "user", "content": "hi"}])
+        assert model.encode_prompt(ids=[1]) == [1]
+    finally:
+        model.close()

@@ -257,7 +257,7 @@ def test_the_initial_plan_is_a_valid_plan(model_path):
 
 
 def test_the_agent_policy_placeholder_loads_and_admits_no_one():
-    from engine.control.suggestions import AgentPolicy
+    from engine.control.agents import AgentPolicy
     policy = AgentPolicy.load(K8S / "base" / "agent-policy.json")
     assert list(policy.agents) == ["weos-agent"] and policy.agents["weos-agent"].mode == "review"
     assert policy.authenticate("") is None and policy.authenticate("change-me") is None

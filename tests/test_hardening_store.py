@@ -19,7 +19,7 @@ from engine.control import control_plane as cp
 from engine.control.control_plane import ControlPlane
 from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
 from engine.control.plans import InvalidPlan, ModelInfo, PlanEnvironment, prepare
-from engine.control.suggestions import (
+from engine.control.agents import (
     MAX_LIST,
     MAX_LIST_BYTES,
     MAX_TEXT,
@@ -32,13 +32,6 @@ from engine.model import registry
 from protos.planengine.v1 import plan_pb2
 from protos.planengine.v1 import suggestion_pb2 as sg
 
-try:  # PostgreSQL variants of the store tests; skipped (saying why) without the server
-    from test_postgres_store import dsn, pg  # noqa: F401
-    HAVE_PSYCOPG = True
-except pytest.skip.Exception:
-    HAVE_PSYCOPG = False
-
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -46,11 +39,10 @@ except pytest.skip.Exception:
 def any_store(request, tmp_path):
     if request.param == "sqlite":
         s = SqlitePlanStore(tmp_path / "plans.sqlite3")
-    else:
-        if not HAVE_PSYCOPG:
-            pytest.skip("psycopg is not installed")
+    else:  # the `dsn` fixture (tests/conftest.py) skips, saying why, without psycopg or a server
+        dsn = request.getfixturevalue("dsn")
         from engine.control.postgres_store import PostgresPlanStore
-        s = PostgresPlanStore(request.getfixturevalue("dsn"))
+        s = PostgresPlanStore(dsn)
     yield s
     s.close()
 

@@ -146,9 +146,9 @@ def test_int8_path_close_to_f32_weights_and_decode_equals_one_pass(tiny_path, ti
         model.close()
 
 
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.F16, T.Q4_1])
+@pytest.mark.parametrize("qtype", [T.F16, T.Q4_1, T.Q5_1])
 def test_types_without_a_kernel_are_requantized_to_q8_0(qtype):
-    """`native` requantizes a block type without a kernel (Q5_0 here) to Q8_0; `q8_0` does so
+    """`native` requantizes a block type without a kernel (Q5_1 here) to Q8_0; `q8_0` does so
     for every type; the result is Q8_0 of the dequantized weights."""
     from backends.base import TensorData
     from engine.model.quants import dequantize
@@ -156,11 +156,34 @@ def test_types_without_a_kernel_are_requantized_to_q8_0(qtype):
     x = rng.standard_normal((6, 64)).astype(np.float32)
     raw = x.astype(np.float16) if qtype == T.F16 else gguf_quantize(x, qtype)
     tensor = TensorData(raw, qtype, (6, 64))
-    fmt = "native" if qtype == T.Q5_0 else "q8_0"
+    fmt = "native" if qtype == T.Q5_1 else "q8_0"
     part = qz.block_part(tensor, fmt)
     assert part.qtype == T.Q8_0 and part.rows == 6
     dense = dequantize(raw, qtype, (6, 64))
     np.testing.assert_array_equal(part.blocks, gguf_quantize(dense, T.Q8_0).reshape(6, -1))
+
+
+@pytest.mark.parametrize("fmt", ["native", "q8_0"])
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.IQ4_NL])
+def test_q5_0_and_iq4_nl_widen_to_q8_0_exactly(qtype, fmt):
+    """A Q5_0 or IQ4_NL block is a scale times small integers: as Q8_0 (same scale, same
+    integers) it holds the very same weights, where rounding to Q8_0 would move them."""
+    from backends.base import TensorData
+    from engine.model.quants import dequantize
+    rng = np.random.default_rng(2)
+    if qtype == T.Q5_0:
+        raw = gguf_quantize(rng.standard_normal((6, 64)).astype(np.float32), qtype)
+    else:  # gguf-py has no IQ4_NL quantizer: random blocks with a finite scale
+        raw = rng.integers(0, 256, (12, 18), dtype=np.uint8)
+        raw[:, 0:2] = rng.standard_normal((12, 1)).astype(np.float16).view(np.uint8)
+        raw = raw.reshape(6, -1)
+    part = qz.block_part(TensorData(raw, qtype, (6, 64)), fmt)
+    assert part.qtype == T.Q8_0 and part.rows == 6
+    want = dequantize(raw, qtype, (6, 64))
+    got = dequantize(part.blocks, T.Q8_0, (6, 64))
+    assert (got.view(np.uint32) == want.view(np.uint32)).all()
+    if qtype == T.Q5_0:  # (IQ4_NL's grid reaches -127: rounding to Q8_0 may keep its scale)
+        assert not np.array_equal(got, dequantize(gguf_quantize(want, T.Q8_0), T.Q8_0, (6, 64)))
 
 
 def test_numpy_fallback_matches_f32_weights(tiny_path, tiny_f32, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InvalidArgument, UnsupportedModel
-from engine.model.chat import CHATML_TEMPLATE, ChatTemplate, validate_messages
+from engine.model.chat import ChatTemplate, validate_messages
 from engine.model.tokenizer import (
     BYTE_ENCODER,
     PRE_TOKENIZERS,
@@ -320,14 +320,10 @@ def test_model_template_keeps_given_system_prompt(chat):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n")
 
 
-def test_chatml_fallback_renders_reference_prompt(tok, model_file):
+def test_a_file_without_a_template_has_none(model_file):
     meta = {k: v for k, v in model_file.metadata.items() if k != "tokenizer.chat_template"}
-    chat = ChatTemplate.from_metadata(meta)
-    assert chat.source == CHATML_TEMPLATE and chat.is_fallback
-    assert not ChatTemplate.from_metadata(model_file.metadata).is_fallback
-    text = chat.render(USER_2P2)
-    assert text == GENERATION_CASES[2]["prompt"]
-    assert tok.encode(text, parse_special=True) == GENERATION_CASES[2]["prompt_ids"]
+    assert ChatTemplate.from_metadata(meta) is None
+    assert ChatTemplate.from_metadata(model_file.metadata) is not None
 
 
 def test_template_helpers():

@@ -169,7 +169,7 @@ def suggestion(plan, batch: int, sid: str = "s"):
 
 
 def test_an_accepted_suggestion_runs_as_a_trial_and_its_outcome_is_listed(tmp_path, tiny):
-    from engine.control.suggestions import AgentPolicy, SuggestionLog, SuggestionReviewer
+    from engine.control.agents import AgentPolicy, SuggestionLog, SuggestionReviewer
     from protos.planengine.v1 import suggestion_pb2 as sg
     from services.servicer import _suggestion_record
     store = SqlitePlanStore(tmp_path / "plans.sqlite3")

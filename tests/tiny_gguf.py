@@ -29,15 +29,27 @@ def tiny_writer(path: Path, arch: str = "llama", dim: int = 32, ffn: int = 64) -
     return w
 
 
+# A ChatML template of the tiny model's own (a model without one is refused chat messages).
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type: GGMLQuantizationType | None = None,
-                    nan_tensor: str | None = None) -> Path:
-    """A 1-layer llama-shaped model (dim 32, vocab 8) with a byte-level BPE vocabulary.
+                    nan_tensor: str | None = None, chat_template: str | None = TINY_CHAT_TEMPLATE) -> Path:
+    """A 1-layer llama-shaped model (dim 32, vocab 8) with a byte-level BPE vocabulary and a
+    ChatML chat template.
 
     `odd_tensor_type` stores blk.0.ffn_up.weight as raw bytes of that type instead of F32;
     `nan_tensor` names a tensor whose first element is NaN (a corrupt model).
     """
     dim, ffn, vocab = 32, 64, 8
     w = tiny_writer(path, arch, dim, ffn)
+    if chat_template:
+        w.add_chat_template(chat_template)
     rng = np.random.default_rng(0)
 
     def t(name: str, *shape: int) -> None:

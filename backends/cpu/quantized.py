@@ -36,7 +36,7 @@ from gguf import GGMLQuantizationType as T
 from backends.base import KernelSettings, TensorData
 from backends.cpu import invariant
 from engine.errors import InvalidArgument
-from engine.model.quants import dequantize, quant_type
+from engine.model.quants import EXACT_IN_Q8_0, dequantize, quant_type, widen_to_q8_0
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +180,18 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
 
 
 def _requantize_q8_0(t: TensorData) -> BlockPart:
-    """Any tensor -> Q8_0 rows, a block of rows at a time (float32 temporaries stay small)."""
+    """Any tensor -> Q8_0 rows, a block of rows at a time (float32 temporaries stay small).
+    Q5_0 and IQ4_NL are widened exactly (the same scale and integers); others rounded."""
     rows, k = t.shape
     src = as_blocks(t.raw, rows)
     out = np.empty((rows, k // 32 * 34), dtype=np.uint8)
     step = max(1, GEMM_TILE_WEIGHTS // k)
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
-        out[lo:hi] = quantize_q8_0(dequantize(src[lo:hi], t.qtype, (hi - lo, k)))
+        if T(t.qtype) in EXACT_IN_Q8_0:
+            out[lo:hi] = widen_to_q8_0(src[lo:hi], T(t.qtype))
+        else:
+            out[lo:hi] = quantize_q8_0(dequantize(src[lo:hi], t.qtype, (hi - lo, k)))
         if _EXTENSION is not None:
             _EXTENSION.release_pages(src[lo:hi])  # the file's pages are not needed again
     return BlockPart(out, T.Q8_0, rows)
@@ -210,7 +214,9 @@ def block_part(t: TensorData, fmt: str) -> BlockPart:
         return BlockPart(as_blocks(t.raw, t.shape[0]), qtype, t.shape[0])
     if qtype == T.Q8_0:  # already what q8_0 asks for: keep the file's bytes
         return BlockPart(as_blocks(t.raw, t.shape[0]), qtype, t.shape[0])
-    if fmt == "native" and qtype.name not in _warned_requant:
+    if fmt == "native" and qtype in EXACT_IN_Q8_0:
+        pass  # widened exactly: the same weights, computed as llama.cpp does (int8 x Q8_0 activations)
+    elif fmt == "native" and qtype.name not in _warned_requant:
         _warned_requant.add(qtype.name)
         log.warning("native weights: %s has no quantized kernel; requantizing those tensors to Q8_0", qtype.name)
     return _requantize_q8_0(t)

@@ -1,46 +1,43 @@
 """Durable plan versions: submit, get, activate, roll back, and the audit history.
 
-`PlanStore` is the contract; `SqlitePlanStore` the embedded default (a PostgreSQL store can
-follow behind the same interface). Every write is one `BEGIN IMMEDIATE` transaction, so
-version numbers are assigned under SQLite's write lock: several threads and several
-processes can submit to the same plan id at once and get versions 1, 2, 3, ... with no gap
-and no duplicate. The database runs in WAL mode with `synchronous=FULL`: a write that
-returned is on disk and survives a kill of the process (or of the machine).
+`PlanStore` is the contract; `SqlPlanStore` keeps it in a SQL database through the dialect of
+engine.control.database: `SqlitePlanStore` in a SQLite file (the embedded default), and
+`PostgresPlanStore` (engine.control.postgres_store) in a PostgreSQL database that replicas
+share. Every write is one transaction that first takes the plan writers' lock (SQLite's
+`BEGIN IMMEDIATE`, PostgreSQL's `plan_head` row), so version numbers are assigned under it:
+several threads and several processes can submit to the same plan id at once and get
+versions 1, 2, 3, ... with no gap and no duplicate, and a compare-and-swap
+(`submit_if_active`) cannot be overtaken between its check and its write.
 
 Activation keeps a stack: `activate` pushes, `rollback()` undoes the current activation and
 returns to the plan that was active before it (then to the one before that, and so on);
 `rollback(id, version)` pushes a named version, so a later `rollback()` comes back from it.
 
-`SqliteDatabase` (the connection helper) is shared by sibling stores, such as the suggestion
-audit log, that keep their tables in the same file: each registers its own schema component
-with `ensure_schema`.
+The database is shared by sibling stores, such as the suggestion audit log, that keep their
+tables in it: each registers its own schema component with `ensure_schema`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sqlite3
-import threading
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from google.protobuf.message import DecodeError
 
+from engine.control.database import SqlDatabase, SqliteDatabase, is_postgres_url
 from engine.control.plans import ExecutionPlan, plan_hash
-from engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
+from engine.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, shown
 
-__all__ = ["PlanEvent", "PlanStore", "SqliteDatabase", "SqlitePlanStore"]
+__all__ = ["PlanEvent", "PlanStore", "SqlPlanStore", "SqliteDatabase", "SqlitePlanStore", "open_plan_store",
+           "stale"]
 
 log = logging.getLogger(__name__)
 
-SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 11, 13, 26  # sqlite3.h result codes
-BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another's transaction before failing
 ACTIONS = ("submit", "activate", "rollback", "activation_failed")
 
 
@@ -88,6 +85,16 @@ class PlanStore(ABC):
         Activating the plan that is already active records nothing."""
 
     @abstractmethod
+    def submit_if_active(self, plan: ExecutionPlan, base_version: int,
+                         actor: str = "") -> tuple[ExecutionPlan, ExecutionPlan]:
+        """Compare-and-swap: store `plan` as the next version of `plan.id` (as `submit` does)
+        and activate it, only if the active plan is still `plan.id`@`base_version`; otherwise
+        raise `stale(...)` (a FailedPrecondition whose `current_id` / `current_version` say
+        what is active, "" / 0 for nothing) and write nothing. Of several callers racing on one
+        base version, in any processes sharing the store, exactly one wins.
+        Returns (now active, previously active)."""
+
+    @abstractmethod
     def rollback(self, plan_id: str = "", version: int = 0, actor: str = "") -> tuple[ExecutionPlan, ExecutionPlan]:
         """Undo the current activation; returns (now active, previously active).
 
@@ -125,173 +132,74 @@ class PlanStore(ABC):
         self.close()
 
 
-# --------------------------------------------------------------------------- sqlite helper
+# --------------------------------------------------------------------------- schema
 
 
-class SqliteDatabase:
-    """One SQLite file shared by the stores that keep tables in it.
-
-    Each thread gets its own connection (sqlite3 connections must not be shared across
-    threads mid-transaction); a forked child opens fresh ones. Connections run in autocommit
-    mode, and writes go through `transaction()`, which takes the write lock up front
-    (BEGIN IMMEDIATE) so a read-then-write can never be overtaken by another writer.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], busy_timeout_s: float = BUSY_TIMEOUT_S):
-        self.path = Path(path)
-        if str(path) == ":memory:":
-            raise InvalidArgument("an in-memory database is per connection; give a file path", field="path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def error(self, exc: sqlite3.Error) -> Exception:
-        """The domain error for a SQLite failure that a client or an operator can act on, naming
-        the file: a full disk is RESOURCE_EXHAUSTED, a damaged file DATA_LOSS; others unchanged."""
-        text = str(exc)
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code of an extended one
-        if code == SQLITE_FULL or "database or disk is full" in text:
-            return ResourceExhausted(f"the plan store {self.path} is full ({text}): free disk space; "
-                                     "nothing was written")
-        if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
-            return DataLoss(f"the plan store {self.path} is not a readable SQLite database ({text}); "
-                            "restore it from a backup or move it away to start with an empty store")
-        return exc
-
-    def connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened (and configured) on first use."""
-        if self._closed:
-            raise FailedPrecondition(f"the database {self.path} is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            try:
-                conn = self._open()
-            except sqlite3.Error as exc:
-                raise self.error(exc) from exc
-            self._local.conn, self._local.pid = conn, os.getpid()
-            with self._lock:
-                self._all.append(conn)
-        return conn
-
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
-                               check_same_thread=False)  # close() may run on another thread
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        # Switching to WAL needs a moment of exclusive access, so it can meet another process
-        # opening the file at the same time; it persists in the file once set.
-        deadline = time.monotonic() + self.busy_timeout_s
-        while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            try:
-                conn.execute("PRAGMA journal_mode = WAL")
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        conn.execute("PRAGMA synchronous = FULL")  # fsync the WAL on every commit
-        conn.execute("PRAGMA foreign_keys = ON")
-        return conn
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: committed when the block ends, rolled back if it raises."""
-        conn = self.connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # a failed COMMIT leaves it open too
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            mapped = self.error(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
-
-    def ensure_schema(self, component: str, migrations: Sequence[Sequence[str]]) -> None:
-        """Bring `component`'s tables to version len(migrations): migrations[i] (a list of SQL
-        statements) takes them from version i to i + 1. Recorded in the `schema_version` table,
-        one row per component, so stores sharing the file evolve independently."""
-        with self.transaction() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                         "component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-            row = conn.execute("SELECT version FROM schema_version WHERE component = ?", (component,)).fetchone()
-            current = row[0] if row else 0
-            if current > len(migrations):
-                raise FailedPrecondition(f"{self.path}: the {component} tables are at schema version {current}, "
-                                         f"newer than this server's {len(migrations)}")
-            for statements in migrations[current:]:
-                for sql in statements:
-                    conn.execute(sql)
-            if current < len(migrations):
-                conn.execute("INSERT INTO schema_version (component, version) VALUES (?, ?) "
-                             "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                             (component, len(migrations)))
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            conns, self._all = self._all, []
-        for conn in conns:
-            conn.close()
-
-
-# --------------------------------------------------------------------------- sqlite plan store
-
-
-_MIGRATIONS: list[list[str]] = [
-    [  # 1: plans, their audit events, the activation stack
+def _migrations(db: SqlDatabase) -> list[list[str]]:
+    """The plan tables in `db`'s words. Version 1 is the same in both databases but for column
+    types and PostgreSQL's writers' lock row; version 2 (events of plans never stored) differs,
+    as SQLite cannot drop a constraint and copies the table instead."""
+    first = [db.ddl(sql) for sql in (
         """CREATE TABLE plans (
             id TEXT NOT NULL,
             version INTEGER NOT NULL CHECK (version >= 1),
             hash TEXT NOT NULL,
-            created_at REAL NOT NULL,
+            created_at {double} NOT NULL,
             actor TEXT NOT NULL,
-            body BLOB NOT NULL,  -- the ExecutionPlan, serialized, version/hash/created_at set
+            body {blob} NOT NULL,  -- the ExecutionPlan, serialized, version/hash/created_at set
             PRIMARY KEY (id, version))""",
         """CREATE TABLE plan_events (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            seq {serial},
             action TEXT NOT NULL CHECK (action IN ('submit', 'activate', 'rollback')),
             plan_id TEXT NOT NULL,
             version INTEGER NOT NULL,
             hash TEXT NOT NULL,
             actor TEXT NOT NULL,
-            at REAL NOT NULL,
+            at {double} NOT NULL,
             detail TEXT NOT NULL,
             FOREIGN KEY (plan_id, version) REFERENCES plans (id, version))""",
         "CREATE INDEX plan_events_by_plan ON plan_events (plan_id, seq)",
         # The active plan is the newest activation not undone by a rollback.
         """CREATE TABLE activations (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            seq {serial},
             plan_id TEXT NOT NULL,
             version INTEGER NOT NULL,
-            undone INTEGER NOT NULL DEFAULT 0,
+            undone {flag},
             FOREIGN KEY (plan_id, version) REFERENCES plans (id, version))""",
-    ],
-]
+    )]
+    actions = ", ".join(f"'{a}'" for a in ACTIONS)
+    if db.name == "postgresql":
+        first += [  # one row: writers lock it first; `generation` counts changes of the active plan
+            """CREATE TABLE plan_head (
+                singleton BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+                generation BIGINT NOT NULL)""",
+            "INSERT INTO plan_head (generation) VALUES (0)",
+        ]
+        second = [  # "activation_failed" events, of plan versions that may never have been stored (version 0)
+            "ALTER TABLE plan_events DROP CONSTRAINT plan_events_plan_id_version_fkey",
+            "ALTER TABLE plan_events DROP CONSTRAINT plan_events_action_check",
+            f"ALTER TABLE plan_events ADD CONSTRAINT plan_events_action_check CHECK (action IN ({actions}))",
+        ]
+    else:
+        second = [  # the same, by copying the table
+            f"""CREATE TABLE plan_events_2 (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                action TEXT NOT NULL CHECK (action IN ({actions})),
+                plan_id TEXT NOT NULL,
+                version INTEGER NOT NULL,  -- 0: a plan that failed before it was stored
+                hash TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                at REAL NOT NULL,
+                detail TEXT NOT NULL)""",
+            "INSERT INTO plan_events_2 SELECT seq, action, plan_id, version, hash, actor, at, detail FROM plan_events",
+            "DROP TABLE plan_events",
+            "ALTER TABLE plan_events_2 RENAME TO plan_events",
+            "CREATE INDEX plan_events_by_plan ON plan_events (plan_id, seq)",
+        ]
+    return [first, second]
 
-_MIGRATIONS.append([  # 2: "activation_failed" events, of plan versions that may never have been stored
-    """CREATE TABLE plan_events_2 (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        action TEXT NOT NULL CHECK (action IN ('submit', 'activate', 'rollback', 'activation_failed')),
-        plan_id TEXT NOT NULL,
-        version INTEGER NOT NULL,  -- 0: a plan that failed before it was stored
-        hash TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        at REAL NOT NULL,
-        detail TEXT NOT NULL)""",
-    "INSERT INTO plan_events_2 SELECT seq, action, plan_id, version, hash, actor, at, detail FROM plan_events",
-    "DROP TABLE plan_events",
-    "ALTER TABLE plan_events_2 RENAME TO plan_events",
-    "CREATE INDEX plan_events_by_plan ON plan_events (plan_id, seq)",
-])
 
-_ACTIVE_ROW = "SELECT seq, plan_id, version FROM activations WHERE undone = 0 ORDER BY seq DESC LIMIT 1"
+_ACTIVE_ROW = "SELECT seq, plan_id, version FROM activations WHERE NOT undone ORDER BY seq DESC LIMIT 1"
 MAX_DETAIL = 1000  # characters of an event's detail (a description, an error)
 
 
@@ -325,19 +233,17 @@ def parse_rows(rows: Sequence[tuple]) -> list[ExecutionPlan]:
     return plans
 
 
-def read_version(conn, plan_id: str, version: int, placeholder: str = "?") -> ExecutionPlan:
-    """One stored version (0: the newest) through a DB-API connection (sqlite3 or psycopg, whose
-    SQL here differs only in the parameter placeholder); NotFound says which ids or versions exist."""
-    p = placeholder
+def read_version(db: SqlDatabase, conn, plan_id: str, version: int) -> ExecutionPlan:
+    """One stored version (0: the newest); NotFound says which ids or versions exist."""
     if version:
-        row = conn.execute(f"SELECT body, hash, id, version FROM plans WHERE id = {p} AND version = {p}",
-                           (plan_id, version)).fetchone()
+        row = db.execute(conn, "SELECT body, hash, id, version FROM plans WHERE id = ? AND version = ?",
+                         (plan_id, version)).fetchone()
     else:
-        row = conn.execute(f"SELECT body, hash, id, version FROM plans WHERE id = {p} ORDER BY version DESC LIMIT 1",
-                           (plan_id,)).fetchone()
+        row = db.execute(conn, "SELECT body, hash, id, version FROM plans WHERE id = ? ORDER BY version DESC LIMIT 1",
+                         (plan_id,)).fetchone()
     if row is not None:
         return parse_stored(*row)
-    newest = conn.execute(f"SELECT MAX(version) FROM plans WHERE id = {p}", (plan_id,)).fetchone()[0]
+    newest = db.execute(conn, "SELECT MAX(version) FROM plans WHERE id = ?", (plan_id,)).fetchone()[0]
     if newest is not None:
         raise NotFound(f"plan {shown(plan_id)} has no version {version} (versions 1..{newest})")
     ids = [r[0] for r in conn.execute("SELECT DISTINCT id FROM plans ORDER BY id LIMIT 11")]
@@ -345,108 +251,148 @@ def read_version(conn, plan_id: str, version: int, placeholder: str = "?") -> Ex
     raise NotFound(f"no plan with id {shown(plan_id)} (stored plans: {known})")
 
 
-class SqlitePlanStore(PlanStore):
-    """PlanStore in a SQLite file (created if missing), or in a shared SqliteDatabase."""
+def stale(plan_id: str, base_version: int, current: ExecutionPlan | None) -> FailedPrecondition:
+    """The error of a lost compare-and-swap: `current_id` / `current_version` say what is
+    active now ("" / 0 when nothing is), so the caller can re-read and retry."""
+    exc = FailedPrecondition(f"stale: {plan_id}@{base_version} is no longer the active plan "
+                             f"({label(current)} is); re-read it and retry")
+    exc.current_id, exc.current_version = (current.id, current.version) if current else ("", 0)
+    return exc
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class SqlPlanStore(PlanStore):
+    """PlanStore in a SQL database: the logic once, the database's differences in `db`."""
 
     SCHEMA_COMPONENT = "plans"
 
-    def __init__(self, path: str | os.PathLike[str] | SqliteDatabase):
-        self._owns_db = not isinstance(path, SqliteDatabase)
-        self.db = SqliteDatabase(path) if self._owns_db else path
-        self.db.ensure_schema(self.SCHEMA_COMPONENT, _MIGRATIONS)
+    def __init__(self, db: SqlDatabase, *, owns_db: bool = True):
+        self.db = db
+        self._owns_db = owns_db
+        try:
+            db.ensure_schema(self.SCHEMA_COMPONENT, _migrations(db))
+        except BaseException:
+            self.close()
+            raise
+
+    def _sql(self, conn: Any, text: str, args: Sequence[Any] = ()) -> Any:
+        return self.db.execute(conn, text, args)
 
     # ----------------------------------------------------------------- reads
 
-    _parse = staticmethod(parse_stored)
-
-    def _get(self, conn: sqlite3.Connection, plan_id: str, version: int) -> ExecutionPlan:
-        return read_version(conn, plan_id, version)
+    def _get(self, conn: Any, plan_id: str, version: int) -> ExecutionPlan:
+        return read_version(self.db, conn, plan_id, version)
 
     def get(self, plan_id: str, version: int = 0) -> ExecutionPlan:
         if version < 0:
             raise InvalidArgument(f"version {version} must be >= 0 (0 = newest)", field="version")
-        return self._get(self.db.connection(), plan_id, version)
+        with self.db.snapshot() as conn:
+            return self._get(conn, plan_id, version)
 
     def list_latest(self) -> list[ExecutionPlan]:
-        rows = self.db.connection().execute(
-            "SELECT p.body, p.hash, p.id, p.version FROM plans p JOIN (SELECT id, MAX(version) AS v FROM plans "
-            "GROUP BY id) n ON p.id = n.id AND p.version = n.v ORDER BY p.id").fetchall()
+        with self.db.snapshot() as conn:
+            rows = conn.execute(
+                "SELECT p.body, p.hash, p.id, p.version FROM plans p JOIN (SELECT id, MAX(version) AS v FROM plans "
+                "GROUP BY id) n ON p.id = n.id AND p.version = n.v ORDER BY p.id").fetchall()
         return parse_rows(rows)
 
-    def _active(self, conn: sqlite3.Connection) -> tuple[int, ExecutionPlan] | None:
+    def _active(self, conn: Any) -> tuple[int, ExecutionPlan] | None:
         row = conn.execute(_ACTIVE_ROW).fetchone()
         return None if row is None else (row[0], self._get(conn, row[1], row[2]))
 
     def active(self) -> ExecutionPlan | None:
-        conn = self.db.connection()
-        # one read transaction: the activation row and the plan from the same snapshot
-        conn.execute("BEGIN")
-        try:
+        with self.db.snapshot() as conn:  # the activation row and the plan from the same snapshot
             current = self._active(conn)
-        finally:
-            conn.execute("COMMIT")
         return current[1] if current else None
 
-    def activation_failed(self, plan: ExecutionPlan, actor: str, detail: str) -> None:
-        with self.db.transaction() as conn:
-            self._event(conn, "activation_failed", plan, actor, detail[:MAX_DETAIL])
-
     def history(self, plan_id: str = "", limit: int = 100) -> list[PlanEvent]:
-        sql = "SELECT seq, action, plan_id, version, hash, actor, at, detail FROM plan_events"
+        query = "SELECT seq, action, plan_id, version, hash, actor, at, detail FROM plan_events"
         args: tuple = ()
         if plan_id:
-            sql, args = sql + " WHERE plan_id = ?", (plan_id,)
-        rows = self.db.connection().execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, max(0, limit)))
+            query, args = query + " WHERE plan_id = ?", (plan_id,)
+        with self.db.snapshot() as conn:
+            rows = self._sql(conn, query + " ORDER BY seq DESC LIMIT ?", (*args, max(0, limit))).fetchall()
         return [PlanEvent(*row) for row in rows]
 
     # ----------------------------------------------------------------- writes
 
-    @staticmethod
-    def _event(conn: sqlite3.Connection, action: str, plan: ExecutionPlan, actor: str, detail: str) -> None:
-        conn.execute("INSERT INTO plan_events (action, plan_id, version, hash, actor, at, detail) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (action, plan.id, plan.version, plan.hash or plan_hash(plan), actor, time.time(), detail))
+    @contextmanager
+    def _write(self) -> Iterator[tuple[Any, float, Callable[[], None]]]:
+        """A write transaction holding the plan writers' lock: (connection, time, changed()).
+        changed() records that the active plan changes (see SqlDatabase.lock_plans)."""
+        with self.db.transaction() as conn:
+            at, changed = self.db.lock_plans(conn)
+            yield conn, at, changed
 
-    def _activate(self, conn: sqlite3.Connection, plan: ExecutionPlan,
+    def _event(self, conn: Any, at: float, action: str, plan: ExecutionPlan, actor: str, detail: str) -> None:
+        self._sql(conn, "INSERT INTO plan_events (action, plan_id, version, hash, actor, at, detail) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (action, plan.id, plan.version, plan.hash or plan_hash(plan), actor, at, detail))
+
+    def activation_failed(self, plan: ExecutionPlan, actor: str, detail: str) -> None:
+        with self._write() as (conn, at, _changed):
+            self._event(conn, at, "activation_failed", plan, actor, detail[:MAX_DETAIL])
+
+    def _activate(self, conn: Any, at: float, changed: Callable[[], None], plan: ExecutionPlan,
                   actor: str) -> tuple[ExecutionPlan, ExecutionPlan | None]:
         current = self._active(conn)
         previous = current[1] if current else None
         if previous is not None and (previous.id, previous.version) == (plan.id, plan.version):
             return plan, previous
-        conn.execute("INSERT INTO activations (plan_id, version) VALUES (?, ?)", (plan.id, plan.version))
-        self._event(conn, "activate", plan, actor, f"previous: {label(previous)}")
+        self._sql(conn, "INSERT INTO activations (plan_id, version) VALUES (?, ?)", (plan.id, plan.version))
+        self._event(conn, at, "activate", plan, actor, f"previous: {label(previous)}")
+        changed()
         return plan, previous
+
+    def _store(self, conn: Any, at: float, plan: ExecutionPlan, digest: str, actor: str) -> ExecutionPlan:
+        """Insert `plan` as the next version of its id, or return the newest if it has the same hash."""
+        newest = self._sql(conn, "SELECT version, hash, body FROM plans WHERE id = ? ORDER BY version DESC LIMIT 1",
+                           (plan.id,)).fetchone()
+        if newest is not None and newest[1] == digest:
+            return parse_stored(newest[2], newest[1], plan.id, newest[0])
+        stored = ExecutionPlan()
+        stored.CopyFrom(plan)
+        stored.version = newest[0] + 1 if newest else 1
+        stored.hash = digest
+        stored.created_at.FromNanoseconds(int(at * 1e9))
+        self._sql(conn, "INSERT INTO plans (id, version, hash, created_at, actor, body) VALUES (?, ?, ?, ?, ?, ?)",
+                  (stored.id, stored.version, digest, at, actor, stored.SerializeToString(deterministic=True)))
+        self._event(conn, at, "submit", stored, actor, stored.description[:200])
+        return stored
 
     def submit(self, plan: ExecutionPlan, actor: str = "", activate: bool = False) -> ExecutionPlan:
         if not plan.id:
             raise InvalidArgument("a plan needs an id to be stored", field="id")
-        digest = plan_hash(plan)  # outside the write lock: it is pure
-        with self.db.transaction() as conn:
-            newest = conn.execute("SELECT version, hash, body FROM plans WHERE id = ? ORDER BY version DESC LIMIT 1",
-                                  (plan.id,)).fetchone()
-            if newest is not None and newest[1] == digest:
-                stored = self._parse(newest[2], newest[1], plan.id, newest[0])
-            else:
-                stored = ExecutionPlan()
-                stored.CopyFrom(plan)
-                stored.version = newest[0] + 1 if newest else 1
-                stored.hash = digest
-                now_ns = time.time_ns()
-                stored.created_at.FromNanoseconds(now_ns)
-                conn.execute("INSERT INTO plans (id, version, hash, created_at, actor, body) VALUES (?, ?, ?, ?, ?, ?)",
-                             (stored.id, stored.version, digest, now_ns / 1e9, actor,
-                              stored.SerializeToString(deterministic=True)))
-                self._event(conn, "submit", stored, actor, stored.description[:200])
+        digest = plan_hash(plan)  # outside the lock: it is pure
+        with self._write() as (conn, at, changed):
+            stored = self._store(conn, at, plan, digest, actor)
             if activate:
-                self._activate(conn, stored, actor)
+                self._activate(conn, at, changed, stored, actor)
         return stored
 
-    def activate(self, plan_id: str, version: int = 0, actor: str = "") -> tuple[ExecutionPlan, ExecutionPlan | None]:
-        with self.db.transaction() as conn:
-            return self._activate(conn, self._get(conn, plan_id, version), actor)
+    def submit_if_active(self, plan: ExecutionPlan, base_version: int,
+                         actor: str = "") -> tuple[ExecutionPlan, ExecutionPlan]:
+        if not plan.id:
+            raise InvalidArgument("a plan needs an id to be stored", field="id")
+        if base_version < 1:
+            raise InvalidArgument(f"base version {base_version} must be >= 1", field="base_version")
+        digest = plan_hash(plan)
+        with self._write() as (conn, at, changed):  # the check and the write under one lock
+            current = self._active(conn)
+            previous = current[1] if current else None
+            if previous is None or (previous.id, previous.version) != (plan.id, base_version):
+                raise stale(plan.id, base_version, previous)
+            stored = self._store(conn, at, plan, digest, actor)
+            self._activate(conn, at, changed, stored, actor)
+        return stored, previous
 
-    def _rollback_plan(self, conn: sqlite3.Connection, plan_id: str,
-                       version: int) -> tuple[int, ExecutionPlan, ExecutionPlan, bool]:
+    def activate(self, plan_id: str, version: int = 0, actor: str = "") -> tuple[ExecutionPlan, ExecutionPlan | None]:
+        with self._write() as (conn, at, changed):
+            return self._activate(conn, at, changed, self._get(conn, plan_id, version), actor)
+
+    def _rollback_plan(self, conn: Any, plan_id: str, version: int) -> tuple[int, ExecutionPlan, ExecutionPlan, bool]:
         """(current activation seq, current plan, target, whether it is an undo) of a rollback."""
         if version < 0:
             raise InvalidArgument(f"version {version} must be >= 0 (0 = the previously active one)", field="version")
@@ -457,9 +403,9 @@ class SqlitePlanStore(PlanStore):
         if plan_id and not version and plan_id != previous.id:
             raise FailedPrecondition(f"plan {shown(plan_id)} is not the active plan ({label(previous)})")
         # The activation before the current one, and the one before it of the same plan id.
-        earlier = "SELECT plan_id, version FROM activations WHERE undone = 0 AND seq < ?{} ORDER BY seq DESC LIMIT 1"
-        before = conn.execute(earlier.format(""), (seq,)).fetchone()
-        before_same = conn.execute(earlier.format(" AND plan_id = ?"), (seq, previous.id)).fetchone()
+        earlier = "SELECT plan_id, version FROM activations WHERE NOT undone AND seq < ?{} ORDER BY seq DESC LIMIT 1"
+        before = self._sql(conn, earlier.format(""), (seq,)).fetchone()
+        before_same = self._sql(conn, earlier.format(" AND plan_id = ?"), (seq, previous.id)).fetchone()
         if not version:
             row = before_same if plan_id else before
             if row is None:
@@ -474,67 +420,39 @@ class SqlitePlanStore(PlanStore):
         return seq, previous, target, undo
 
     def rollback_target(self, plan_id: str = "", version: int = 0) -> ExecutionPlan:
-        """The plan `rollback(plan_id, version)` would make active, changing nothing: lets a
-        caller load it first. Raises what rollback would raise."""
-        conn = self.db.connection()
-        conn.execute("BEGIN")  # one snapshot for the several reads
-        try:
+        with self.db.snapshot() as conn:  # one snapshot for the several reads
             return self._rollback_plan(conn, plan_id, version)[2]
-        finally:
-            conn.execute("COMMIT")
 
     def rollback(self, plan_id: str = "", version: int = 0, actor: str = "") -> tuple[ExecutionPlan, ExecutionPlan]:
-        with self.db.transaction() as conn:
+        with self._write() as (conn, at, changed):
             seq, previous, target, undo = self._rollback_plan(conn, plan_id, version)
             if undo:  # pop the current activation off the stack
-                conn.execute("UPDATE activations SET undone = 1 WHERE seq = ?", (seq,))
+                self._sql(conn, "UPDATE activations SET undone = TRUE WHERE seq = ?", (seq,))
             # Unless the target is now on top of the stack, it goes on top (a named version is
             # pushed like an activation, so a later rollback() returns from it).
             top = conn.execute(_ACTIVE_ROW).fetchone()
             if top is None or (top[1], top[2]) != (target.id, target.version):
-                conn.execute("INSERT INTO activations (plan_id, version) VALUES (?, ?)", (target.id, target.version))
-            self._event(conn, "rollback", target, actor, f"from {label(previous)}")
+                self._sql(conn, "INSERT INTO activations (plan_id, version) VALUES (?, ?)", (target.id, target.version))
+            self._event(conn, at, "rollback", target, actor, f"from {label(previous)}")
+            changed()
         return target, previous
 
     def close(self) -> None:
         if self._owns_db:
             self.db.close()
 
-    def submit_if_active(self, plan: ExecutionPlan, base_version: int,
-                         actor: str = "") -> tuple[ExecutionPlan, ExecutionPlan]:
-        """Compare-and-swap: store `plan` as the next version of `plan.id` and activate it, only
-        if the active plan is still `plan.id`@`base_version`; otherwise raise FailedPrecondition
-        (a stale base; its `current_id` / `current_version` say what is active, "" / 0 for
-        nothing) and write nothing. Of several callers racing on one base version, exactly one
-        wins. Returns (now active, previously active). PostgresPlanStore has the same method."""
-        if not plan.id:
-            raise InvalidArgument("a plan needs an id to be stored", field="id")
-        if base_version < 1:
-            raise InvalidArgument(f"base version {base_version} must be >= 1", field="base_version")
-        digest = plan_hash(plan)
-        with self.db.transaction() as conn:  # the check and the write under one write lock
-            current = self._active(conn)
-            previous = current[1] if current else None
-            if previous is None or (previous.id, previous.version) != (plan.id, base_version):
-                exc = FailedPrecondition(f"stale: {plan.id}@{base_version} is no longer the active plan "
-                                         f"({label(previous)} is); re-read it and retry")
-                exc.current_id, exc.current_version = (previous.id, previous.version) if previous else ("", 0)
-                raise exc
-            # as in submit(): the newest version again if the content is unchanged, else a new one
-            newest = conn.execute("SELECT version, hash, body FROM plans WHERE id = ? ORDER BY version DESC LIMIT 1",
-                                  (plan.id,)).fetchone()
-            if newest is not None and newest[1] == digest:
-                stored = self._parse(newest[2], newest[1], plan.id, newest[0])
-            else:
-                stored = ExecutionPlan()
-                stored.CopyFrom(plan)
-                stored.version = newest[0] + 1 if newest else 1
-                stored.hash = digest
-                now_ns = time.time_ns()
-                stored.created_at.FromNanoseconds(now_ns)
-                conn.execute("INSERT INTO plans (id, version, hash, created_at, actor, body) VALUES (?, ?, ?, ?, ?, ?)",
-                             (stored.id, stored.version, digest, now_ns / 1e9, actor,
-                              stored.SerializeToString(deterministic=True)))
-                self._event(conn, "submit", stored, actor, stored.description[:200])
-            self._activate(conn, stored, actor)
-        return stored, previous
+
+class SqlitePlanStore(SqlPlanStore):
+    """PlanStore in a SQLite file (created if missing), or in a shared SqliteDatabase."""
+
+    def __init__(self, path: str | os.PathLike[str] | SqliteDatabase):
+        owns = not isinstance(path, SqliteDatabase)
+        super().__init__(SqliteDatabase(path) if owns else path, owns_db=owns)
+
+
+def open_plan_store(target: str | os.PathLike[str]) -> SqlPlanStore:
+    """The store a target names: a postgresql:// URL (shared by replicas), else a SQLite file."""
+    if is_postgres_url(target):
+        from engine.control.postgres_store import PostgresPlanStore
+        return PostgresPlanStore(str(target))
+    return SqlitePlanStore(target)

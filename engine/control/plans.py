@@ -64,6 +64,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2, json_format
@@ -91,10 +92,12 @@ __all__ = [
     "apply_patch",
     "backend_name",
     "canonical_json",
+    "field_at",
     "normalize",
     "plan_hash",
     "prepare",
     "validate",
+    "value_at",
     "weight_format_name",
 ]
 
@@ -631,19 +634,38 @@ def plan_hash(plan: ExecutionPlan) -> str:
 # --------------------------------------------------------------------------- patches
 
 
-def _check_path(path: str) -> FieldViolation | None:
+def field_at(path: str) -> _descriptor.FieldDescriptor:
+    """The descriptor of the plan field a dotted path ("sampling.top_p") names; ValueError
+    saying which part names nothing."""
     parts = path.split(".")
-    if parts[0] in IDENTITY_FIELDS:
-        return FieldViolation(path, f"{shown(path)} is an identity field, assigned by the server; a patch "
-                                    f"cannot change it")
-    message = ExecutionPlan.DESCRIPTOR
+    message, found = ExecutionPlan.DESCRIPTOR, None
     for i, part in enumerate(parts):
         if message is None:
-            return FieldViolation(path, f"unknown field path {shown(path)}: {'.'.join(parts[:i])} has no sub-fields")
-        field = message.fields_by_name.get(part)
-        if field is None:
-            return FieldViolation(path, f"unknown field path {shown(path)}: {message.name} has no field {shown(part)}")
-        message = field.message_type
+            raise ValueError(f"unknown field path {shown(path)}: {'.'.join(parts[:i])} has no sub-fields")
+        found = message.fields_by_name.get(part)
+        if found is None:
+            raise ValueError(f"unknown field path {shown(path)}: {message.name} has no field {shown(part)}")
+        message = found.message_type
+    return found
+
+
+def value_at(plan: ExecutionPlan, path: str) -> tuple[Any, _descriptor.FieldDescriptor]:
+    """(value, descriptor) of the field a dotted path names in `plan`; ValueError as field_at."""
+    fd = field_at(path)
+    value: Any = plan
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value, fd
+
+
+def _check_path(path: str) -> FieldViolation | None:
+    if path.split(".")[0] in IDENTITY_FIELDS:
+        return FieldViolation(path, f"{shown(path)} is an identity field, assigned by the server; a patch "
+                                    f"cannot change it")
+    try:
+        field_at(path)
+    except ValueError as exc:
+        return FieldViolation(path, str(exc))
     return None
 
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.control.objectives import Judgement, Measurement, Objective, RequestSample, judge, measure
-from engine.control.plan_store import SqliteDatabase, label
+from engine.control.database import SqlDatabase
+from engine.control.plan_store import label
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +97,23 @@ class VersionSamples:
 # --------------------------------------------------------------------------- the durable record
 
 
-def _migrations(sqlite: bool) -> list[list[str]]:
-    serial = "INTEGER PRIMARY KEY AUTOINCREMENT" if sqlite else "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
-    double = "REAL" if sqlite else "DOUBLE PRECISION"
+def _migrations(db: SqlDatabase) -> list[list[str]]:
+    """The trials table, in `db`'s column types."""
     return [[
-        f"""CREATE TABLE plan_trials (
-            id {serial},
-            suggestion BIGINT NOT NULL,       -- the suggestion's audit id
+        db.ddl(f"""CREATE TABLE plan_trials (
+            id {{serial}},
+            suggestion {{ref}} NOT NULL,        -- the suggestion's audit id
             plan_id TEXT NOT NULL,
             base_version INTEGER NOT NULL,
             version INTEGER NOT NULL,
             objective TEXT NOT NULL,          -- JSON: the objective it was judged by
-            started_at {double} NOT NULL,
+            started_at {{double}} NOT NULL,
             state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in STATES)})),
             reason TEXT NOT NULL,
             base TEXT NOT NULL,               -- JSON measurement of the base version ('' while running)
             trial TEXT NOT NULL,              -- JSON measurement of the trial version
-            gain {double},
-            ended_at {double})""",
+            gain {{double}},
+            ended_at {{double}})"""),
         "CREATE INDEX plan_trials_by_suggestion ON plan_trials (suggestion)",
     ]]
 
@@ -127,43 +127,36 @@ def _measurement(text: str) -> Measurement | None:
 
 
 class TrialLog:
-    """Trials in the plan store's database (SQLite's SqliteDatabase or PostgreSQL's PostgresDatabase)."""
+    """Trials in the plan store's database (SQLite, or the PostgreSQL database replicas share)."""
 
     SCHEMA_COMPONENT = "trials"
 
-    def __init__(self, db: SqliteDatabase | Any):
+    def __init__(self, db: SqlDatabase):
         self.db = db
-        self._sqlite = isinstance(db, SqliteDatabase)
-        db.ensure_schema(self.SCHEMA_COMPONENT, _migrations(self._sqlite))
-
-    def _sql(self, text: str) -> str:
-        return text if self._sqlite else text.replace("?", "%s")
+        db.ensure_schema(self.SCHEMA_COMPONENT, _migrations(db))
 
     def started(self, t: Trial) -> Trial:
         with self.db.transaction() as conn:
-            trial_id = conn.execute(self._sql(
-                "INSERT INTO plan_trials (suggestion, plan_id, base_version, version, objective, started_at, state, "
-                "reason, base, trial) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, '', '') RETURNING id"),
+            trial_id = self.db.execute(
+                conn, "INSERT INTO plan_trials (suggestion, plan_id, base_version, version, objective, started_at, "
+                      "state, reason, base, trial) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, '', '') RETURNING id",
                 (t.suggestion, t.plan_id, t.base_version, t.version, _objective_json(t.objective), t.started_at,
                  t.reason)).fetchone()[0]
         return replace(t, id=trial_id)
 
     def ended(self, t: Trial) -> None:
         with self.db.transaction() as conn:
-            conn.execute(self._sql(
-                "UPDATE plan_trials SET state = ?, reason = ?, base = ?, trial = ?, gain = ?, ended_at = ? "
-                "WHERE id = ?"),
+            self.db.execute(
+                conn, "UPDATE plan_trials SET state = ?, reason = ?, base = ?, trial = ?, gain = ?, ended_at = ? "
+                      "WHERE id = ?",
                 (t.state, t.reason[:4000], json.dumps(t.base.as_dict()) if t.base else "",
                  json.dumps(t.trial.as_dict()) if t.trial else "", t.gain, t.ended_at, t.id))
 
     def _select(self, where: str, args: Sequence[Any]) -> list[Trial]:
-        sql = self._sql("SELECT id, suggestion, plan_id, base_version, version, objective, started_at, state, reason, "
-                        "base, trial, gain, ended_at FROM plan_trials " + where)
-        if self._sqlite:
-            rows = self.db.connection().execute(sql, args).fetchall()
-        else:
-            with self.db.transaction(read_only=True) as conn:
-                rows = conn.execute(sql, args).fetchall()
+        sql = ("SELECT id, suggestion, plan_id, base_version, version, objective, started_at, state, reason, base, "
+               "trial, gain, ended_at FROM plan_trials " + where)
+        with self.db.snapshot() as conn:
+            rows = self.db.execute(conn, sql, args).fetchall()
         return [Trial(r[0], r[1], r[2], r[3], r[4], r[6], Objective(**json.loads(r[5])), r[7], r[8],
                       _measurement(r[9]), _measurement(r[10]), r[11], r[12]) for r in rows]
 
@@ -203,7 +196,7 @@ class Trials:
         self._stop = threading.Event()
         # A restart ends what the previous process left running (its samples were in memory). Only
         # in a SQLite store, which one server owns: replicas sharing PostgreSQL judge their own.
-        for t in log_.running() if isinstance(log_.db, SqliteDatabase) else ():
+        for t in log_.running() if log_.db.name == "sqlite" else ():
             self._finish(t, "abandoned", "the server restarted during the trial; nothing was undone")
         hub = getattr(control, "metrics", None)
         if hub is not None and hasattr(hub, "add_listener"):

@@ -165,8 +165,15 @@ def block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"", star
     return out
 
 
+HOLE = -1  # a block table entry whose block went back to the arena (forget_before)
+
+
 class PagedKV:
-    """One sequence's cache: a block table into the arena. Same interface as `SequenceKV`."""
+    """One sequence's cache: a block table into the arena. Same interface as `SequenceKV`.
+
+    A model whose layers all slide never reads a position again once it is out of every
+    window: `forget_before` gives those blocks back and leaves holes in the table, so a
+    position keeps its block index."""
 
     def __init__(self, arena: BlockArena, max_positions: int):
         self.arena = arena
@@ -180,8 +187,13 @@ class PagedKV:
         return len(self.blocks) * self.arena.block_size
 
     @property
+    def held(self) -> list[int]:
+        """The blocks this sequence holds (the table less its holes)."""
+        return [b for b in self.blocks if b != HOLE]
+
+    @property
     def nbytes(self) -> int:
-        return len(self.blocks) * self.arena.block_bytes
+        return len(self.held) * self.arena.block_bytes
 
     def blocks_needed(self, positions: int) -> int:
         return max(0, -(-positions // self.arena.block_size) - len(self.blocks))
@@ -208,7 +220,7 @@ class PagedKV:
         if self.blocks:
             raise RuntimeError("adopt() needs an empty sequence")
         self.blocks = list(blocks)
-        run = 1 if blocks else 0
+        run = 1 if blocks and blocks[0] != HOLE else 0
         while run < len(blocks) and blocks[run] == blocks[run - 1] + 1:
             run += 1
         self._run = run
@@ -216,10 +228,20 @@ class PagedKV:
 
     def release(self) -> None:
         """Give every block back (finish, cancel, preemption)."""
-        self.arena.free(self.blocks)
+        self.arena.free(self.held)
         self.blocks = []
         self.length = 0
         self._run = 0
+
+    def forget_before(self, position: int) -> int:
+        """Give back the blocks wholly before `position` (no query will read them again: they
+        fell out of every sliding window); returns how many went back."""
+        gone = [i for i in range(min(position // self.arena.block_size, len(self.blocks)))
+                if self.blocks[i] != HOLE]
+        self.arena.free([self.blocks[i] for i in gone])
+        for i in gone:
+            self.blocks[i] = HOLE
+        return len(gone)
 
     def _slots(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         pos = np.arange(start, start + n)
@@ -280,7 +302,7 @@ class PagedStep:
         self.table = np.zeros((len(decoders), nb), dtype=np.int64)
         for row, i in enumerate(decoders):
             own = kvs[i].blocks[:-(-int(self.lengths[row]) // bs)]
-            self.table[row, :len(own)] = own
+            self.table[row, :len(own)] = [max(b, 0) for b in own]  # holes: never read (window)
 
     def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """k, v (sum(counts), n_kv, hd) of every new token into its sequence's blocks: one scatter."""

@@ -7,6 +7,15 @@ block that just renders its body, a ``tojson`` filter that keeps non-ASCII text,
 ``raise_exception`` / ``strftime_now`` globals. The template is untrusted input (it comes with
 a downloaded file): the immutable sandbox refuses attribute access such as ``__class__`` and
 mutation of the arguments, and every failure becomes :class:`InvalidArgument`.
+
+Two things follow llama.cpp's chat path (common/chat.cpp, its jinja route):
+
+- a template that does not support a system role (it ignores the message, or refuses it) gets a
+  leading system message folded into the next message: ``system + "\\n" + content``
+  (``workaround::system_message_not_supported``; the role is probed as its caps.cpp does);
+- a model without ``tokenizer.chat_template`` is not given a stand-in: llama.cpp falls back to
+  ChatML, which a model not trained on it answers with plausible nonsense, so chat messages
+  are refused with :class:`NoChatTemplate` and a text prompt still works.
 """
 
 from __future__ import annotations
@@ -21,19 +30,18 @@ import jinja2.ext
 import jinja2.sandbox
 from jinja2 import nodes
 
-from engine.errors import InvalidArgument
+from engine.errors import FailedPrecondition, InvalidArgument
 
-#: Used when a model has no ``tokenizer.chat_template``.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# The system-role probe's message content (llama.cpp's caps.cpp renders "System message").
+_SYSTEM_PROBE = "System message \x1f probe"
 
 
 class TemplateError(InvalidArgument):
     """A chat template failed to compile or render."""
+
+
+class NoChatTemplate(FailedPrecondition):
+    """Chat messages for a model whose file has no chat template."""
 
 
 class _TemplateRaised(Exception):
@@ -88,17 +96,27 @@ class ChatTemplate:
         if not isinstance(template, str) or not template:
             raise TemplateError("chat template must be a non-empty string")
         self.source = template
-        self.is_fallback = False  # True: the model has no template of its own (ChatML stands in)
         self.bos_token = bos_token
         self.eos_token = eos_token
         try:
             self._template = _environment().from_string(template)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"chat template does not compile: line {e.lineno}: {e.message}") from e
+        self.supports_system_role = self._probe_system_role()
+
+    def _probe_system_role(self) -> bool:
+        """llama.cpp's capability check: render [system, user] and see whether the system
+        message's content is used. A template that ignores it, or raises, does not support it."""
+        probe = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "User message"}]
+        try:
+            return _SYSTEM_PROBE in self._template.render(messages=probe, bos_token="", eos_token="",
+                                                          add_generation_prompt=True)
+        except Exception:
+            return False
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any]) -> ChatTemplate:
-        """The model's ``tokenizer.chat_template``, or ChatML when it has none (``is_fallback``)."""
+    def from_metadata(cls, meta: Mapping[str, Any]) -> ChatTemplate | None:
+        """The model's ``tokenizer.chat_template``; None when the file has none."""
         tokens = meta.get("tokenizer.ggml.tokens") or []
 
         def piece(key: str) -> str:
@@ -106,10 +124,9 @@ class ChatTemplate:
             return str(tokens[i]) if isinstance(i, int) and 0 <= i < len(tokens) else ""
 
         template = meta.get("tokenizer.chat_template")
-        chat = cls(template or CHATML_TEMPLATE, piece("tokenizer.ggml.bos_token_id"),
-                   piece("tokenizer.ggml.eos_token_id"))
-        chat.is_fallback = not template  # llama.cpp falls back to ChatML too; the loader says so
-        return chat
+        if not template:
+            return None
+        return cls(template, piece("tokenizer.ggml.bos_token_id"), piece("tokenizer.ggml.eos_token_id"))
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                **context: Any) -> str:
@@ -120,6 +137,8 @@ class ChatTemplate:
         Raises :class:`InvalidArgument` for malformed messages or a template that fails.
         """
         checked = validate_messages(messages)
+        if not self.supports_system_role:
+            checked = fold_system_message(checked)
         variables = {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
@@ -137,6 +156,22 @@ class ChatTemplate:
             raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
         except Exception as e:  # a template can raise anything (TypeError, ZeroDivision...)
             raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+
+
+def fold_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A leading system message merged into the next message, as llama.cpp does for a
+    template without a system role (``system + "\\n" + content``); alone, it is dropped."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    if len(messages) == 1:
+        return []
+    merged = {**messages[1], "content": messages[0]["content"] + "\n" + messages[1]["content"]}
+    return [merged, *messages[2:]]
+
+
+def no_chat_template(model: str) -> NoChatTemplate:
+    return NoChatTemplate(f"{model} has no chat template (GGUF key tokenizer.chat_template), so chat messages "
+                          f"cannot be rendered as the model was trained; send a text prompt instead")
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:

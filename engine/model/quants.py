@@ -336,6 +336,36 @@ def _dequant_iq4_xs(blocks: np.ndarray) -> np.ndarray:
     return (dl * IQ4_KVALUES[idx].astype(np.float32)).reshape(n, QK_K)
 
 
+# --- exact widening to Q8_0 --------------------------------------------------
+#
+# A Q5_0 or IQ4_NL block is one f16 scale times 32 small integers (q - 16 in -16..15;
+# IQ4_KVALUES in -127..113): a Q8_0 block with the same scale holds it exactly, and
+# llama.cpp computes both as int8 dot products against Q8_0 activations, as it does Q8_0.
+
+def _ints_q5_0(blocks: np.ndarray) -> np.ndarray:
+    q = _q5_values(blocks[:, 2:6], blocks[:, 6:22]).view(np.int8)
+    q -= 16
+    return q
+
+
+def _ints_iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    return IQ4_KVALUES[_nibbles(blocks[:, 2:18]).reshape(len(blocks), 32)]
+
+
+EXACT_IN_Q8_0 = {T.Q5_0: _ints_q5_0, T.IQ4_NL: _ints_iq4_nl}
+
+
+def widen_to_q8_0(blocks: np.ndarray, qtype: T) -> np.ndarray:
+    """(rows, row_bytes) uint8 blocks of a type in EXACT_IN_Q8_0 -> the same weights as
+    Q8_0 blocks (rows, k / 32 * 34), bit for bit (same scale, same integers)."""
+    rows = len(blocks)
+    flat = np.ascontiguousarray(blocks).reshape(-1, quant_type(qtype).type_size)
+    out = np.empty((len(flat), 34), dtype=np.uint8)
+    out[:, 0:2] = flat[:, 0:2]  # the f16 scale d
+    out[:, 2:] = EXACT_IN_Q8_0[qtype](flat).view(np.uint8)
+    return out.reshape(rows, -1)
+
+
 # --- the table -------------------------------------------------------------
 
 QUANT_TYPES: dict[T, QuantType] = {

@@ -19,7 +19,7 @@ from backends.base import KernelSettings
 from engine.errors import ContextOverflow, InvalidArgument
 from engine.execution import DEFAULT_EXECUTION
 from engine.memory.kv_cache import SequenceKV
-from engine.model.chat import ChatTemplate
+from engine.model.chat import ChatTemplate, no_chat_template
 from engine.model.gguf_file import ModelConfig, ModelFile
 from engine.model.integrity import check_finite
 from engine.model.tokenizer import StreamDecoder, Tokenizer
@@ -46,9 +46,9 @@ class LoadedModel:
             raise
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
         self.chat_template = ChatTemplate.from_metadata(self.file.metadata)
-        if self.chat_template.is_fallback:
-            log.warning("%s has no chat template (tokenizer.chat_template): chat messages are rendered "
-                        "as ChatML, which this model may not have been trained on", self.file.path.name)
+        if self.chat_template is None:
+            log.warning("%s has no chat template (tokenizer.chat_template): chat messages will be refused; "
+                        "text prompts work", self.file.path.name)
         limit = self.config.context_length
         if context_length is not None and not 0 < context_length <= limit:
             raise InvalidArgument(f"context length {context_length} must be in 1..{limit} (the model's)",
@@ -72,6 +72,8 @@ class LoadedModel:
         if sum(x is not None for x in (text, ids, messages)) != 1:
             raise InvalidArgument("give the prompt as exactly one of text, ids or messages", field="prompt")
         if messages is not None:
+            if self.chat_template is None:
+                raise no_chat_template(self.file.path.name)
             text = self.chat_template.render(messages, add_generation_prompt=True)
             prompt = self.tokenizer.encode(text, parse_special=True)
         elif text is not None:

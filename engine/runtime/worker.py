@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from engine.memory.paged import BlockArena, PagedKV, block_hashes
+from engine.memory.paged import HOLE, BlockArena, PagedKV, block_hashes
 from engine.runtime.constraints import ResponseFormat, compile_format
 from engine.runtime.generate import LoadedModel, TokenEvent, TokenStream
 from engine.runtime.model import Segment
@@ -179,7 +179,11 @@ class EngineWorker:
         self.model = model
         self._policy = policy
         self._limits = limits
+        c = model.config
         self.arena = arena  # the plan's kv_cache section, sized by the control plane
+        # a model whose every layer slides reads no key older than its widest window: the blocks
+        # behind it go back to the arena after each step (0: some layer attends to everything)
+        self._window_horizon = max(c.layer_windows) if c.layer_windows and min(c.layer_windows) > 0 else 0
         self.governor = governor or PowerGovernor(CpuTimeEstimator(), limits.max_watts)
         self.energy = EnergyAccount(self.governor.meter)
         self._on_finish = on_finish
@@ -242,8 +246,11 @@ class EngineWorker:
                 raise ResourceExhausted(f"the queue is full ({len(self._waiting)} waiting, plan max_queue "
                                         f"{limits.max_queue}); retry in {wait:.1f} s", retry_after_s=wait)
             positions = len(spec.prompt_ids) + stream.budget
-            if -(-positions // self.arena.block_size) > self.arena.num_blocks:
-                raise ResourceExhausted(f"the request needs {positions} cache positions; the plan's KV arena holds "
+            # held at once: every position, or for an all-sliding model its window and one step's chunk
+            held = positions if not self._window_horizon else \
+                min(positions, self._window_horizon + limits.max_batched_tokens + self.arena.block_size)
+            if -(-held // self.arena.block_size) > self.arena.num_blocks:
+                raise ResourceExhausted(f"the request needs {held} cache positions; the plan's KV arena holds "
                                         f"{self.arena.num_blocks * self.arena.block_size}: ask for fewer tokens")
             handle = RequestHandle(spec.request_id, self, spec.n)
             self._waiting[spec.request_id] = _Sequence(spec, stream, PagedKV(self.arena, positions), handle)
@@ -428,6 +435,11 @@ class EngineWorker:
                     s.handle.deliver(event)
                 if s.stream.finish_reason is not None:
                     finished.append(s)
+        if self._window_horizon:  # every layer slides: blocks out of every window go back
+            with self._lock:
+                for seq, _ in batch:
+                    if seq.stream.finish_reason is None:
+                        seq.kv.forget_before(seq.num_computed - self._window_horizon + 1)
         if finished:
             with self._lock:
                 for seq in finished:
@@ -451,7 +463,7 @@ class EngineWorker:
         bs = self.arena.block_size
         computed = parent.num_computed
         full, partial = divmod(computed, bs)
-        shared = parent.kv.blocks[:full]
+        shared = parent.kv.blocks[:full]  # with holes where an all-sliding model gave blocks back
         now = []
         for i in range(1, parent.spec.n):
             params = replace(parent.spec.params, seed=(parent.stream.sampler.seed + i) % (1 << 63))
@@ -463,7 +475,7 @@ class EngineWorker:
             child = _Sequence(spec, stream, PagedKV(self.arena, parent.kv.max_positions), parent.handle, index=i)
             child.arrival, child.first_scheduled = parent.arrival, parent.first_scheduled
             child.block_hashes, child.registered = parent.block_hashes[:full], min(parent.registered, full)
-            self.arena.share(shared)
+            self.arena.share([b for b in shared if b != HOLE])
             child.kv.adopt(shared)
             if partial and child.kv.reserve(computed):
                 self.arena.copy_block(parent.kv.blocks[full], child.kv.blocks[full])

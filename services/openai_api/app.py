@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from engine.control.control_plane import ControlPlane, PlanStamp
-from engine.control.suggestions import AgentPolicy
+from engine.control.agents import AgentPolicy
 from engine.errors import EngineError
 from engine.runtime.generate import TokenEvent
 from engine.runtime.worker import Final, RequestHandle

@@ -3,7 +3,7 @@ Deployment runs them: its container args (ports moved apart: both are on the hos
 its ConfigMap's plan, a read-only root file system, no capabilities, no privilege escalation,
 its memory limit, the database URL from the environment, and its termination grace period.
 
-PostgreSQL is Debian's, started on 127.0.0.1 as tests/test_postgres_store.py starts it. What is
+PostgreSQL is Debian's, started on 127.0.0.1 as tests/postgres_server.py starts it. What is
 checked: a plan activated through replica A is served by B within the documented propagation
 bound; an agent suggestion accepted on B is served and listed on A; kill -9 of A in the middle
 of a stream leaves B serving, and A restarted rejoins on the fleet's active plan (not its
@@ -26,7 +26,7 @@ import yaml
 from grpc_health.v1 import health_pb2
 
 from podman_cli import REPO, Container, free_port, grpc_health
-from test_postgres_store import start_postgres, wait_served
+from postgres_server import start_postgres, wait_served
 
 # the first test to run builds the images (session fixture): minutes on a cold machine
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]

@@ -1,5 +1,6 @@
 """WeOS agent suggestions without a server: the policy file, every verdict kind, review and
-dry-run modes, the audit log, and the reference agent's decisions on hand-built snapshots."""
+dry-run modes, the audit log, and the reference agent's decisions on hand-built snapshots.
+Suggestions are applied, and undone, by the real ControlPlane running the tiny GGUF."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from engine.control.control_plane import ControlPlane
 from engine.control.plan_store import SqliteDatabase, SqlitePlanStore
-from engine.control.plans import ModelInfo, PlanEnvironment, plan_hash, prepare
-from engine.control.suggestions import (
+from engine.control.plans import GgufModelReader, ModelInfo, PlanEnvironment, plan_hash, prepare
+from engine.control.agents import (
     AgentPolicy,
     SuggestionLog,
     SuggestionReviewer,
     Unauthenticated,
 )
-from engine.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from engine.errors import EngineError, FailedPrecondition, InvalidArgument, NotFound
 from services.agent import Advisor, Agent, AgentConfig, Load
 from protos.planengine.v1 import plan_pb2
 from protos.planengine.v1 import suggestion_pb2 as sg
@@ -39,30 +41,18 @@ POLICY = {"agents": {
                 "fields": {"scheduler_policy": {}, "batching.max_batch_size": {"max": 64}}},
     "dry": {"token": "dry-token", "mode": "dry_run", "fields": {"scheduler_policy": {}}},
     "slow": {"token": "slow-token", "rate_per_minute": 3, "mode": "dry_run", "fields": {"scheduler_policy": {}}},
+    "loader": {"token": "loader-token", "mode": "auto", "fields": {"model": {}}},  # a change that loads a model
 }}
 
 
-class FakeControl:
-    """The part of ControlPlane the reviewer uses, over a real store, without a model."""
+class TinyModels(PlanEnvironment):
+    """Plans name models "smol" and "other", both the tiny GGUF (tests/tiny_gguf.py), and
+    "broken", a file whose header reads as the tiny model's but which does not load."""
 
-    def __init__(self, store: SqlitePlanStore):
-        self.store, self.env = store, ENV
-        self.fail_activation = False
+    files: dict[str, Path]
 
-    def submit_if_active(self, plan, base_version, actor=""):
-        stored, previous = self.store.submit_if_active(prepare(plan, self.env), base_version, actor=actor)
-        if self.fail_activation:
-            self.store.rollback(actor=actor)
-            raise Unavailable("cannot load model 'smol' (out of memory)")
-        return stored, previous
-
-    def submit_plan(self, plan, activate=False, actor=""):
-        stored = self.store.submit(prepare(plan, self.env), actor=actor)
-        if activate:
-            if self.fail_activation:
-                raise Unavailable("cannot load model 'smol' (out of memory)")
-            self.store.activate(stored.id, stored.version, actor=actor)
-        return stored, activate
+    def resolve_model(self, name: str, pull_missing: bool = True) -> Path:
+        return self.files[name]
 
 
 class Clock:
@@ -74,13 +64,19 @@ class Clock:
 
 
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, tiny):
+    info = GgufModelReader()(str(tiny))
+    env = TinyModels.with_models({"smol": info, "other": info, "broken": info})
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny.read_bytes()[:4096])  # the header, and no tensors
+    env.files = {"smol": tiny, "other": tiny, "broken": broken}
     store = SqlitePlanStore(tmp_path / "plans.sqlite3")
-    store.submit(prepare(plan_pb2.ExecutionPlan(id="default", model="smol"), ENV), actor="test", activate=True)
-    control = FakeControl(store)
+    control = ControlPlane(store, env)
+    control.start(plan_pb2.ExecutionPlan(id="default", model="smol"), actor="test")
     clock = Clock()
     reviewer = SuggestionReviewer(control, AgentPolicy.from_dict(POLICY), SuggestionLog(store.db), monotonic=clock)
     yield reviewer, control, clock
+    control.close(0)
     store.close()
 
 
@@ -106,8 +102,11 @@ def review(reviewer: SuggestionReviewer, s: sg.Suggestion, token: str = "tuner-t
     return reviewer.review(reviewer.authenticate(token), s)
 
 
-def active(control: FakeControl) -> plan_pb2.ExecutionPlan:
-    return control.store.active()
+def active(control: ControlPlane) -> plan_pb2.ExecutionPlan:
+    """The store's active plan, which must be the one the engine runs."""
+    stored = control.store.active()
+    assert control.runtime.plan.hash == stored.hash
+    return stored
 
 
 # --------------------------------------------------------------------------- the policy file
@@ -303,12 +302,48 @@ def test_review_reject_and_stale_approval(world):
     assert active(control).version == 2
 
 
-def test_activation_failure_is_a_rejection(world):
+def test_activation_failure_is_a_rejection_and_stores_nothing(world):
     reviewer, control, _ = world
-    control.fail_activation = True
-    v = review(reviewer, suggest(scheduler_policy=THROUGHPUT))
-    assert (v.rejection, v.current_version) == ("activation_failed", 1)
-    assert "out of memory" in v.reason and active(control).version == 1
+    v = review(reviewer, suggest("loader", model="broken"), "loader-token")
+    assert (v.rejection, v.current_version) == ("activation_failed", 1), v.reason
+    assert v.reason.startswith("activation failed: ")
+    assert active(control).version == 1 and control.runtime.plan.model == "smol"  # still serving version 1
+    with pytest.raises(NotFound):
+        control.store.get("default", 2)  # a plan that does not load is never stored
+    failed = control.store.history("default")[0]
+    assert (failed.action, failed.version, failed.actor) == ("activation_failed", 0, "agent:loader")
+
+
+def test_the_control_planes_rollback_undoes_accepted_suggestions(world):
+    reviewer, control, _ = world
+    v1 = active(control)
+    live = review(reviewer, suggest(scheduler_policy=THROUGHPUT))  # applied live, same model
+    reload = review(reviewer, suggest("loader", base=2, model="other"), "loader-token")  # loads a model
+    assert (live.decision, reload.decision) == ("accepted", "accepted")
+    assert active(control).version == 3 and control.runtime.plan.model == "other"
+
+    now, was = control.rollback(actor="ops")  # the reload undone: the model loads again
+    assert (now.version, was.version) == (2, 3)
+    assert active(control).model == "smol" and control.runtime.plan.scheduler_policy == THROUGHPUT
+    now, was = control.rollback(actor="ops")  # the live change undone
+    assert (now.version, was.version) == (1, 2) and active(control) == v1
+    with pytest.raises(FailedPrecondition, match="no earlier activation"):
+        control.rollback()
+    assert [(e.action, e.version, e.actor) for e in control.store.history("default")[:2]] == [
+        ("rollback", 1, "ops"), ("rollback", 2, "ops")]
+
+    # a rollback to a version that does not load changes nothing, and says so in the history
+    patch = plan_pb2.ExecutionPlan()
+    patch.CopyFrom(v1)
+    for name in ("version", "hash", "created_at"):
+        patch.ClearField(name)
+    patch.model = "broken"
+    broken = control.store.submit(prepare(patch, control.env), actor="ops")
+    with pytest.raises(EngineError):
+        control.rollback("default", broken.version, actor="ops")
+    assert active(control) == v1
+    assert [(e.action, e.version) for e in control.store.history("default")[:2]] == [
+        ("activation_failed", broken.version), ("submit", broken.version)]
 
 
 # --------------------------------------------------------------------------- the audit log
@@ -467,7 +502,7 @@ def test_agent_proposes_and_rebases_on_a_stale_verdict(world):
 
 
 def test_reference_policy_example_in_the_docs_parses():
-    text = (Path(__file__).resolve().parents[1] / "docs" / "05_weos_integration.md").read_text()
+    text = (Path(__file__).resolve().parents[3] / "docs" / "05_weos_integration.md").read_text()
     block = text.split("```json\n", 1)[1].split("```", 1)[0]
     policy = AgentPolicy.from_dict(json.loads(block))
     assert policy.agents
