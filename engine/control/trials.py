@@ -99,16 +99,17 @@ class VersionSamples:
 
 def _migrations(db: SqlDatabase) -> list[list[str]]:
     """The trials table, in `db`'s column types."""
+    states = ", ".join(repr(s) for s in STATES)
     return [[
         db.ddl(f"""CREATE TABLE plan_trials (
             id {{serial}},
-            suggestion {{ref}} NOT NULL,        -- the suggestion's audit id
+            suggestion BIGINT NOT NULL,       -- the suggestion's audit id
             plan_id TEXT NOT NULL,
             base_version INTEGER NOT NULL,
             version INTEGER NOT NULL,
             objective TEXT NOT NULL,          -- JSON: the objective it was judged by
             started_at {{double}} NOT NULL,
-            state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in STATES)})),
+            state TEXT NOT NULL CHECK (state IN ({states})),
             reason TEXT NOT NULL,
             base TEXT NOT NULL,               -- JSON measurement of the base version ('' while running)
             trial TEXT NOT NULL,              -- JSON measurement of the trial version
@@ -127,7 +128,7 @@ def _measurement(text: str) -> Measurement | None:
 
 
 class TrialLog:
-    """Trials in the plan store's database (SQLite, or the PostgreSQL database replicas share)."""
+    """Trials in the plan store's database (engine/control/database.py: SQLite or PostgreSQL)."""
 
     SCHEMA_COMPONENT = "trials"
 
@@ -135,28 +136,31 @@ class TrialLog:
         self.db = db
         db.ensure_schema(self.SCHEMA_COMPONENT, _migrations(db))
 
+    def _sql(self, text: str) -> str:
+        return self.db.sql(text)
+
     def started(self, t: Trial) -> Trial:
         with self.db.transaction() as conn:
-            trial_id = self.db.execute(
-                conn, "INSERT INTO plan_trials (suggestion, plan_id, base_version, version, objective, started_at, "
-                      "state, reason, base, trial) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, '', '') RETURNING id",
+            trial_id = conn.execute(self._sql(
+                "INSERT INTO plan_trials (suggestion, plan_id, base_version, version, objective, started_at, state, "
+                "reason, base, trial) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, '', '') RETURNING id"),
                 (t.suggestion, t.plan_id, t.base_version, t.version, _objective_json(t.objective), t.started_at,
                  t.reason)).fetchone()[0]
         return replace(t, id=trial_id)
 
     def ended(self, t: Trial) -> None:
         with self.db.transaction() as conn:
-            self.db.execute(
-                conn, "UPDATE plan_trials SET state = ?, reason = ?, base = ?, trial = ?, gain = ?, ended_at = ? "
-                      "WHERE id = ?",
+            conn.execute(self._sql(
+                "UPDATE plan_trials SET state = ?, reason = ?, base = ?, trial = ?, gain = ?, ended_at = ? "
+                "WHERE id = ?"),
                 (t.state, t.reason[:4000], json.dumps(t.base.as_dict()) if t.base else "",
                  json.dumps(t.trial.as_dict()) if t.trial else "", t.gain, t.ended_at, t.id))
 
     def _select(self, where: str, args: Sequence[Any]) -> list[Trial]:
-        sql = ("SELECT id, suggestion, plan_id, base_version, version, objective, started_at, state, reason, base, "
-               "trial, gain, ended_at FROM plan_trials " + where)
+        sql = self._sql("SELECT id, suggestion, plan_id, base_version, version, objective, started_at, state, reason, "
+                        "base, trial, gain, ended_at FROM plan_trials " + where)
         with self.db.snapshot() as conn:
-            rows = self.db.execute(conn, sql, args).fetchall()
+            rows = conn.execute(sql, args).fetchall()
         return [Trial(r[0], r[1], r[2], r[3], r[4], r[6], Objective(**json.loads(r[5])), r[7], r[8],
                       _measurement(r[9]), _measurement(r[10]), r[11], r[12]) for r in rows]
 
