@@ -54,7 +54,6 @@ from engine.control.agents.sizes import MAX_TEXT, Suggestion, _cut, bounded, ove
 from engine.control.agents.verdicts import DECISIONS, SuggestionRecord, Verdict
 from engine.control.objectives import objective_of
 from engine.control.plan_store import PlanStore, label
-from engine.control.objectives import objective_of
 from engine.control.plans import (
     MAX_DESCRIPTION_LENGTH,
     ExecutionPlan,
