@@ -251,3 +251,23 @@ def test_every_objective_field_is_a_later_field():
     fields = plan_pb2.Objective.DESCRIPTOR.fields
     assert {p.split(".")[1] for p in LATER_FIELDS if p.startswith("objective.")} == {f.name for f in fields}
     assert all(f.has_presence for f in fields) and "objective" in LATER_SECTIONS
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_the_trial_log_round_trips_on_both_databases(dialect, tmp_path, request):
+    from engine.control.database import open_database
+    from engine.control.objectives import Measurement
+    from engine.control.trials import Trial
+    target = tmp_path / "t.sqlite3" if dialect == "sqlite" else request.getfixturevalue("dsn")
+    db = open_database(target)
+    try:
+        log = TrialLog(db)
+        t = log.started(Trial(0, 41, "default", 3, 4, 1000.0, OBJ, reason="on trial"))
+        assert [r.id for r in log.running()] == [t.id]
+        done = Trial(t.id, 41, "default", 3, 4, 1000.0, OBJ, "rolled_back", "worse", Measurement(requests=6),
+                     Measurement(requests=6, tokens_per_s=1.5), 0.5, 1010.0)
+        log.ended(done)
+        again = TrialLog(db).for_suggestions([41, 99])  # ensure_schema twice: no second table
+        assert again == {41: done} and log.running() == []
+    finally:
+        db.close()
