@@ -157,18 +157,17 @@ static inline __attribute__((always_inline)) void tile_x8(
     if (X8_SUPER(T)) {
         for (int64_t sb = 0; sb < nb / 8; sb++) {
             const uint8_t *rec = g + sb * rs;
-            /* the same record PF_GROUPS groups on: every line of it */
-            for (int64_t off = 0; off < rs; off += 64)
-                _mm_prefetch((const char *)(rec + PF_GROUPS * gstride + off), _MM_HINT_T0);
-            /* the 8 blocks spelled out: each with its s a constant, shifts and offsets fold */
-            block_x8(T, C, rec, 0, 8 * sb + 0, &t);
-            block_x8(T, C, rec, 1, 8 * sb + 1, &t);
-            block_x8(T, C, rec, 2, 8 * sb + 2, &t);
-            block_x8(T, C, rec, 3, 8 * sb + 3, &t);
-            block_x8(T, C, rec, 4, 8 * sb + 4, &t);
-            block_x8(T, C, rec, 5, 8 * sb + 5, &t);
-            block_x8(T, C, rec, 6, 8 * sb + 6, &t);
-            block_x8(T, C, rec, 7, 8 * sb + 7, &t);
+            /* the 8 blocks spelled out: each with its s a constant, shifts and offsets fold; each
+             * prefetches an eighth of the same record PF_GROUPS groups on (all of it at once
+             * would be a burst of up to 27 lines) */
+#define X8_BLOCK(s)                                                                                         \
+    for (int64_t off = (s) * rs / 8; off < ((s) + 1) * rs / 8; off += 64)                                   \
+        _mm_prefetch((const char *)(rec + PF_GROUPS * gstride + off), _MM_HINT_T0);                         \
+    block_x8(T, C, rec, s, 8 * sb + (s), &t);                                                          \
+    if (C == 1) /* decode: no weight loads hoisted across blocks (spills; Q6_K ran at a third) */  \
+        __asm__ volatile("" ::: "memory");
+            X8_BLOCK(0) X8_BLOCK(1) X8_BLOCK(2) X8_BLOCK(3) X8_BLOCK(4) X8_BLOCK(5) X8_BLOCK(6) X8_BLOCK(7)
+#undef X8_BLOCK
         }
     } else {
         for (int64_t b = 0; b < nb; b++) {
