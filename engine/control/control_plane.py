@@ -32,7 +32,7 @@ from engine.control import names
 from engine.control.limits import RequestLimits, check_request, check_text, prompt_byte_limit
 from engine.control.metrics_hub import MetricsHub
 from engine.control.plan_store import PlanEvent, PlanStore, label
-from engine.control.plans import PlanEnvironment, prepare, validate
+from engine.control.plans import PlanEnvironment, PreparedPlan, prepare, validate
 from engine.errors import DataLoss, EngineError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from engine.model.gguf_file import ModelFile
 from engine.runtime.constraints import ResponseFormat
@@ -214,9 +214,8 @@ class ControlPlane:
         self._runtime = runtime
         self._on_serving(True)
         log.info("serving plan %s (%s)", PlanStamp.of(active), active.model)
-        watch = getattr(self.store, "watch_active", None)
-        if watch is not None:  # a store shared by replicas: apply what the others activate
-            self._watch = watch(self._follow)
+        # a store shared by replicas: apply what the others activate (None for a store of our own)
+        self._watch = self.store.watch_active(self._follow)
         return active
 
     fallback: str | None = None  # set when start() serves another version than the stored active one
@@ -289,9 +288,9 @@ class ControlPlane:
         return self._runtime
 
     # --- plans ---------------------------------------------------------------------------
-    def submit_plan(self, plan: plan_pb2.ExecutionPlan, activate: bool = False, actor: str = "") -> tuple[
-            plan_pb2.ExecutionPlan, bool]:
-        plan = prepare(plan, self.env)
+    def submit_plan(self, plan: plan_pb2.ExecutionPlan | PreparedPlan, activate: bool = False,
+                    actor: str = "") -> tuple[plan_pb2.ExecutionPlan, bool]:
+        plan = self._prepared(plan)
         if not activate:
             return self.store.submit(plan, actor=actor), False
         with self._switch:
@@ -316,19 +315,24 @@ class ControlPlane:
                                                                                  actor=actor)),
                                     actor, check=True)
 
-    def submit_if_active(self, plan: plan_pb2.ExecutionPlan, base_version: int, actor: str = "") -> tuple[
+    def submit_if_active(self, plan: plan_pb2.ExecutionPlan | PreparedPlan, base_version: int,
+                         actor: str = "") -> tuple[
             plan_pb2.ExecutionPlan, plan_pb2.ExecutionPlan]:
         """Store `plan` and make it active only if `plan.id`@`base_version` is still the active
         plan in the store, which replicas may share: of two racing on one base version, one wins
         and the other gets the store's stale FailedPrecondition (with `current_version`). The
         model loads first; the compare-and-swap commits only once it is ready (a loser's loaded
         runtime is discarded), and a plan that fails to load stores nothing."""
-        plan = prepare(plan, self.env)
+        plan = self._prepared(plan)
         with self._switch:
             def commit():
                 stored, previous = self.store.submit_if_active(plan, base_version, actor=actor)
                 return stored, (stored, previous)
             return self._activation(plan, commit, actor)
+
+    def _prepared(self, plan: plan_pb2.ExecutionPlan | PreparedPlan) -> plan_pb2.ExecutionPlan:
+        """A plan ready to store: as prepared already, or normalized and validated now."""
+        return plan.plan if isinstance(plan, PreparedPlan) else prepare(plan, self.env)
 
     @property
     def active_plan(self) -> plan_pb2.ExecutionPlan:

@@ -107,6 +107,12 @@ class PlanStore(ABC):
         earlier to return to, or when the named version is already active.
         """
 
+    def watch_active(self, callback: Callable[[ExecutionPlan | None], None]) -> Any:
+        """Follow the active plan as other writers change it: call `callback(active plan)` on a
+        background thread after each change, until the returned handle's `stop()`. None: this
+        store has no other writers (a SQLite file one server owns), so there is nothing to follow."""
+        return None
+
     @abstractmethod
     def rollback_target(self, plan_id: str = "", version: int = 0) -> ExecutionPlan:
         """What `rollback(plan_id, version)` would activate, changing nothing; raises what it

@@ -89,6 +89,7 @@ __all__ = [
     "ModelInfo",
     "PlanDefaults",
     "PlanEnvironment",
+    "PreparedPlan",
     "apply_patch",
     "backend_name",
     "canonical_json",
@@ -589,6 +590,20 @@ def prepare(plan: ExecutionPlan, env: PlanEnvironment) -> ExecutionPlan:
     out = normalize(plan, env)
     validate(out, env)
     return out
+
+
+@dataclass(frozen=True)
+class PreparedPlan:
+    """A submitted plan after `prepare` (normalized, every rule checked against this server's
+    environment), not yet stored. Made only by `PreparedPlan.of`; the control plane stores and
+    activates one without validating it again, so a suggestion is validated once on its way
+    to a version."""
+
+    plan: ExecutionPlan
+
+    @classmethod
+    def of(cls, plan: ExecutionPlan, env: PlanEnvironment) -> PreparedPlan:
+        return cls(prepare(plan, env))
 
 
 # --------------------------------------------------------------------------- hash

@@ -59,9 +59,9 @@ from engine.control.plans import (
     ExecutionPlan,
     InvalidPlan,
     PlanEnvironment,
+    PreparedPlan,
     apply_patch,
     plan_hash,
-    prepare,
 )
 from engine.errors import EngineError, FailedPrecondition, InvalidArgument, shown
 
@@ -88,10 +88,10 @@ class PlanAuthority(Protocol):
     store: PlanStore
     env: PlanEnvironment
 
-    def submit_plan(self, plan: ExecutionPlan, activate: bool = False,
+    def submit_plan(self, plan: ExecutionPlan | PreparedPlan, activate: bool = False,
                     actor: str = "") -> tuple[ExecutionPlan, bool]: ...
 
-    def submit_if_active(self, plan: ExecutionPlan, base_version: int,
+    def submit_if_active(self, plan: ExecutionPlan | PreparedPlan, base_version: int,
                          actor: str = "") -> tuple[ExecutionPlan, ExecutionPlan]: ...
 
 
@@ -222,10 +222,11 @@ class SuggestionReviewer:
             note = f"suggestion #{audit_id} by agent {agent.id}: {s.rationale}"
             candidate.description = note[:MAX_DESCRIPTION_LENGTH]
         try:
-            plan = prepare(candidate, self.control.env)
+            prepared = PreparedPlan.of(candidate, self.control.env)
         except InvalidPlan as exc:
             raise _Rejected("invalid_plan", f"invalid plan: {'; '.join(map(str, exc.violations))}",
                             active.version) from None
+        plan = prepared.plan
         digest = plan_hash(plan)
         if digest == active.hash:
             raise _Rejected("no_change", f"no change: the patch leaves {label(active)} as it is", active.version)
@@ -239,7 +240,7 @@ class SuggestionReviewer:
                                  f"approves or rejects suggestion {audit_id}", audit_id, plan=plan,
                                  current_version=active.version)
         try:  # compare-and-swap: another replica sharing the store may have changed the plan since
-            stored, _ = self.control.submit_if_active(plan, active.version, actor=actor or f"agent:{agent.id}")
+            stored, _ = self.control.submit_if_active(prepared, active.version, actor=actor or f"agent:{agent.id}")
         except Exception as exc:  # noqa: BLE001 - nothing stored: a lost race, or a model that did not load
             if getattr(exc, "current_version", None) is not None:  # lost the race
                 raise _Rejected("stale", str(exc), exc.current_version) from None
