@@ -13,7 +13,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -55,12 +55,11 @@ class KernelSettings:
     threads: int  # the CPU kernels' pool; 0: every CPU this process may run on
     f32_kernel_rows: int  # CPU f32 weights: batches of at most this many rows take the C kernel
     gemm_rows_x8: int  # CPU x8 block weights: batches of at least this many rows take dequantize + GEMM
-    gemm_rows_rowwise: int  # the same for block weights kept in the file's row order (K-quants)
     cuda_prefill_tokens: int  # CUDA: linears over more tokens take dequantize + GEMM
 
     def __post_init__(self) -> None:
-        for name in ("threads", "f32_kernel_rows", "gemm_rows_x8", "gemm_rows_rowwise", "cuda_prefill_tokens"):
-            value = getattr(self, name)
+        for f in fields(self):
+            name, value = f.name, getattr(self, f.name)
             if not isinstance(value, int) or value < 0:
                 raise InvalidArgument(f"{name} {value!r} must be a whole number >= 0", field=f"execution.{name}")
 

@@ -33,10 +33,6 @@ class ExecutionSettings:
     # x8 block weights (every block type): the int8 kernels beat dequantize + OpenBLAS at every
     # batch size measured (97 against 44-67 GMAC/s at 128-512 rows): 0, never GEMM.
     gemm_rows_x8: int = 0
-    # Block weights read in the file's row order. Since every block type has an x8 kernel no
-    # weight is kept in that order (the old K-quant row kernels took GEMM from 32 rows), so this
-    # has no effect today; kept because schema fields are never removed.
-    gemm_rows_rowwise: int = 32
     # CUDA: the fused dequantize-matvec kernel up to this many tokens, dequantize + GEMM above.
     cuda_prefill_tokens: int = 32
     # Energy-balanced policy: new prompts wait for this many to share a step ...
@@ -47,14 +43,14 @@ class ExecutionSettings:
     @property
     def kernels(self) -> KernelSettings:
         return KernelSettings(threads=self.threads, f32_kernel_rows=self.f32_kernel_rows,
-                              gemm_rows_x8=self.gemm_rows_x8, gemm_rows_rowwise=self.gemm_rows_rowwise,
+                              gemm_rows_x8=self.gemm_rows_x8,
                               cuda_prefill_tokens=self.cuda_prefill_tokens)
 
 
 DEFAULT_EXECUTION = ExecutionSettings()
 FIELDS = tuple(f.name for f in fields(ExecutionSettings))
 # Upper bounds validation applies (a plan outside them is refused, naming the field).
-BOUNDS = {"threads": 1024, "f32_kernel_rows": 65536, "gemm_rows_x8": 65536, "gemm_rows_rowwise": 65536,
+BOUNDS = {"threads": 1024, "f32_kernel_rows": 65536, "gemm_rows_x8": 65536,
           "cuda_prefill_tokens": 65536, "energy_min_batch": 1024, "energy_max_wait_ms": 60_000}
 
 

@@ -21,8 +21,8 @@ class CpuBackend(Backend):
     (requantized at load).
 
     `settings` (the plan's `execution` section, `KernelSettings`) declares every path choice:
-    for the block formats, a batch of at least `gemm_rows_x8` (Q4_0/Q4_1/Q8_0, interleaved) or
-    `gemm_rows_rowwise` (K-quants, row order) rows is dequantized into float32 tiles for
+    for the block formats (every type in the x8 layout), a batch of at least `gemm_rows_x8` rows
+    is dequantized into float32 tiles for
     OpenBLAS (float activations), a smaller one runs the int8 quantized-dot kernels
     (activations quantized per 32-block, as llama.cpp); 0 means never GEMM. For float32
     weights, a batch of at most `f32_kernel_rows` rows runs the extension's float kernel

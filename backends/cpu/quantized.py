@@ -14,9 +14,8 @@ declared paths:
   OpenBLAS. The activations stay float32, so the numerics are those of f32 weights (the
   hf_f32 reference).
 
-The threshold is a declared rule, per kernel layout: the plan's `execution.gemm_rows_x8` and
-`execution.gemm_rows_rowwise` (`KernelSettings`; the measured defaults and why are in
-engine/execution.py).
+The threshold is a declared rule: the plan's `execution.gemm_rows_x8` (`KernelSettings`; the
+measured default and why are in engine/execution.py).
 
 The kernels need the C extension built at install (`setup.py`) and a CPU with AVX2,
 FMA and F16C; otherwise `kernels="auto"` falls back to numpy (every batch
@@ -247,9 +246,9 @@ class QuantizedMatmul:
 
     kernels: "avx2" (require the C extension), "numpy" (never use it) or "auto" (use it when
     built and the CPU has AVX2, else numpy with a warning). settings: the plan's kernel
-    settings; a batch of at least `gemm_rows_x8` (x8 layout) or `gemm_rows_rowwise` (row
-    order) rows is dequantized into float32 tiles and multiplied with OpenBLAS, a smaller one
-    takes the int8 kernels (0: never GEMM); `threads` sizes the kernels' pool.
+    settings; a batch of at least `gemm_rows_x8` rows is dequantized into float32 tiles and
+    multiplied with OpenBLAS, a smaller one takes the int8 kernels (0: never GEMM); `threads`
+    sizes the kernels' pool.
     """
 
     def __init__(self, kernels: str, settings: KernelSettings):
@@ -272,8 +271,7 @@ class QuantizedMatmul:
 
     def threshold(self, w: QuantizedLinear) -> int | None:
         """Rows from which a batch against w takes dequantize-into-GEMM (None: never)."""
-        rows = self.settings.gemm_rows_x8 if w.layout == "x8" else self.settings.gemm_rows_rowwise
-        return rows or None
+        return self.settings.gemm_rows_x8 or None
 
     def handle(self, parts: Sequence[BlockPart], n_in: int) -> QuantizedLinear:
         """The weight handle for parts in the file's row order.

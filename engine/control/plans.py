@@ -163,7 +163,6 @@ LATER_FIELDS: dict[str, object] = {
     "execution.threads": 0,
     "execution.f32_kernel_rows": 64,
     "execution.gemm_rows_x8": 0,
-    "execution.gemm_rows_rowwise": 32,
     "execution.cuda_prefill_tokens": 32,
     "execution.energy_min_batch": 4,
     "execution.energy_max_wait_ms": 50,

@@ -125,7 +125,7 @@ def test_native_keeps_the_files_blocks(tiny_path):
 @pytest.mark.parametrize("weights", ["native", "q8_0"])
 def test_gemm_path_matches_f32_weights(tiny_path, tiny_f32, weights):
     """Dequantize-into-GEMM keeps float activations: f32 numerics (q8_0 adds its requantization)."""
-    model = _load(tiny_path, weights, gemm_rows_x8=1, gemm_rows_rowwise=1)
+    model = _load(tiny_path, weights, gemm_rows_x8=1)
     try:
         got, want = score(model, IDS), score(tiny_f32, IDS)
         tol = 1e-4 if weights == "native" else 2e-2
@@ -136,7 +136,7 @@ def test_gemm_path_matches_f32_weights(tiny_path, tiny_f32, weights):
 
 @needs_ext
 def test_int8_path_close_to_f32_weights_and_decode_equals_one_pass(tiny_path, tiny_f32):
-    model = _load(tiny_path, "native", gemm_rows_x8=0, gemm_rows_rowwise=0)  # every batch on the int8 kernels (K-quants too)
+    model = _load(tiny_path, "native", gemm_rows_x8=0)  # every batch on the int8 kernels (K-quants too)
     try:
         full, want = score(model, IDS), score(tiny_f32, IDS)
         np.testing.assert_allclose(full, want, atol=5e-2 * np.abs(want).max())  # random weights: int8 error ~3%
@@ -263,7 +263,7 @@ def int8_everywhere(native_model):
 
 @pytest.fixture
 def gemm_everywhere(native_model):
-    native_model.backend.configure(kernel_settings(gemm_rows_x8=1, gemm_rows_rowwise=1))  # every batch dequantize-into-GEMM: float activations
+    native_model.backend.configure(kernel_settings(gemm_rows_x8=1))  # every batch dequantize-into-GEMM: float activations
     yield native_model
     native_model.backend.configure(kernel_settings())
 
@@ -292,7 +292,7 @@ def test_native_gemm_path_matches_hf_f32(gemm_everywhere, generation_reference):
 @needs_ext
 def test_q8_0_matches_hf_f32(model_path, generation_reference):
     model = LoadedModel(model_path, weights="q8_0")
-    model.backend.configure(kernel_settings(gemm_rows_x8=1, gemm_rows_rowwise=1))  # float activations: the hf_f32 reference
+    model.backend.configure(kernel_settings(gemm_rows_x8=1))  # float activations: the hf_f32 reference
     try:
         layer = model.weights.layers[0]
         assert layer.wqkv.qtypes == ("Q8_0",) * 3 and model.weights.output.qtypes == ("Q8_0",)

@@ -20,7 +20,7 @@ from backends.quants import dequantize, quant_type
 from engine.errors import InvalidArgument
 from engine.execution import DEFAULT_EXECUTION, kernel_settings
 
-INT8_ALWAYS = kernel_settings(gemm_rows_x8=0, gemm_rows_rowwise=0)  # 0: never dequantize-into-GEMM
+INT8_ALWAYS = kernel_settings(gemm_rows_x8=0)  # 0: never dequantize-into-GEMM
 
 ops = qz._EXTENSION
 needs_ext = pytest.mark.skipif(ops is None, reason=f"ops_avx2 unavailable: {qz._WHY_NOT}")
@@ -147,7 +147,7 @@ def test_fused_parts_of_mixed_types():
         _close(got, int8_reference(x, parts), 1e-5)
         _float_close(got, x, dense, 5e-3)
     # the GEMM path dequantizes across part boundaries (tiles never align with parts)
-    qm.configure(kernel_settings(gemm_rows_x8=1, gemm_rows_rowwise=1))
+    qm.configure(kernel_settings(gemm_rows_x8=1))
     x = rng.standard_normal((3, k)).astype(np.float32)
     _float_close(qm.linear(x, w), x, dense, 1e-6)
 
@@ -195,7 +195,7 @@ def test_thread_count_does_not_change_results():
     x = rng.standard_normal((3, 1536)).astype(np.float32)
     outs = []
     for threads in (1, 2, 5):
-        qm = QuantizedMatmul("avx2", kernel_settings(threads=threads, gemm_rows_rowwise=0))
+        qm = QuantizedMatmul("avx2", kernel_settings(threads=threads))
         outs.append([qm.linear(x, qm.handle([part], 1536)) for _ in range(20)])
     for run in outs[1:]:
         for a, b in zip(outs[0], run):
@@ -207,7 +207,7 @@ def test_int8_rows_do_not_depend_on_batch_mates():
     """A row's result is the same bits alone or in any batch (the plan's batch_invariant mode
     relies on it), and batch_invariant keeps even large batches off OpenBLAS."""
     rng = np.random.default_rng(14)
-    qm = QuantizedMatmul("avx2", kernel_settings(gemm_rows_x8=2, gemm_rows_rowwise=2))
+    qm = QuantizedMatmul("avx2", kernel_settings(gemm_rows_x8=2))
     for qtype in (T.Q4_1, T.Q6_K):
         w = qm.handle([BlockPart(random_blocks(qtype, 40, 512, rng), qtype, 40)], 512)
         x = rng.standard_normal((7, 512)).astype(np.float32)
@@ -225,7 +225,7 @@ def test_gemm_path_and_fallback_match_float_matmul(kernels, qtype):
     if kernels == "auto" and ops is None:
         pytest.skip("no extension")
     rng = np.random.default_rng(6)
-    qm = QuantizedMatmul(kernels, kernel_settings(gemm_rows_x8=4, gemm_rows_rowwise=4))
+    qm = QuantizedMatmul(kernels, kernel_settings(gemm_rows_x8=4))
     for rows, k, n in SHAPES:
         blocks = random_blocks(qtype, rows, k, rng)
         x = rng.standard_normal((max(n, 4) if kernels == "auto" else n, k)).astype(np.float32)

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from clock import Clock
 
 from engine.control.agents import (
     AgentPolicy,
@@ -53,14 +54,6 @@ class TinyModels(PlanEnvironment):
 
     def resolve_model(self, name: str, pull_missing: bool = True) -> Path:
         return self.files[name]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def test_the_spec_carries_every_field_the_engine_needs():
     assert (spec.backend, spec.weights, spec.policy, spec.kv_dtype) == ("cpu", "f32", "fifo", "f32")
     assert spec.kv_blocks == BASE.kv_cache.num_blocks and spec.limits.max_queue == BASE.batching.max_queue
     assert spec.prefix_caching  # unset means on
-    assert spec.execution.gemm_rows_rowwise == BASE.execution.gemm_rows_rowwise
+    assert spec.execution.gemm_rows_x8 == BASE.execution.gemm_rows_x8
 
 
 @pytest.mark.parametrize("path,value", [
@@ -50,7 +50,7 @@ def test_these_changes_load_a_new_engine(path, value):
 @pytest.mark.parametrize("path,value", [
     ("batching.max_batch_size", 2), ("scheduler_policy", plan_pb2.SCHEDULER_POLICY_LATENCY), ("sampling.top_p", 0.5),
     ("limits.max_watts", 30.0), ("description", "x"), ("profiling", True), ("execution.threads", 1),
-    ("execution.gemm_rows_rowwise", 8), ("execution.energy_max_wait_ms", 10)])
+    ("execution.gemm_rows_x8", 8), ("execution.energy_max_wait_ms", 10)])
 def test_these_changes_apply_live(path, value):
     assert not _reload(_changed(path, value)), path
 

@@ -29,7 +29,7 @@ def test_plans_stored_before_the_execution_section_keep_their_hash(name):
     assert plan_hash(plan) == stored_hash
     # normalize now writes every execution default in; the canonical form leaves them out
     filled = normalize(plan)
-    assert filled.HasField("execution") and filled.execution.HasField("gemm_rows_rowwise")
+    assert filled.HasField("execution") and filled.execution.HasField("f32_kernel_rows")
     if name != "empty":  # the others were stored normalized
         assert plan_hash(filled) == stored_hash
 
@@ -44,11 +44,11 @@ def test_a_changed_execution_setting_changes_the_hash_and_its_default_does_not()
     base = normalize(plan_pb2.ExecutionPlan(id="p"))
     explicit = plan_pb2.ExecutionPlan()
     explicit.CopyFrom(base)
-    explicit.execution.gemm_rows_rowwise = 32  # the introduction value, said out loud
+    explicit.execution.f32_kernel_rows = 64  # the introduction value, said out loud
     assert plan_hash(explicit) == plan_hash(base)
-    explicit.execution.gemm_rows_rowwise = 16
+    explicit.execution.f32_kernel_rows = 16
     assert plan_hash(explicit) != plan_hash(base)
-    explicit.execution.gemm_rows_rowwise = 0  # 0 ("never") is a value, not "unset"
+    explicit.execution.f32_kernel_rows = 0  # 0 (OpenBLAS always) is a value, not "unset"
     assert len({plan_hash(explicit), plan_hash(base)}) == 2
 
 
@@ -66,7 +66,7 @@ def test_resolve_takes_each_set_field_and_the_default_for_the_rest():
     section = plan_pb2.Execution(f32_kernel_rows=0, energy_max_wait_ms=200)
     got = execution.resolve(section)
     assert got.f32_kernel_rows == 0 and got.energy_max_wait_ms == 200
-    assert got.gemm_rows_rowwise == execution.DEFAULT_EXECUTION.gemm_rows_rowwise
+    assert got.gemm_rows_x8 == execution.DEFAULT_EXECUTION.gemm_rows_x8
     assert got.kernels.f32_kernel_rows == 0
 
 
@@ -81,16 +81,16 @@ def test_a_new_versions_execution_settings_reach_the_running_engine_without_a_re
         patch.CopyFrom(first)
         for name in ("version", "hash", "created_at"):
             patch.ClearField(name)
-        patch.execution.gemm_rows_rowwise = 4
+        patch.execution.gemm_rows_x8 = 4
         patch.execution.threads = 1
         patch.execution.energy_min_batch = 2
         second, _ = control.submit_plan(patch, activate=True, actor="op")
         assert control.runtime is runtime  # applied live: same model, same worker
-        assert runtime.model.backend.settings.gemm_rows_rowwise == 4
+        assert runtime.model.backend.settings.gemm_rows_x8 == 4
         assert runtime.model.backend.settings.threads == 1
         assert runtime.worker.policy.min_batch == 2
         assert second.hash != first.hash and second.version == first.version + 1
         # and the engine still answers, on the new settings
-        assert control.runtime.plan.execution.gemm_rows_rowwise == 4
+        assert control.runtime.plan.execution.gemm_rows_x8 == 4
     finally:
         control.close(1)

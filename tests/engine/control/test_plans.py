@@ -304,7 +304,7 @@ def test_changing_any_content_field_changes_the_hash(env):
     base = good(env)
     seen = {plan_hash(base)}
     leaves = list(_content_leaves(plan_pb2.ExecutionPlan.DESCRIPTOR))
-    assert len(leaves) == 39  # model, backend, weights, policy, 3+4+3+3+6 sub-fields, profiling, 7 execution, 8 objective
+    assert len(leaves) == 38  # model, backend, weights, policy, 3+4+3+3+6 sub-fields, profiling, 6 execution, 8 objective
     for path, field in leaves:
         plan = plan_pb2.ExecutionPlan()
         plan.CopyFrom(base)

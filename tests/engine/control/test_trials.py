@@ -5,6 +5,7 @@ recorded request samples and a fake clock: no timing assertion anywhere."""
 from __future__ import annotations
 
 import pytest
+from clock import Clock
 
 from engine.control.control_plane import ControlPlane, GenerateInput
 from engine.control.objectives import Objective, RequestSample
@@ -12,14 +13,6 @@ from engine.control.plan_store import SqlitePlanStore
 from engine.control.plans import PlanEnvironment
 from engine.control.trials import TrialLog, Trials
 from protos.planengine.v1 import plan_pb2
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
