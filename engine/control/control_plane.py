@@ -386,11 +386,9 @@ class ControlPlane:
         `check`: validate a stored plan again (the server may have changed since). Holds _switch."""
         current = self.runtime
         with plan_apply_span(self._tracer, current.plan, target) as span:
-            try:
-                live = self._engine_spec(target)
-                reload = current.engine.spec.needs_new_engine(live)
-            except EngineError:  # its model cannot be found: the load below reports it
-                live, reload = None, True
+            # the same model name is the same file: a live change never looks the model up again
+            live = engine_spec(target, current.engine.spec.path) if target.model == current.plan.model else None
+            reload = live is None or current.engine.spec.needs_new_engine(live)
             span.set_attribute(PLAN_RELOAD, reload)
             if reload:
                 fresh = self._load_or_record(target, actor, check=check, record=record)
