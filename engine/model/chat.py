@@ -16,6 +16,11 @@ Two things follow llama.cpp's chat path (common/chat.cpp, its jinja route):
 - a model without ``tokenizer.chat_template`` is not given a stand-in: llama.cpp falls back to
   ChatML, which a model not trained on it answers with plausible nonsense, so chat messages
   are refused with :class:`NoChatTemplate` and a text prompt still works.
+
+What llama.cpp's ``--chat-template NAME`` does is a declared decision here: the plan's
+``model_options.chat_template`` names one of llama.cpp's built-in templates (chat_builtins.py),
+which then renders the model's chat messages in place of the file's own (``chat_template_for``);
+empty, the file's own template is used or chat is refused as above.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import jinja2.sandbox
 from jinja2 import nodes
 
 from engine.errors import FailedPrecondition, InvalidArgument
+from engine.model.chat_builtins import BUILTIN_TEMPLATES
 
 # The system-role probe's message content (llama.cpp's caps.cpp renders "System message").
 _SYSTEM_PROBE = "System message \x1f probe"
@@ -158,6 +164,37 @@ class ChatTemplate:
             raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
 
 
+class BuiltinChatTemplate:
+    """One of llama.cpp's named templates (chat_builtins.py), declared for a model. It keeps
+    system messages its own way and takes no template variables, as llama.cpp's."""
+
+    supports_system_role = True
+
+    def __init__(self, name: str):
+        if name not in BUILTIN_TEMPLATES:
+            raise InvalidArgument(unknown_builtin(name), field="chat_template")
+        self.name = name
+        self.source = f"built-in {name}"
+        self._render = BUILTIN_TEMPLATES[name]
+
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               **context: Any) -> str:
+        return self._render(validate_messages(messages), bool(add_generation_prompt))
+
+
+def unknown_builtin(name: str) -> str:
+    return f"unknown chat template {name!r} (llama.cpp's built-in names: {', '.join(BUILTIN_TEMPLATES)})"
+
+
+def chat_template_for(meta: Mapping[str, Any], declared: str = "") -> ChatTemplate | BuiltinChatTemplate | None:
+    """What a model's chat messages render with: the built-in template `declared` names (as
+    llama.cpp's ``--chat-template NAME``, it wins over the file's own); without one, the file's
+    ``tokenizer.chat_template``; None when there is neither (chat is refused)."""
+    if declared:
+        return BuiltinChatTemplate(declared)
+    return ChatTemplate.from_metadata(meta)
+
+
 def fold_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A leading system message merged into the next message, as llama.cpp does for a
     template without a system role (``system + "\\n" + content``); alone, it is dropped."""
@@ -171,7 +208,9 @@ def fold_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def no_chat_template(model: str) -> NoChatTemplate:
     return NoChatTemplate(f"{model} has no chat template (GGUF key tokenizer.chat_template), so chat messages "
-                          f"cannot be rendered as the model was trained; send a text prompt instead")
+                          f"cannot be rendered as the model was trained; send a text prompt instead, or declare "
+                          f"one of llama.cpp's built-in templates (the plan's model_options.chat_template, the "
+                          f"CLI's --chat-template: {', '.join(BUILTIN_TEMPLATES)})")
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:

@@ -47,3 +47,34 @@ def test_system_role_probe_and_fold():
     assert keeps.render(msgs) == "[system:S][user:U]"
     assert fold_system_message(msgs[:1]) == []  # alone it is dropped, as llama.cpp does
     assert fold_system_message(msgs[1:]) == msgs[1:]
+
+
+# llama.cpp's built-in templates by name (--no-jinja --chat-template NAME), as llama-server renders them
+BUILTINS = json.loads((FIXTURES / "chat_builtins_llamacpp.json").read_text())
+
+
+def test_every_builtin_has_a_llama_cpp_reference():
+    from engine.model.chat_builtins import BUILTIN_TEMPLATES
+    assert sorted(BUILTINS["templates"]) == sorted(BUILTIN_TEMPLATES)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS["templates"]))
+def test_builtin_renders_as_llama_cpp(name):
+    from engine.model.chat import BuiltinChatTemplate
+    chat = BuiltinChatTemplate(name)
+    for messages, want in zip(BUILTINS["conversations"], BUILTINS["templates"][name], strict=True):
+        assert chat.render(messages, add_generation_prompt=True) == want, (name, messages)
+
+
+def test_declared_builtin_wins_over_the_files_template_and_unknown_is_refused():
+    from engine.errors import InvalidArgument
+    from engine.model.chat import BuiltinChatTemplate, ChatTemplate, chat_template_for
+    meta = {"tokenizer.chat_template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"}
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert isinstance(chat_template_for(meta), ChatTemplate)
+    assert chat_template_for(meta).render(msgs) == "[Hi]"
+    assert chat_template_for(meta, "gemma").render(msgs) == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert chat_template_for({}) is None  # no template, none declared: chat is refused (NoChatTemplate)
+    assert isinstance(chat_template_for({}, "chatml"), BuiltinChatTemplate)
+    with pytest.raises(InvalidArgument, match="unknown chat template 'gemma3' .*built-in names: chatml, gemma"):
+        chat_template_for({}, "gemma3")
