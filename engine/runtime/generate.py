@@ -19,7 +19,7 @@ from backends.base import KernelSettings
 from engine.errors import ContextOverflow, InvalidArgument
 from engine.execution import DEFAULT_EXECUTION
 from engine.memory.kv_cache import SequenceKV
-from engine.model.chat import ChatTemplate, no_chat_template
+from engine.model.chat import chat_template_for, no_chat_template
 from engine.model.gguf_file import ModelConfig, ModelFile
 from engine.model.integrity import check_finite
 from engine.model.tokenizer import StreamDecoder, Tokenizer
@@ -31,24 +31,24 @@ log = logging.getLogger(__name__)
 
 
 class LoadedModel:
-    """A model ready to run: its file, tokenizer and weights on a backend. `close()` releases them."""
+    """A model ready to run: its file, tokenizer and weights on a backend. `close()` releases them.
+
+    `chat_template`: a llama.cpp built-in template name that renders chat messages in place of
+    the file's own (the plan's model_options.chat_template); "": the file's own, if any."""
 
     def __init__(self, path: str | Path, backend: str = "cpu", weights: str = "f32",
                  context_length: int | None = None, batch_invariant: bool = False,
-                 settings: KernelSettings = DEFAULT_EXECUTION.kernels):
+                 settings: KernelSettings = DEFAULT_EXECUTION.kernels, chat_template: str = ""):
         start = time.perf_counter()
         self.file = ModelFile(path)
         try:
             self.config: ModelConfig = self.file.config()
             check_finite(self.file)  # NaN or inf weights: refused here, not on the first request
+            self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
+            self.set_chat_template(chat_template)
         except BaseException:
             self.file.close()
             raise
-        self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
-        self.chat_template = ChatTemplate.from_metadata(self.file.metadata)
-        if self.chat_template is None:
-            log.warning("%s has no chat template (tokenizer.chat_template): chat messages will be refused; "
-                        "text prompts work", self.file.path.name)
         limit = self.config.context_length
         if context_length is not None and not 0 < context_length <= limit:
             raise InvalidArgument(f"context length {context_length} must be in 1..{limit} (the model's)",
@@ -61,6 +61,13 @@ class LoadedModel:
         self.transformer = Transformer(self.config, self.weights, self.backend)
         self.load_seconds = time.perf_counter() - start
 
+    def set_chat_template(self, name: str = "") -> None:
+        """Render chat messages with the built-in template `name`, or ("") the file's own."""
+        self.chat_template = chat_template_for(self.file.metadata, name)
+        if self.chat_template is None:
+            log.warning("%s has no chat template (tokenizer.chat_template) and none is declared: chat messages "
+                        "will be refused; text prompts work", self.file.path.name)
+
     def tokenize(self, text: str, parse_special: bool = False) -> tuple[list[int], list[str]]:
         """Token ids of `text` and each token's piece."""
         ids = self.tokenizer.encode(text, parse_special=parse_special)
@@ -72,9 +79,10 @@ class LoadedModel:
         if sum(x is not None for x in (text, ids, messages)) != 1:
             raise InvalidArgument("give the prompt as exactly one of text, ids or messages", field="prompt")
         if messages is not None:
-            if self.chat_template is None:
+            template = self.chat_template  # once: a live plan change may swap it (set_chat_template)
+            if template is None:
                 raise no_chat_template(self.file.path.name)
-            text = self.chat_template.render(messages, add_generation_prompt=True)
+            text = template.render(messages, add_generation_prompt=True)
             prompt = self.tokenizer.encode(text, parse_special=True)
         elif text is not None:
             prompt = self.tokenizer.encode(text, parse_special=True)

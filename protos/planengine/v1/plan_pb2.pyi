@@ -155,8 +155,14 @@ class Objective(_message.Message):
     min_requests: int
     def __init__(self, goal: _Optional[_Union[Objective.Goal, str]] = ..., max_ttft_p99_s: _Optional[float] = ..., max_itl_p99_s: _Optional[float] = ..., max_watts: _Optional[float] = ..., trial_requests: _Optional[int] = ..., trial_seconds: _Optional[float] = ..., tolerance: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
 
+class ModelOptions(_message.Message):
+    __slots__ = ("chat_template",)
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    chat_template: str
+    def __init__(self, chat_template: _Optional[str] = ...) -> None: ...
+
 class ExecutionPlan(_message.Message):
-    __slots__ = ("id", "version", "hash", "model", "backend", "weights", "scheduler_policy", "batching", "kv_cache", "limits", "determinism", "sampling", "profiling", "description", "created_at", "execution", "objective")
+    __slots__ = ("id", "version", "hash", "model", "backend", "weights", "scheduler_policy", "batching", "kv_cache", "limits", "determinism", "sampling", "profiling", "description", "created_at", "execution", "objective", "model_options")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +180,7 @@ class ExecutionPlan(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: int
     hash: str
@@ -191,4 +198,5 @@ class ExecutionPlan(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     execution: Execution
     objective: Objective
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., weights: _Optional[_Union[WeightFormat, str]] = ..., scheduler_policy: _Optional[_Union[SchedulerPolicy, str]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., kv_cache: _Optional[_Union[KVCache, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., determinism: _Optional[_Union[Determinism, _Mapping]] = ..., sampling: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., profiling: _Optional[bool] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution: _Optional[_Union[Execution, _Mapping]] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ...) -> None: ...
+    model_options: ModelOptions
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., weights: _Optional[_Union[WeightFormat, str]] = ..., scheduler_policy: _Optional[_Union[SchedulerPolicy, str]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., kv_cache: _Optional[_Union[KVCache, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., determinism: _Optional[_Union[Determinism, _Mapping]] = ..., sampling: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., profiling: _Optional[bool] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution: _Optional[_Union[Execution, _Mapping]] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., model_options: _Optional[_Union[ModelOptions, _Mapping]] = ...) -> None: ...

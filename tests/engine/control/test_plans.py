@@ -191,6 +191,8 @@ CASES = [
     (_set("sampling.repetition_penalty", -1.0), "sampling.repetition_penalty", "repetition_penalty must be > 0"),
     (_set("sampling.max_tokens", 5000), "sampling.max_tokens",
      "max_tokens 5000 exceeds limits.max_tokens_per_request 4096"),
+    (_set("model_options.chat_template", "gemma3"), "model_options.chat_template",
+     "unknown chat template 'gemma3' (llama.cpp's built-in names: chatml, gemma, llama2,"),
 ]
 
 
@@ -304,7 +306,8 @@ def test_changing_any_content_field_changes_the_hash(env):
     base = good(env)
     seen = {plan_hash(base)}
     leaves = list(_content_leaves(plan_pb2.ExecutionPlan.DESCRIPTOR))
-    assert len(leaves) == 38  # model, backend, weights, policy, 3+4+3+3+6 sub-fields, profiling, 6 execution, 8 objective
+    assert len(leaves) == 39  # model, backend, weights, policy, 3+4+3+3+6 sub-fields, profiling, 6 execution,
+    # 8 objective, 1 model_options
     for path, field in leaves:
         plan = plan_pb2.ExecutionPlan()
         plan.CopyFrom(base)
