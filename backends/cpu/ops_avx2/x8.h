@@ -191,8 +191,11 @@ static inline __attribute__((always_inline)) void x8_unpack(const int T, const u
         for (int c = 0; c < 8; c++) {
             const __m256i lraw = UNIT(64 * h + 32 * (j & 1) + 4 * c);
             const __m256i lo = _mm256_and_si256(j < 2 ? lraw : _mm256_srli_epi16(lraw, 4), m4);
-            const __m256i hi = _mm256_and_si256(srl16(UNIT(128 + 32 * h + 4 * c), 2 * j), m2);
-            x->q[c] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+            /* the 2 bits at 2j of each byte, moved to bits 4-5: one shift (none for j = 2) and a mask
+             * (16-bit shifts: what crosses a byte boundary lands outside bits 4-5) */
+            const __m256i qh = UNIT(128 + 32 * h + 4 * c);
+            const __m256i hs = j < 2 ? _mm256_slli_epi16(qh, 4 - 2 * j) : j == 3 ? _mm256_srli_epi16(qh, 2) : qh;
+            x->q[c] = _mm256_or_si256(lo, _mm256_and_si256(hs, _mm256_set1_epi8(0x30)));
         }
         for (int t = 0; t < 2; t++) {
             const int sb = 2 * s + t;
