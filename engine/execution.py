@@ -21,7 +21,7 @@ from protos.planengine.v1 import plan_pb2
 @dataclass(frozen=True)
 class ExecutionSettings:
     """The `execution` section resolved: every field set. The defaults are measurements on
-    the 2-core Zen 2 host (docs/02_performance.md, docs/03_quantized_cpu.md); each comment
+    the 2-core Zen 4 host (docs/02_performance.md, docs/03_quantized_cpu.md); each comment
     says what the setting trades."""
 
     # Kernel pool size; 0: every CPU this process may run on. Fewer leave cores to other
@@ -39,19 +39,25 @@ class ExecutionSettings:
     energy_min_batch: int = 4
     # ... or until the oldest waited this long (ms): joules per token against time to first token.
     energy_max_wait_ms: int = 50
+    # Decode streams every weight once a step: an idle kernel thread reads up to this many KiB of
+    # the next matmul's weights while the caller runs the ops between matmuls (1B Q4_K_M decode:
+    # +1-5 %, docs/03). More than the caches hold is read twice. 0: off.
+    prefetch_next_kib: int = 8192
 
     @property
     def kernels(self) -> KernelSettings:
         return KernelSettings(threads=self.threads, f32_kernel_rows=self.f32_kernel_rows,
                               gemm_rows_x8=self.gemm_rows_x8,
-                              cuda_prefill_tokens=self.cuda_prefill_tokens)
+                              cuda_prefill_tokens=self.cuda_prefill_tokens,
+                              prefetch_next_kib=self.prefetch_next_kib)
 
 
 DEFAULT_EXECUTION = ExecutionSettings()
 FIELDS = tuple(f.name for f in fields(ExecutionSettings))
 # Upper bounds validation applies (a plan outside them is refused, naming the field).
 BOUNDS = {"threads": 1024, "f32_kernel_rows": 65536, "gemm_rows_x8": 65536,
-          "cuda_prefill_tokens": 65536, "energy_min_batch": 1024, "energy_max_wait_ms": 60_000}
+          "cuda_prefill_tokens": 65536, "energy_min_batch": 1024, "energy_max_wait_ms": 60_000,
+          "prefetch_next_kib": 1 << 20}
 
 
 def resolve(execution: plan_pb2.Execution) -> ExecutionSettings:

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -117,6 +118,9 @@ class QuantizedLinear:
     n_in: int
     n_out: int
     matrix: Any = None
+    # the matrix that followed this one last time (QuantizedMatmul._prefetch); weak, so a model's
+    # matrices never form a cycle that would outlive its unloading
+    next: weakref.ref | None = field(default=None, repr=False, compare=False)
 
     @property
     def layout(self) -> str:
@@ -262,6 +266,7 @@ class QuantizedMatmul:
         self.kernels = "avx2" if self.ops is not None else "numpy"
         self.configure(settings)
         self._scratch = np.empty(0, dtype=np.float32)
+        self._prev: QuantizedLinear | None = None
         self.resident: dict[str, int] = {}  # tensors loaded, by resident form ("Q4_K (x8)"): what bench reports
 
     def configure(self, settings: KernelSettings) -> None:
@@ -321,10 +326,20 @@ class QuantizedMatmul:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], w.n_out), dtype=np.float32)
         if self.path(x.shape[0], w, batch_invariant) == "quantized_dot":
-            self.ops.matmul(x, w.matrix, out, self.threads)
+            self.ops.matmul(x, w.matrix, out, self.threads, *self._prefetch(w))
         else:
             self._dequant_gemm(x, w, out, batch_invariant)
         return out
+
+    def _prefetch(self, w: QuantizedLinear) -> tuple[Any, int]:
+        """What the pool reads ahead after w: the matrix that followed w last time, as matmuls
+        come in the same order every step (layer by layer, then the head, then layer 0)."""
+        if self._prev is not None and self._prev is not w:
+            self._prev.next = weakref.ref(w)
+        self._prev = w
+        budget = self.settings.prefetch_next_kib * 1024
+        nxt = w.next() if w.next is not None else None
+        return (nxt.matrix, budget) if budget and nxt is not None and nxt.matrix is not None else (None, 0)
 
     def dequantize_rows(self, w: QuantizedLinear, lo: int, hi: int, out: np.ndarray) -> None:
         """W[lo:hi] as float32 into out (hi - lo, n_in)."""

@@ -171,6 +171,7 @@ LATER_FIELDS: dict[str, object] = {
     "execution.cuda_prefill_tokens": 32,
     "execution.energy_min_batch": 4,
     "execution.energy_max_wait_ms": 50,
+    "execution.prefetch_next_kib": 8192,
     # the objective (engine/control/objectives.py); None: no value is a default, a set one is always hashed
     "objective.goal": 0,
     "objective.max_ttft_p99_s": None,

@@ -13,6 +13,8 @@
  *   release_pages(buffer)             drop a read-only file mapping's pages from the resident set
  *   dequantize_ids(matrix, ids, out)  rows by index (embedding lookups through the output head)
  *   matmul(x, matrix, out, threads)   out[:, :rows] = x @ W.T, x (n, k) float32, out (n, >= rows)
+ *     [, next, prefetch_bytes]        then an idle pool worker reads up to prefetch_bytes of the matrix
+ *                                     `next` toward the caches until the next task (threadpool.c)
  *   matmul_f32(x, w, out, threads)    out = x @ w in float32, batch-invariant (fmatmul.c); w (k, n)
  *                                     the transposed view of an (n, k) array, or with contiguous rows
  *   dequantize(matrix, row0, row1, out, threads)   out[:(row1-row0)*k] = W[row0:row1] as float32
@@ -221,16 +223,38 @@ static int alloc_act(QAct *a, int64_t n, int64_t k)
 
 /* ---- kernels ---- */
 
+/* An idle worker brings the first `budget` bytes of m toward the caches, part by part in
+ * the order the matmul reads them: the next matmul of a decode step, while the caller runs
+ * the norms, RoPE and attention in between (a decode step streams every weight once). */
+static void prefetch_matrix(const QMatrix *m, int64_t budget)
+{
+    const void *p[8];
+    int64_t len[8];
+    int n = 0;
+    for (int i = 0; i < m->nparts && budget > 0; i++, n++) {
+        const QPart *part = &m->parts[i];
+        const int64_t bytes = (part->x8 ? (part->rows + 7) / 8 * 8 : part->rows) * part->row_bytes;
+        p[n] = part->data;
+        len[n] = bytes < budget ? bytes : budget;
+        budget -= len[n];
+    }
+    ops_prefetch_async(n, p, len);
+}
+
 static PyObject *py_matmul(PyObject *self, PyObject *args)
 {
-    PyObject *xo, *mo, *oo;
+    PyObject *xo, *mo, *oo, *no = Py_None;
     int threads;
-    if (!PyArg_ParseTuple(args, "OOOi", &xo, &mo, &oo, &threads))
+    long long prefetch = 0;
+    if (!PyArg_ParseTuple(args, "OOOi|OL", &xo, &mo, &oo, &threads, &no, &prefetch))
         return NULL;
     if (!require_avx2())
         return NULL;
     MatrixObj *m = get_matrix(mo);
     if (!m)
+        return NULL;
+    MatrixObj *next = no == Py_None ? NULL : get_matrix(no);
+    if (no != Py_None && !next)
         return NULL;
     Py_buffer xv, ov;
     int64_t n, k, on, ldo;
@@ -253,6 +277,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         ops_quantize_act((const float *)xv.buf, k, &a, threads);
         ops_matmul(&m->m, &a, (float *)ov.buf, ldo, threads);
+        if (next && prefetch > 0)
+            prefetch_matrix(&next->m, prefetch);
         Py_END_ALLOW_THREADS
 #endif
         free(a.q);
@@ -947,7 +973,7 @@ static PyMethodDef methods[] = {
     {"use_vnni", py_use_vnni, METH_O, "use_vnni(on) -> bool: the AVX512-VNNI kernels if on and the CPU has them."},
     {"set_spin_us", py_set_spin_us, METH_O, "set_spin_us(us): how long idle pool workers spin before sleeping."},
     {"matrix", py_matrix, METH_VARARGS, "matrix(parts, k): a weight handle over [(buffer, ggml_type, rows)]."},
-    {"matmul", py_matmul, METH_VARARGS, "matmul(x, matrix, out, threads): out[:, :rows] = x @ W.T."},
+    {"matmul", py_matmul, METH_VARARGS, "matmul(x, matrix, out, threads[, next, prefetch_bytes]): out[:, :rows] = x @ W.T; then an idle worker reads up to prefetch_bytes of next."},
     {"matmul_f32", py_matmul_f32, METH_VARARGS, "matmul_f32(x, w, out, threads): out = x @ w, float32, batch-invariant."},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(matrix, row0, row1, out, threads)."},
     {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x, out, threads)."},

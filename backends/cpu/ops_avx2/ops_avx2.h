@@ -114,6 +114,9 @@ typedef void (*ops_task_fn)(void *ctx, int64_t i);
 void ops_parallel_for(int64_t n, int nth, ops_task_fn fn, void *ctx);
 void ops_set_spin_us(long us);
 void ops_park(void);
+/* An idle pool worker prefetches the n ranges [p[i], p[i] + len[i]) until the next task
+ * starts (a hint: dropped when no worker is idle). */
+void ops_prefetch_async(int n, const void *const *p, const int64_t *len);
 
 /* kernels (AVX2) */
 void ops_quantize_act(const float *x, int64_t ldx, QAct *a, int nthreads);

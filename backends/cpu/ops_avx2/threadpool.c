@@ -11,6 +11,9 @@
  *    sleeps on a condition variable: a decode step keeps it hot, an idle server does not
  *    burn a core; ops_park() sends it to sleep at once, before an OpenBLAS GEMM that wants
  *    both cores;
+ *  - a spinning worker takes a prefetch job when one is posted (ops_prefetch_async): after a
+ *    matmul, the first bytes of the next one are read toward the caches while the caller runs
+ *    the ops between them, and the read stops as soon as a task is published;
  *  - joining is optional: the caller takes indices too, and when none are left it closes
  *    the task and waits only for workers that joined before the close. A worker that wakes
  *    late finds the task closed and never touches it.
@@ -23,6 +26,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -54,6 +58,13 @@ static struct {
     void *ctx;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, CLOSED, 0, 0, 0, 2000000, 0, 0, 0, 0, 0};
 
+/* A prefetch job for an idle worker (ops_prefetch_async): the lines of up to 8 ranges. */
+static pthread_mutex_t pf_mu = PTHREAD_MUTEX_INITIALIZER;
+static const void *pf_ptr[8];
+static int64_t pf_len[8];
+static int pf_n;
+static atomic_int pf_pending;
+
 /* Serializes tasks (calls come without the GIL) and worker starts. */
 static pthread_mutex_t task_mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -74,6 +85,35 @@ static void run_indices(void)
     }
 }
 
+/* Bring [p, p + len) toward this core's caches, a page at a time, until done or a new task
+ * (a generation other than `seen`) is published: the matmul that reads these lines has begun. */
+static void prefetch_lines(const void *start, int64_t len, unsigned seen)
+{
+    const char *p = start;
+    for (int64_t off = 0; off < len; off += 4096) {
+        if ((unsigned)(atomic_load_explicit(&pool.state, memory_order_relaxed) >> 32) != seen)
+            return;
+        const int64_t end = off + 4096 < len ? off + 4096 : len;
+        for (int64_t o = off; o < end; o += 64)
+            _mm_prefetch(p + o, _MM_HINT_T0);
+    }
+}
+
+static void take_prefetch(unsigned seen)
+{
+    if (!atomic_load_explicit(&pf_pending, memory_order_relaxed) || pthread_mutex_trylock(&pf_mu) != 0)
+        return;
+    const void *p[8];
+    int64_t len[8];
+    const int n = pf_n;
+    memcpy(p, pf_ptr, sizeof p);
+    memcpy(len, pf_len, sizeof len);
+    atomic_store(&pf_pending, 0);
+    pthread_mutex_unlock(&pf_mu);
+    for (int i = 0; i < n; i++)
+        prefetch_lines(p[i], len[i], seen);
+}
+
 static void *worker(void *arg)
 {
     unsigned seen = (unsigned)(uintptr_t)arg; /* the generation current when started */
@@ -81,6 +121,7 @@ static void *worker(void *arg)
         const int64_t deadline = now_ns() + atomic_load_explicit(&pool.spin_ns, memory_order_relaxed);
         unsigned long long st;
         for (int i = 0; (unsigned)((st = atomic_load(&pool.state)) >> 32) == seen; i++) {
+            take_prefetch(seen);
             CPU_RELAX();
             if ((i & 255) == 255 && (now_ns() > deadline || atomic_load_explicit(&pool.park, memory_order_relaxed))) {
                 pthread_mutex_lock(&pool.mu);
@@ -146,6 +187,18 @@ void ops_park(void)
 void ops_set_spin_us(long us)
 {
     atomic_store(&pool.spin_ns, (long long)us * 1000);
+}
+
+void ops_prefetch_async(int n, const void *const *p, const int64_t *len)
+{
+    if (pool.nworkers == 0 || n <= 0)
+        return;
+    pthread_mutex_lock(&pf_mu);
+    pf_n = n < 8 ? n : 8;
+    for (int i = 0; i < pf_n; i++)
+        pf_ptr[i] = p[i], pf_len[i] = len[i];
+    atomic_store(&pf_pending, 1);
+    pthread_mutex_unlock(&pf_mu);
 }
 
 void ops_parallel_for(int64_t n, int nth, ops_task_fn fn, void *ctx)

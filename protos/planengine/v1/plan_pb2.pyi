@@ -112,20 +112,22 @@ class SamplingDefaults(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class Execution(_message.Message):
-    __slots__ = ("threads", "f32_kernel_rows", "gemm_rows_x8", "cuda_prefill_tokens", "energy_min_batch", "energy_max_wait_ms")
+    __slots__ = ("threads", "f32_kernel_rows", "gemm_rows_x8", "cuda_prefill_tokens", "energy_min_batch", "energy_max_wait_ms", "prefetch_next_kib")
     THREADS_FIELD_NUMBER: _ClassVar[int]
     F32_KERNEL_ROWS_FIELD_NUMBER: _ClassVar[int]
     GEMM_ROWS_X8_FIELD_NUMBER: _ClassVar[int]
     CUDA_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENERGY_MIN_BATCH_FIELD_NUMBER: _ClassVar[int]
     ENERGY_MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_NEXT_KIB_FIELD_NUMBER: _ClassVar[int]
     threads: int
     f32_kernel_rows: int
     gemm_rows_x8: int
     cuda_prefill_tokens: int
     energy_min_batch: int
     energy_max_wait_ms: int
-    def __init__(self, threads: _Optional[int] = ..., f32_kernel_rows: _Optional[int] = ..., gemm_rows_x8: _Optional[int] = ..., cuda_prefill_tokens: _Optional[int] = ..., energy_min_batch: _Optional[int] = ..., energy_max_wait_ms: _Optional[int] = ...) -> None: ...
+    prefetch_next_kib: int
+    def __init__(self, threads: _Optional[int] = ..., f32_kernel_rows: _Optional[int] = ..., gemm_rows_x8: _Optional[int] = ..., cuda_prefill_tokens: _Optional[int] = ..., energy_min_batch: _Optional[int] = ..., energy_max_wait_ms: _Optional[int] = ..., prefetch_next_kib: _Optional[int] = ...) -> None: ...
 
 class Objective(_message.Message):
     __slots__ = ("goal", "max_ttft_p99_s", "max_itl_p99_s", "max_watts", "trial_requests", "trial_seconds", "tolerance", "min_requests")

@@ -148,6 +148,26 @@ def test_int8_path_close_to_f32_weights_and_decode_equals_one_pass(tiny_path, ti
         model.close()
 
 
+def test_prefetching_the_next_matrix_changes_no_bit_and_follows_the_step_order(tiny_path):
+    """execution.prefetch_next_kib: the pool reads the matrix that came next last time; a hint
+    only, so decode with it on is bit-identical to decode with it off."""
+    steps = {}
+    for kib in (0, 8192):
+        model = _load(tiny_path, "native", prefetch_next_kib=kib)
+        try:
+            kv = model.transformer.new_kv(len(IDS))
+            steps[kib] = [prefill(model, kv, IDS[:5])] + [decode_one_token(model, kv, t) for t in IDS[5:]]
+            if kib:  # each block matrix's successor: the step's order, the head, then layer 0 again
+                w = model.weights
+                order = [m for lw in w.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)] + [w.output]
+                order = [m for m in order if isinstance(m, QuantizedLinear)]
+                assert len(order) >= 4
+                assert [id(m.next()) for m in order] == [id(m) for m in order[1:] + order[:1]]
+        finally:
+            model.close()
+    np.testing.assert_array_equal(np.stack(steps[0]), np.stack(steps[8192]))
+
+
 @pytest.mark.parametrize("qtype", [T.Q5_1, T.F16, T.Q4_1])
 def test_q8_0_requantizes_every_type_and_native_keeps_blocks(qtype):
     """`q8_0` requantizes every type to Q8_0 of the dequantized weights; `native` keeps a block

@@ -306,7 +306,7 @@ def test_changing_any_content_field_changes_the_hash(env):
     base = good(env)
     seen = {plan_hash(base)}
     leaves = list(_content_leaves(plan_pb2.ExecutionPlan.DESCRIPTOR))
-    assert len(leaves) == 39  # model, backend, weights, policy, 3+4+3+3+6 sub-fields, profiling, 6 execution,
+    assert len(leaves) == 40  # model, backend, weights, policy, 3+4+3+3+6 sub-fields, profiling, 7 execution,
     # 8 objective, 1 model_options
     for path, field in leaves:
         plan = plan_pb2.ExecutionPlan()
