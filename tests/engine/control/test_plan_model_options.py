@@ -145,6 +145,14 @@ def test_the_template_follows_a_model_change_unless_the_patch_names_it(env):
     assert kept.model_options.chat_template == "gemma"
 
 
+def test_an_unknown_template_name_is_shown_cut():
+    plan = plan_pb2.ExecutionPlan(id="p", model_options=plan_pb2.ModelOptions(chat_template="x" * 100_000))
+    with pytest.raises(InvalidPlan) as err:
+        prepare(plan, PlanEnvironment.with_models({DEFAULT_MODEL: INFO}))
+    (violation,) = err.value.violations
+    assert "(100000 characters)" in violation.description and len(violation.description) < 500
+
+
 def test_an_agent_without_authority_over_the_template_does_not_change_it(tmp_path, tiny):
     """The WeOS path: an agent that may change only `sampling`, on a gemma3-270m plan stored
     before model_options. Its no-op suggestion is no change, and its real one leaves the template."""
