@@ -126,6 +126,7 @@ class PlanDefaults:
       - `model_options.chat_template` unset becomes the chat template the model's registry
         entry declares (`ModelSource.chat_template`: the base Gemma 3 270M's file has none, its
         entry declares "gemma"); a path, or an entry without one, leaves it unset (the file's own).
+        A version made by `apply_patch` keeps its base's template instead, unset included.
     Temperature, top_k and min_p 0 are meaningful (greedy / disabled) and stay as given; so do
     `determinism` and `profiling`.
     """
