@@ -352,9 +352,8 @@ def _format_fields(args: argparse.Namespace) -> tuple[str, Any] | None:
 
 
 def _load(args: argparse.Namespace):
-    from engine.model.registry import resolve
+    from engine.model.registry import DEFAULT_MODEL, declared_chat_template, resolve
     from engine.runtime.generate import LoadedModel
-    from engine.model.registry import DEFAULT_MODEL, declared_chat_template
     template = getattr(args, "chat_template", None)
     if template is None:  # as a plan naming this model gets it (plans.normalize)
         template = declared_chat_template(args.model or DEFAULT_MODEL)

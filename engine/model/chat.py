@@ -35,7 +35,7 @@ import jinja2.ext
 import jinja2.sandbox
 from jinja2 import nodes
 
-from engine.errors import FailedPrecondition, InvalidArgument
+from engine.errors import FailedPrecondition, InvalidArgument, shown
 from engine.model.chat_builtins import BUILTIN_TEMPLATES
 
 # The system-role probe's message content (llama.cpp's caps.cpp renders "System message").
@@ -183,7 +183,7 @@ class BuiltinChatTemplate:
 
 
 def unknown_builtin(name: str) -> str:
-    return f"unknown chat template {name!r} (llama.cpp's built-in names: {', '.join(BUILTIN_TEMPLATES)})"
+    return f"unknown chat template {shown(name)} (llama.cpp's built-in names: {', '.join(BUILTIN_TEMPLATES)})"
 
 
 def chat_template_for(meta: Mapping[str, Any], declared: str = "") -> ChatTemplate | BuiltinChatTemplate | None:

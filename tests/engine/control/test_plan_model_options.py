@@ -15,6 +15,7 @@ from engine.control.plans import (
     InvalidPlan,
     ModelInfo,
     PlanEnvironment,
+    apply_patch,
     canonical_json,
     normalize,
     plan_hash,
@@ -105,3 +106,85 @@ def test_chat_is_refused_until_a_template_is_declared_then_applies_live(tmp_path
         handle, _ = control.generate(chat)  # accepted now
     finally:
         control.close(1)
+
+
+def _stored_before_model_options(env: PlanEnvironment, model: str) -> plan_pb2.ExecutionPlan:
+    """A plan for `model` as it was stored before field 18: normalized, no model_options."""
+    plan = normalize(plan_pb2.ExecutionPlan(id="p", model=model), env)
+    plan.ClearField("model_options")
+    return plan
+
+
+def test_a_patch_does_not_write_a_template_into_a_plan_stored_before_the_field(env):
+    """A gemma3-270m plan stored before model_options refuses chat (the file has no template).
+    A version patched from it (an operator's patch, an agent's suggestion) changes what the
+    patch names and nothing else: no "gemma" from the registry, and the hash the patch alone gives."""
+    stored = _stored_before_model_options(env, "gemma3-270m")
+    derived = prepare(apply_patch(stored, plan_pb2.ExecutionPlan(sampling={"top_p": 0.5}), ["sampling.top_p"]), env)
+    assert derived.model_options.chat_template == ""
+    expected = plan_pb2.ExecutionPlan()
+    expected.CopyFrom(stored)
+    expected.sampling.top_p = 0.5
+    assert plan_hash(derived) == plan_hash(expected)
+    same = prepare(apply_patch(stored, stored, ["sampling.top_p"]), env)
+    assert plan_hash(same) == plan_hash(stored)  # no change is no change (the reviewer's no_change)
+
+
+def test_the_template_follows_a_model_change_unless_the_patch_names_it(env):
+    gemma = normalize(plan_pb2.ExecutionPlan(id="p", model="gemma3-270m"), env)
+    assert gemma.model_options.chat_template == "gemma"
+    # gemma's turns are not the default model's: its own template applies, not "gemma"
+    to_default = prepare(apply_patch(gemma, plan_pb2.ExecutionPlan(model=DEFAULT_MODEL), ["model"]), env)
+    assert not to_default.model_options.HasField("chat_template")
+    to_gemma = prepare(apply_patch(to_default, plan_pb2.ExecutionPlan(model="gemma3-270m"), ["model"]), env)
+    assert to_gemma.model_options.chat_template == "gemma"
+    named = plan_pb2.ExecutionPlan(model=DEFAULT_MODEL, model_options=plan_pb2.ModelOptions(chat_template="chatml"))
+    both = prepare(apply_patch(gemma, named, ["model", "model_options.chat_template"]), env)
+    assert both.model_options.chat_template == "chatml"
+    kept = prepare(apply_patch(gemma, plan_pb2.ExecutionPlan(sampling={"top_p": 0.5}), ["sampling.top_p"]), env)
+    assert kept.model_options.chat_template == "gemma"
+
+
+def test_an_unknown_template_name_is_shown_cut():
+    plan = plan_pb2.ExecutionPlan(id="p", model_options=plan_pb2.ModelOptions(chat_template="x" * 100_000))
+    with pytest.raises(InvalidPlan) as err:
+        prepare(plan, PlanEnvironment.with_models({DEFAULT_MODEL: INFO}))
+    (violation,) = err.value.violations
+    assert "(100000 characters)" in violation.description and len(violation.description) < 500
+
+
+def test_an_agent_without_authority_over_the_template_does_not_change_it(tmp_path, tiny):
+    """The WeOS path: an agent that may change only `sampling`, on a gemma3-270m plan stored
+    before model_options. Its no-op suggestion is no change, and its real one leaves the template."""
+    from engine.control.agents import AgentPolicy, SuggestionLog, SuggestionReviewer
+    from engine.control.plans import GgufModelReader
+    from protos.planengine.v1 import suggestion_pb2 as sg
+
+    class TinyAsGemma(PlanEnvironment):
+        def resolve_model(self, name: str, pull_missing: bool = True):
+            return tiny
+
+    env = TinyAsGemma.with_models({"gemma3-270m": GgufModelReader()(str(tiny))})
+    store = SqlitePlanStore(tmp_path / "plans.db")
+    old = _stored_before_model_options(env, "gemma3-270m")
+    old.id = "default"
+    store.submit(old, actor="before field 18", activate=True)
+    control = ControlPlane(store, env)
+    try:
+        base = control.start()
+        policy = AgentPolicy.from_dict({"agents": {"tuner": {"token": "t", "mode": "auto", "fields": {"sampling": {}}}}})
+        reviewer = SuggestionReviewer(control, policy, SuggestionLog(store.db))
+
+        def suggest(top_p: float):
+            s = sg.Suggestion(suggestion_id=f"{top_p}", agent_id="tuner", plan_id="default",
+                              base_version=control.store.active().version, rationale="r")
+            s.update_mask.paths.append("sampling.top_p")
+            s.patch.sampling.top_p = top_p
+            return reviewer.review(reviewer.authenticate("t"), s)
+
+        assert suggest(base.sampling.top_p).rejection == "no_change"
+        assert suggest(0.5).decision == "accepted"
+        assert control.store.active().model_options.chat_template == ""
+    finally:
+        control.close(0)
+        store.close()

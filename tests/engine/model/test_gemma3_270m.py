@@ -91,7 +91,9 @@ def test_gemma3_270m_chat_renders_gemmas_turns_as_special_tokens():
     from engine.model.gguf_file import ModelFile
     from engine.model.registry import declared_chat_template
     from engine.model.tokenizer import Tokenizer
-    meta = ModelFile(gemma3_path()).metadata
+    file = ModelFile(gemma3_path())
+    meta = file.metadata
+    file.close()  # the header's values stay; the mapping goes
     assert "tokenizer.chat_template" not in meta and declared_chat_template("gemma3-270m") == "gemma"
     text = chat_template_for(meta, "gemma").render([{"role": "user", "content": "What is the capital of France?"}])
     assert text == "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
