@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--chat-template", default=None, metavar="NAME",
                    help="with --chat: one of llama.cpp's built-in templates (chatml, gemma, llama3, ...) in place "
-                        "of the file's own; default: the one the registry entry declares, else the file's")
+                        "of the file's own; default: the file's own (none: chat is refused)")
     p.add_argument("--max-tokens", "-n", type=int, default=128)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--chat-template", default=None, metavar="NAME",
                    help="with --model: the plan's model_options.chat_template, one of llama.cpp's built-in templates "
-                        "(chatml, gemma, llama3, ...); default: the one the registry entry declares, else the file's")
+                        "(chatml, gemma, llama3, ...); default: the file's own (none: chat is refused)")
     p.add_argument("--token", action="append", default=[], help="accepted bearer token (repeatable; "
                    "or PLAN_ENGINE_TOKENS, comma-separated); none = no authentication")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
@@ -352,13 +352,11 @@ def _format_fields(args: argparse.Namespace) -> tuple[str, Any] | None:
 
 
 def _load(args: argparse.Namespace):
-    from engine.model.registry import DEFAULT_MODEL, declared_chat_template, resolve
+    from engine.model.registry import resolve
     from engine.runtime.generate import LoadedModel
-    template = getattr(args, "chat_template", None)
-    if template is None:  # as a plan naming this model gets it (plans.normalize)
-        template = declared_chat_template(args.model or DEFAULT_MODEL)
     return LoadedModel(resolve(args.model), backend=args.backend, weights=args.weights, context_length=args.ctx,
-                       batch_invariant=getattr(args, "batch_invariant", False), chat_template=template)
+                       batch_invariant=getattr(args, "batch_invariant", False),
+                       chat_template=getattr(args, "chat_template", None) or "")
 
 
 def _prompt_ids(model, args: argparse.Namespace, chat: bool = False) -> list[int]:

@@ -123,10 +123,6 @@ class PlanDefaults:
         `kv_tokens_per_sequence` tokens each (fewer when the context is shorter), capped by what
         fits in the server's KV memory budget (`PlanEnvironment.max_kv_bytes`).
       - `sampling.max_tokens` 0 becomes `sampling_max_tokens`, capped by max_tokens_per_request.
-      - `model_options.chat_template` unset becomes the chat template the model's registry
-        entry declares (`ModelSource.chat_template`: the base Gemma 3 270M's file has none, its
-        entry declares "gemma"); a path, or an entry without one, leaves it unset (the file's own).
-        A version made by `apply_patch` keeps its base's template instead, unset included.
     Temperature, top_k and min_p 0 are meaningful (greedy / disabled) and stay as given; so do
     `determinism` and `profiling`.
     """
@@ -375,8 +371,6 @@ def normalize(plan: ExecutionPlan, env: PlanEnvironment | None = None,
     out.backend = out.backend or defaults.backend
     out.weights = out.weights or defaults.weights
     out.scheduler_policy = out.scheduler_policy or defaults.scheduler_policy
-    if not out.model_options.HasField("chat_template") and (declared := registry.declared_chat_template(out.model)):
-        out.model_options.chat_template = declared
 
     b = out.batching
     b.max_batch_size = b.max_batch_size or defaults.max_batch_size
@@ -706,11 +700,9 @@ def apply_patch(base: ExecutionPlan, patch: ExecutionPlan, paths: Sequence[str])
     mask raises InvalidPlan naming each bad path, and nothing is applied. The result carries
     base's id and no version, hash or created_at: it is a plan ready to submit.
 
-    The chat template changes what the model is sent, so a patch that does not name it keeps
-    the base's, an unset one included (a stored plan's unset template means the file's own;
-    left unset, `normalize` would write the registry's declared one into the new version, a
-    change nobody named). It belongs to the model, though: a patch that changes `model`
-    without naming it leaves it unset, for `normalize` to write the new model's declared one.
+    The chat template (`model_options.chat_template`) belongs to the model: a patch that
+    changes `model` without naming it clears it, so the new model is sent its own file's
+    template, not one declared for another file's turn format.
     """
     violations = [bad for path in paths if (bad := _check_path(path)) is not None]
     if not paths:
@@ -723,9 +715,6 @@ def apply_patch(base: ExecutionPlan, patch: ExecutionPlan, paths: Sequence[str])
         patch, out, replace_message_field=True, replace_repeated_field=True)
     for name in ("version", "hash", "created_at"):
         out.ClearField(name)
-    if not any(p in ("model_options", "model_options.chat_template") for p in paths):
-        if out.model != base.model:
-            out.model_options.ClearField("chat_template")
-        elif not out.model_options.HasField("chat_template") and registry.declared_chat_template(out.model):
-            out.model_options.chat_template = ""  # the base's unset template, said out loud: same hash
+    if out.model != base.model and not any(p in ("model_options", "model_options.chat_template") for p in paths):
+        out.model_options.ClearField("chat_template")
     return out

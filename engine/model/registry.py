@@ -51,9 +51,6 @@ class ModelSource:
     description: str
     more: tuple[WheelMember, ...] = ()
     file_name: str | None = None
-    # one of llama.cpp's built-in chat templates (engine/model/chat_builtins.py) for a file that
-    # has none; a plan naming this model gets it as model_options.chat_template (plans.normalize)
-    chat_template: str = ""
 
     @property
     def filename(self) -> str:
@@ -94,20 +91,12 @@ REGISTRY: dict[str, ModelSource] = {
                                       (3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
                                       (4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")]),
             file_name="gemma-3-270m-q4_k_m.gguf",
-            # Gemma's turn format; no instruction-tuned Gemma 3 270M GGUF is on the package index
-            chat_template="gemma",
         ),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m-instruct-q4_1"
 
 _CHUNK = 1 << 20
-
-
-def declared_chat_template(name: str) -> str:
-    """The chat template the registry entry `name` declares; "" for a path or an entry without one."""
-    source = REGISTRY.get(name)
-    return source.chat_template if source is not None else ""
 
 
 def cache_dir() -> Path:

@@ -1,7 +1,8 @@
 """The plan's `model_options` section: the chat template as a declared decision (llama.cpp's
-`--chat-template NAME`). Schema evolution keeps stored hashes; a registry entry's declared
-template is written into new plans; an unknown name is refused naming the field; a model
-without a template and none declared still refuses chat; a new version's template applies live."""
+`--chat-template NAME`). Schema evolution keeps stored hashes; nothing writes a template the
+plan does not declare (not even for the base Gemma 3 270M, whose file has none); an unknown name
+is refused naming the field; a model without a template and none declared still refuses chat;
+a new version's template applies live; a model change drops the old model's template."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from engine.control.plans import (
     prepare,
 )
 from engine.model.chat import NoChatTemplate
-from engine.model.registry import DEFAULT_MODEL, REGISTRY
+from engine.model.registry import DEFAULT_MODEL
 from protos.planengine.v1 import plan_pb2
 
 INFO = ModelInfo(context_length=8192, n_layers=30, n_kv_heads=3, head_dim=64)
@@ -55,20 +56,15 @@ def test_the_chat_template_is_content_and_empty_is_the_files_own(env):
     assert plan_hash(named) != plan_hash(base)
 
 
-def test_normalize_writes_the_registry_entrys_declared_template(env):
-    assert REGISTRY["gemma3-270m"].chat_template == "gemma" and "base" in REGISTRY["gemma3-270m"].description
-    gemma = normalize(plan_pb2.ExecutionPlan(id="p", model="gemma3-270m"), env)
+def test_normalize_declares_no_template_the_plan_does_not(env):
+    """The base Gemma 3 270M's file has no template: its plan refuses chat (a base model sent
+    Gemma's turns answers nonsense) until the operator declares one, which is then kept."""
+    for model in ("gemma3-270m", "/models/x.gguf", DEFAULT_MODEL):
+        plan = normalize(plan_pb2.ExecutionPlan(id="p", model=model), env)
+        assert not plan.model_options.HasField("chat_template"), model
+    gemma = normalize(plan_pb2.ExecutionPlan(id="p", model="gemma3-270m",
+                                             model_options=plan_pb2.ModelOptions(chat_template="gemma")), env)
     assert gemma.model_options.chat_template == "gemma"
-    # declared in the plan, it is declared: another name, or "" (the file's own: refused), is kept
-    other = normalize(plan_pb2.ExecutionPlan(id="p", model="gemma3-270m",
-                                             model_options=plan_pb2.ModelOptions(chat_template="chatml")), env)
-    assert other.model_options.chat_template == "chatml"
-    own = normalize(plan_pb2.ExecutionPlan(id="p", model="gemma3-270m",
-                                           model_options=plan_pb2.ModelOptions(chat_template="")), env)
-    assert own.model_options.HasField("chat_template") and own.model_options.chat_template == ""
-    # a path names a file, not a registry entry: nothing is declared for it
-    path = normalize(plan_pb2.ExecutionPlan(id="p", model="/models/x.gguf"), env)
-    assert not path.model_options.HasField("chat_template")
 
 
 def test_an_unknown_template_name_is_refused_naming_the_field(env):
@@ -118,7 +114,7 @@ def _stored_before_model_options(env: PlanEnvironment, model: str) -> plan_pb2.E
 def test_a_patch_does_not_write_a_template_into_a_plan_stored_before_the_field(env):
     """A gemma3-270m plan stored before model_options refuses chat (the file has no template).
     A version patched from it (an operator's patch, an agent's suggestion) changes what the
-    patch names and nothing else: no "gemma" from the registry, and the hash the patch alone gives."""
+    patch names and nothing else: no template appears, and the hash is the one the patch alone gives."""
     stored = _stored_before_model_options(env, "gemma3-270m")
     derived = prepare(apply_patch(stored, plan_pb2.ExecutionPlan(sampling={"top_p": 0.5}), ["sampling.top_p"]), env)
     assert derived.model_options.chat_template == ""
@@ -131,13 +127,13 @@ def test_a_patch_does_not_write_a_template_into_a_plan_stored_before_the_field(e
 
 
 def test_the_template_follows_a_model_change_unless_the_patch_names_it(env):
-    gemma = normalize(plan_pb2.ExecutionPlan(id="p", model="gemma3-270m"), env)
-    assert gemma.model_options.chat_template == "gemma"
-    # gemma's turns are not the default model's: its own template applies, not "gemma"
+    gemma = normalize(plan_pb2.ExecutionPlan(id="p", model="gemma3-270m",
+                                             model_options=plan_pb2.ModelOptions(chat_template="gemma")), env)
+    # gemma's turns are not the default model's: its own file's template applies, not "gemma"
     to_default = prepare(apply_patch(gemma, plan_pb2.ExecutionPlan(model=DEFAULT_MODEL), ["model"]), env)
     assert not to_default.model_options.HasField("chat_template")
     to_gemma = prepare(apply_patch(to_default, plan_pb2.ExecutionPlan(model="gemma3-270m"), ["model"]), env)
-    assert to_gemma.model_options.chat_template == "gemma"
+    assert not to_gemma.model_options.HasField("chat_template")  # declared again, or refused
     named = plan_pb2.ExecutionPlan(model=DEFAULT_MODEL, model_options=plan_pb2.ModelOptions(chat_template="chatml"))
     both = prepare(apply_patch(gemma, named, ["model", "model_options.chat_template"]), env)
     assert both.model_options.chat_template == "chatml"

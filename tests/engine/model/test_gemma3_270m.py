@@ -84,17 +84,16 @@ def test_gemma3_270m_native_against_llama_cpp(which):
 
 
 def test_gemma3_270m_chat_renders_gemmas_turns_as_special_tokens():
-    """The registry declares llama.cpp's built-in gemma template for the base model's file (it
-    has none): its turn markers must reach the model as Gemma's special tokens, not as text.
-    llama-server --no-jinja --chat-template gemma counts 16 prompt tokens for this question."""
+    """The base model's file has no template; an operator may declare llama.cpp's built-in
+    gemma (model_options.chat_template): its turn markers must reach the model as Gemma's special
+    tokens, not as text. llama-server --no-jinja --chat-template gemma counts 16 prompt tokens."""
     from engine.model.chat import chat_template_for
     from engine.model.gguf_file import ModelFile
-    from engine.model.registry import declared_chat_template
     from engine.model.tokenizer import Tokenizer
     file = ModelFile(gemma3_path())
     meta = file.metadata
     file.close()  # the header's values stay; the mapping goes
-    assert "tokenizer.chat_template" not in meta and declared_chat_template("gemma3-270m") == "gemma"
+    assert "tokenizer.chat_template" not in meta
     text = chat_template_for(meta, "gemma").render([{"role": "user", "content": "What is the capital of France?"}])
     assert text == "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
     tok = Tokenizer.from_metadata(meta)
