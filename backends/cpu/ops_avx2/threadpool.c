@@ -95,7 +95,7 @@ static void prefetch_lines(const void *start, int64_t len, unsigned seen)
             return;
         const int64_t end = off + 4096 < len ? off + 4096 : len;
         for (int64_t o = off; o < end; o += 64)
-            _mm_prefetch(p + o, _MM_HINT_T0);
+            _mm_prefetch(p + o, _MM_HINT_T1); /* L2: more than L1 holds is read */
     }
 }
 
