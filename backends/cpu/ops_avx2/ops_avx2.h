@@ -115,7 +115,8 @@ void ops_parallel_for(int64_t n, int nth, ops_task_fn fn, void *ctx);
 void ops_set_spin_us(long us);
 void ops_park(void);
 /* An idle pool worker prefetches the n ranges [p[i], p[i] + len[i]) until the next task
- * starts (a hint: dropped when no worker is idle). */
+ * starts (a hint: dropped when no worker is idle). Prefetch instructions never fault, so a
+ * range unmapped meanwhile (a model unloaded) is harmless. */
 void ops_prefetch_async(int n, const void *const *p, const int64_t *len);
 
 /* kernels (AVX2) */
