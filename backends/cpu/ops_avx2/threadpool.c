@@ -154,6 +154,8 @@ static void reset_after_fork(void)
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.cv, NULL);
     pthread_mutex_init(&task_mu, NULL);
+    pthread_mutex_init(&pf_mu, NULL); /* a worker may have held it at the fork */
+    atomic_store(&pf_pending, 0);
 }
 
 /* Called with task_mu held. */

@@ -168,6 +168,30 @@ def test_prefetching_the_next_matrix_changes_no_bit_and_follows_the_step_order(t
     np.testing.assert_array_equal(np.stack(steps[0]), np.stack(steps[8192]))
 
 
+def test_a_forked_child_computes_with_prefetching_on(tiny_path):
+    """The pool forgets its workers and the prefetch job at fork (threadpool.c reset_after_fork):
+    a child of a process that was prefetching runs its own matmuls, prefetch included."""
+    import os
+    import signal
+    model = _load(tiny_path, "native", prefetch_next_kib=8192)
+    try:
+        kv = model.transformer.new_kv(len(IDS))
+        want = [prefill(model, kv, IDS[:5])] + [decode_one_token(model, kv, t) for t in IDS[5:8]]
+        pid = os.fork()
+        if pid == 0:  # the child: a hang is killed by the alarm, a wrong result exits 1
+            signal.alarm(20)
+            try:
+                kv = model.transformer.new_kv(len(IDS))
+                got = [prefill(model, kv, IDS[:5])] + [decode_one_token(model, kv, t) for t in IDS[5:8]]
+                os._exit(0 if all(np.array_equal(a, b) for a, b in zip(got, want)) else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize("qtype", [T.Q5_1, T.F16, T.Q4_1])
 def test_q8_0_requantizes_every_type_and_native_keeps_blocks(qtype):
     """`q8_0` requantizes every type to Q8_0 of the dequantized weights; `native` keeps a block
