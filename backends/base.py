@@ -56,7 +56,8 @@ class KernelSettings:
     f32_kernel_rows: int  # CPU f32 weights: batches of at most this many rows take the C kernel
     gemm_rows_x8: int  # CPU x8 block weights: batches of at least this many rows take dequantize + GEMM
     cuda_prefill_tokens: int  # CUDA: linears over more tokens take dequantize + GEMM
-    prefetch_next_kib: int = 0  # CPU x8 block weights: an idle thread reads this much of the next matmul's
+    prefetch_next_kib: int = 0  # CPU x8 block weights: KiB of the next matmul's weights an idle thread reads
+    # ahead (0: off; the plan's measured default is in engine/execution.py)
 
     def __post_init__(self) -> None:
         for f in fields(self):

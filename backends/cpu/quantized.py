@@ -266,7 +266,7 @@ class QuantizedMatmul:
         self.kernels = "avx2" if self.ops is not None else "numpy"
         self.configure(settings)
         self._scratch = np.empty(0, dtype=np.float32)
-        self._prev: QuantizedLinear | None = None
+        self._prev: weakref.ref | None = None  # the last matrix multiplied (weak: it may be unloaded)
         self.resident: dict[str, int] = {}  # tensors loaded, by resident form ("Q4_K (x8)"): what bench reports
 
     def configure(self, settings: KernelSettings) -> None:
@@ -334,9 +334,10 @@ class QuantizedMatmul:
     def _prefetch(self, w: QuantizedLinear) -> tuple[Any, int]:
         """What the pool reads ahead after w: the matrix that followed w last time, as matmuls
         come in the same order every step (layer by layer, then the head, then layer 0)."""
-        if self._prev is not None and self._prev is not w:
-            self._prev.next = weakref.ref(w)
-        self._prev = w
+        prev = self._prev() if self._prev is not None else None
+        if prev is not None and prev is not w and (prev.next is None or prev.next() is not w):
+            prev.next = weakref.ref(w)
+        self._prev = weakref.ref(w)
         budget = self.settings.prefetch_next_kib * 1024
         nxt = w.next() if w.next is not None else None
         return (nxt.matrix, budget) if budget and nxt is not None and nxt.matrix is not None else (None, 0)

@@ -277,7 +277,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         ops_quantize_act((const float *)xv.buf, k, &a, threads);
         ops_matmul(&m->m, &a, (float *)ov.buf, ldo, threads);
-        if (next && prefetch > 0)
+        if (next && prefetch > 0 && threads > 1) /* one thread was granted: no worker reads */
             prefetch_matrix(&next->m, prefetch);
         Py_END_ALLOW_THREADS
 #endif

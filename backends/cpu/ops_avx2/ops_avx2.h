@@ -114,8 +114,9 @@ typedef void (*ops_task_fn)(void *ctx, int64_t i);
 void ops_parallel_for(int64_t n, int nth, ops_task_fn fn, void *ctx);
 void ops_set_spin_us(long us);
 void ops_park(void);
-/* An idle pool worker prefetches the n ranges [p[i], p[i] + len[i]) until the next task
- * starts (a hint: dropped when no worker is idle). Prefetch instructions never fault, so a
+/* A spinning pool worker prefetches the n ranges [p[i], p[i] + len[i]) until the next pool
+ * task starts or the pool is parked (a hint: dropped when no worker takes it before the next
+ * task). Callers that run on one thread do not post. Prefetch instructions never fault, so a
  * range unmapped meanwhile (a model unloaded) is harmless. */
 void ops_prefetch_async(int n, const void *const *p, const int64_t *len);
 

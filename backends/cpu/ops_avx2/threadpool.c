@@ -63,6 +63,7 @@ static pthread_mutex_t pf_mu = PTHREAD_MUTEX_INITIALIZER;
 static const void *pf_ptr[8];
 static int64_t pf_len[8];
 static int pf_n;
+static unsigned pf_gen;      /* the task generation current when it was posted */
 static atomic_int pf_pending;
 
 /* Serializes tasks (calls come without the GIL) and worker starts. */
@@ -85,13 +86,15 @@ static void run_indices(void)
     }
 }
 
-/* Bring [p, p + len) toward this core's caches, a page at a time, until done or a new task
- * (a generation other than `seen`) is published: the matmul that reads these lines has begun. */
+/* Bring [p, p + len) toward this core's caches, a page at a time, until done, a new task
+ * (a generation other than `seen`) is published -- the matmul that reads these lines, or any
+ * other pool task, has begun -- or the pool is parked for OpenBLAS. */
 static void prefetch_lines(const void *start, int64_t len, unsigned seen)
 {
     const char *p = start;
     for (int64_t off = 0; off < len; off += 4096) {
-        if ((unsigned)(atomic_load_explicit(&pool.state, memory_order_relaxed) >> 32) != seen)
+        if ((unsigned)(atomic_load_explicit(&pool.state, memory_order_relaxed) >> 32) != seen ||
+            atomic_load_explicit(&pool.park, memory_order_relaxed))
             return;
         const int64_t end = off + 4096 < len ? off + 4096 : len;
         for (int64_t o = off; o < end; o += 64)
@@ -105,7 +108,7 @@ static void take_prefetch(unsigned seen)
         return;
     const void *p[8];
     int64_t len[8];
-    const int n = pf_n;
+    const int n = pf_gen == seen ? pf_n : 0; /* posted before a task this worker has seen: stale */
     memcpy(p, pf_ptr, sizeof p);
     memcpy(len, pf_len, sizeof len);
     atomic_store(&pf_pending, 0);
@@ -193,9 +196,10 @@ void ops_set_spin_us(long us)
 
 void ops_prefetch_async(int n, const void *const *p, const int64_t *len)
 {
-    if (pool.nworkers == 0 || n <= 0)
+    if (n <= 0)
         return;
     pthread_mutex_lock(&pf_mu);
+    pf_gen = (unsigned)(atomic_load(&pool.state) >> 32);
     pf_n = n < 8 ? n : 8;
     for (int i = 0; i < pf_n; i++)
         pf_ptr[i] = p[i], pf_len[i] = len[i];

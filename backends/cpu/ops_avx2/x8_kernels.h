@@ -144,14 +144,15 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
     }
 }
 
-/* A weight line wanted PF_GROUPS groups on. Tiles of up to 4 activation rows (decode, small
+/* A weight line wanted PF_GROUPS groups on. Tiles smaller than a full one (decode, small
  * batches) stream weights at memory speed: into L2 only (prefetcht1), as prefetcht0 filled L1
  * with lines not needed for microseconds, evicting the tile's activations and record -- batch-1
  * sweeps over the 1B Q4_K_M file ran 12 % faster with T1 on 2 threads (52 % on 1), Q6_K 23 %,
- * 4-row tiles 28 %. 8-row tiles are compute-bound: T0, as measured before. */
+ * 4-row tiles 28 % (VNNI build). Full tiles (MAXC rows: prefill) are compute-bound: T0, as
+ * measured before (in the AVX2 build, whose full tile is 4 rows, too). */
 static inline __attribute__((always_inline)) void x8_prefetch(const int C, const uint8_t *p)
 {
-    if (C <= 4)
+    if (C < MAXC)
         _mm_prefetch((const char *)p, _MM_HINT_T1);
     else
         _mm_prefetch((const char *)p, _MM_HINT_T0);

@@ -148,12 +148,13 @@ def test_int8_path_close_to_f32_weights_and_decode_equals_one_pass(tiny_path, ti
         model.close()
 
 
+@needs_ext
 def test_prefetching_the_next_matrix_changes_no_bit_and_follows_the_step_order(tiny_path):
     """execution.prefetch_next_kib: the pool reads the matrix that came next last time; a hint
     only, so decode with it on is bit-identical to decode with it off."""
     steps = {}
     for kib in (0, 8192):
-        model = _load(tiny_path, "native", prefetch_next_kib=kib)
+        model = _load(tiny_path, "native", prefetch_next_kib=kib, threads=2)
         try:
             kv = model.transformer.new_kv(len(IDS))
             steps[kib] = [prefill(model, kv, IDS[:5])] + [decode_one_token(model, kv, t) for t in IDS[5:]]
@@ -163,17 +164,21 @@ def test_prefetching_the_next_matrix_changes_no_bit_and_follows_the_step_order(t
                 order = [m for m in order if isinstance(m, QuantizedLinear)]
                 assert len(order) >= 4
                 assert [id(m.next()) for m in order] == [id(m) for m in order[1:] + order[:1]]
+                # what each matmul hands the C pool: the successor's handle and the budget in bytes
+                nxt, budget = model.backend.quantized._prefetch(order[0])
+                assert nxt is order[1].matrix and budget == 8192 * 1024
         finally:
             model.close()
     np.testing.assert_array_equal(np.stack(steps[0]), np.stack(steps[8192]))
 
 
+@needs_ext
 def test_a_forked_child_computes_with_prefetching_on(tiny_path):
     """The pool forgets its workers and the prefetch job at fork (threadpool.c reset_after_fork):
     a child of a process that was prefetching runs its own matmuls, prefetch included."""
     import os
     import signal
-    model = _load(tiny_path, "native", prefetch_next_kib=8192)
+    model = _load(tiny_path, "native", prefetch_next_kib=8192, threads=2)
     try:
         kv = model.transformer.new_kv(len(IDS))
         want = [prefill(model, kv, IDS[:5])] + [decode_one_token(model, kv, t) for t in IDS[5:8]]
