@@ -41,7 +41,7 @@ class ExecutionSettings:
     energy_max_wait_ms: int = 50
     # Decode streams every weight once a step: an idle kernel thread reads up to this many KiB of
     # the next matmul's weights while the caller runs the ops between matmuls (1B Q4_K_M decode:
-    # +6 %, docs/03). More than the caches hold is read twice. 0: off.
+    # +0-6 %, docs/03). More than the caches hold is read twice. 0: off.
     prefetch_next_kib: int = 8192
 
     @property
