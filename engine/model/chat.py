@@ -168,8 +168,6 @@ class BuiltinChatTemplate:
     """One of llama.cpp's named templates (chat_builtins.py), declared for a model. It keeps
     system messages its own way and takes no template variables, as llama.cpp's."""
 
-    supports_system_role = True
-
     def __init__(self, name: str):
         if name not in BUILTIN_TEMPLATES:
             raise InvalidArgument(unknown_builtin(name), field="chat_template")
