@@ -88,31 +88,47 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
         for (int c = 0; c < 8; c++)
             aq[c] = _mm256_sign_epi8(x.q[c], x.q[c]);
 #endif
+#if X8_VNNI
+    /* VNNI: chunk by chunk across the tile's rows -- C independent accumulator chains, one
+     * weight register live at a time (row by row, as AVX2 below, the compiler spilled: this
+     * order ran Q4_K 15-27 % and Q4_0 21 % faster at 8-32 rows; the same order on AVX2's 16
+     * registers ran 5 % slower) */
+    __m256i pj[MAXC], hj[MAXC];
+    const int8_t *y0 = t->yq + b * QK;
+    const int64_t k = t->k;
+#pragma GCC unroll 8
+    for (int j = 0; j < C; j++)
+        pj[j] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) {
+        if (X8_HALVES(T) && c == 4) {
+#pragma GCC unroll 8
+            for (int j = 0; j < C; j++) {
+                hj[j] = _mm256_mullo_epi32(pj[j], x.sc[0]);
+                pj[j] = _mm256_setzero_si256();
+            }
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < C; j++)
+            pj[j] = _mm256_dpbusd_epi32(pj[j], X8_SIGNED(T) ? uq[c] : x.q[c], bcast4(y0 + j * k + 4 * c));
+    }
+#endif
 #pragma GCC unroll 8
     for (int j = 0; j < C; j++) {
-        const int8_t *y = t->yq + j * t->k + b * QK;
-        __m256i p = _mm256_setzero_si256();
         const int32_t S = t->yi[j * nb + b], S0 = t->yh[j * nb + b];
 #if X8_VNNI
-        /* u8 x s8 products summed by 4 straight into int32: no s16 stage, no overflow limit */
+        __m256i p = pj[j];
         if (X8_HALVES(T)) {
-            __m256i p1 = _mm256_setzero_si256();
-#pragma GCC unroll 8
-            for (int c = 0; c < 4; c++) {
-                p = _mm256_dpbusd_epi32(p, x.q[c], bcast4(y + 4 * c));
-                p1 = _mm256_dpbusd_epi32(p1, x.q[c + 4], bcast4(y + 16 + 4 * c));
-            }
-            p = _mm256_add_epi32(_mm256_mullo_epi32(p, x.sc[0]), _mm256_mullo_epi32(p1, x.sc[1]));
+            p = _mm256_add_epi32(hj[j], _mm256_mullo_epi32(p, x.sc[1]));
         } else {
-#pragma GCC unroll 8
-            for (int c = 0; c < 8; c++)
-                p = _mm256_dpbusd_epi32(p, X8_SIGNED(T) ? uq[c] : x.q[c], bcast4(y + 4 * c));
             if (X8_SIGNED(T)) /* the weights went in as q + 128 */
                 p = _mm256_sub_epi32(p, _mm256_set1_epi32(128 * S));
             if (X8_SCALED(T))
                 p = _mm256_mullo_epi32(p, x.sc[0]);
         }
 #else
+        const int8_t *y = t->yq + j * t->k + b * QK;
+        __m256i p = _mm256_setzero_si256();
         if (X8_SIGNED(T)) {
 #pragma GCC unroll 8
             for (int c = 0; c < 8; c++)
