@@ -209,15 +209,17 @@ static int alloc_act(QAct *a, int64_t n, int64_t k)
     a->n = n;
     a->k = k;
     a->nb = k / QK;
-    /* one allocation: q, then d, s, isum, isum16 (4-byte aligned since k is a multiple of 32) */
-    char *mem = malloc((size_t)(n * k + 4 * n * a->nb * 4));
+    /* one allocation: q, then d, s, isum, halves (4-byte aligned since k is a multiple of 32),
+     * rows padded to whole groups (act_at) */
+    const int64_t np = (n + ACT_G - 1) / ACT_G * ACT_G, nbl = np * a->nb;
+    char *mem = malloc((size_t)(np * k + 4 * nbl * 4));
     if (!mem)
         return 0;
     a->q = (int8_t *)mem;
-    a->d = (float *)(mem + n * k);
-    a->s = a->d + n * a->nb;
-    a->isum = (int32_t *)(a->s + n * a->nb);
-    a->isum16 = a->isum + n * a->nb;
+    a->d = (float *)(mem + np * k);
+    a->s = a->d + nbl;
+    a->isum = (int32_t *)(a->s + nbl);
+    a->halves = a->isum + nbl;
     return 1;
 }
 
@@ -319,18 +321,25 @@ static PyObject *py_quantize_act(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "quantize_act: buffer sizes do not match x");
         goto done;
     }
-    int32_t *isum16 = malloc((size_t)dv.len);
-    if (!isum16) {
+    QAct a;
+    if (!alloc_act(&a, n, k)) {
         PyErr_NoMemory();
         goto done;
     }
-    QAct a = {n, k, k / QK, (int8_t *)qv.buf, (float *)dv.buf, (float *)sv.buf, (int32_t *)iv.buf, isum16};
 #if OPS_X86
     Py_BEGIN_ALLOW_THREADS
     ops_quantize_act((const float *)xv.buf, k, &a, threads);
     Py_END_ALLOW_THREADS
 #endif
-    free(isum16);
+    for (int64_t i = 0; i < n; i++) /* out of the interleaved layout into row-major buffers */
+        for (int64_t b = 0; b < a.nb; b++) {
+            const int64_t at = act_at(&a, i, b);
+            memcpy((int8_t *)qv.buf + i * k + QK * b, a.q + QK * at, QK);
+            ((float *)dv.buf)[i * a.nb + b] = a.d[at];
+            ((float *)sv.buf)[i * a.nb + b] = a.s[at];
+            ((int32_t *)iv.buf)[i * a.nb + b] = a.isum[at];
+        }
+    free(a.q);
     result = Py_NewRef(Py_None);
 done:
     if (got >= 4) PyBuffer_Release(&iv);

@@ -92,16 +92,29 @@ typedef struct {
 } QMatrix;
 
 /* Activations quantized per 32-block, as llama.cpp's Q8_0 / Q8_1 (struct of arrays):
- * x[i] ~= d[b] * q[i], with d = fp16(max|x| / 127), q = round-to-even(x * 127 / max|x|). */
+ * x[i] ~= d[b] * q[i], with d = fp16(max|x| / 127), q = round-to-even(x * 127 / max|x|).
+ *
+ * Rows are interleaved in groups of ACT_G, block by block (act_at): the entries of rows
+ * i .. i + 7 of a group for block b are adjacent, and so are their 32-byte q blocks. A kernel
+ * tile of up to 8 rows inside one group then reads everything at constant offsets from one
+ * pointer per block; with one row-major pointer per row, eight rows' addresses spilled. */
+#define ACT_G 8
 typedef struct {
-    int64_t n, k, nb; /* rows, features, blocks per row (k / 32) */
-    int8_t *q;        /* (n, k) */
-    float *d;         /* (n, nb) scale, rounded through fp16 as Q8_0 stores it */
-    float *s;         /* (n, nb) d * sum(q): the block sum for Q4_1's min term (llama.cpp's Q8_1
+    int64_t n, k, nb; /* rows, features, blocks per row (k / 32); storage padded to ACT_G rows */
+    int8_t *q;        /* block (i, b): the 32 bytes at q + 32 * act_at(i, b) */
+    float *d;         /* [act_at(i, b)] scale, rounded through fp16 as Q8_0 stores it */
+    float *s;         /* [..] d * sum(q): the block sum for Q4_1's min term (llama.cpp's Q8_1
                        * rounds it to fp16, a 2e-3 relative error in Q4_1 outputs not copied here) */
-    int32_t *isum;    /* (n, nb) sum(q), exact: used for K-quant mins */
-    int32_t *isum16;  /* (n, nb) sum of the block's first 16 q: 16-weight sub-blocks' offsets and mins */
+    int32_t *isum;    /* [..] sum(q), exact: weights' offsets, K-quant mins */
+    int32_t *halves;  /* [..] the sums of the block's two 16-weight halves as int16 (first in the low
+                       * half): one madd with a 16-weight sub-block pair (offsets, mins) */
 } QAct;
+
+/* where (row i, 32-block b) of a QAct sits: index into d, s, isum, halves; q at 32x this */
+static inline int64_t act_at(const QAct *a, int64_t i, int64_t b)
+{
+    return (i / ACT_G * a->nb + b) * ACT_G + i % ACT_G;
+}
 
 int ops_cpu_has_avx2(void);
 int ops_cpu_has_vnni(void); /* AVX512-VNNI and AVX512-VL: the vpdpbusd kernels (qmatmul_vnni.c) */

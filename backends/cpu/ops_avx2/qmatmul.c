@@ -32,8 +32,10 @@
 /* ---- activation quantization (llama.cpp's AVX2 quantize_row_q8_1: Q8_0's rounding, plus
  * the block sum, kept in float32 where Q8_1 rounds it to fp16) ---- */
 
-static void quantize_act_row(const float *x, int64_t nb, int8_t *q, float *d, float *s, int32_t *isum, int32_t *isum16)
+/* row i of a from x */
+static void quantize_act_row(const float *x, QAct *a, int64_t i)
 {
+    const int64_t nb = a->nb;
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < nb; b++) {
@@ -60,11 +62,12 @@ static void quantize_act_row(const float *x, int64_t nb, int8_t *q, float *d, fl
         i2 = _mm256_packs_epi32(i2, i3);
         i0 = _mm256_packs_epi16(i0, i2);
         i0 = _mm256_permutevar8x32_epi32(i0, perm);
-        _mm256_storeu_si256((__m256i *)(q + 32 * b), i0);
-        d[b] = fp16_round(dd);
-        s[b] = d[b] * (float)sum;
-        isum[b] = sum;
-        isum16[b] = sum16;
+        const int64_t at = act_at(a, i, b);
+        _mm256_storeu_si256((__m256i *)(a->q + 32 * at), i0);
+        a->d[at] = fp16_round(dd);
+        a->s[at] = a->d[at] * (float)sum;
+        a->isum[at] = sum;
+        a->halves[at] = (int32_t)(((uint32_t)(sum - sum16) << 16) | ((uint32_t)sum16 & 0xFFFF));
     }
 }
 
@@ -77,9 +80,7 @@ typedef struct {
 static void quantize_task(void *p, int64_t i)
 {
     const QuantizeCtx *c = p;
-    QAct *a = c->a;
-    const int64_t nb = a->nb, k = a->k;
-    quantize_act_row(c->x + i * c->ldx, nb, a->q + i * k, a->d + i * nb, a->s + i * nb, a->isum + i * nb, a->isum16 + i * nb);
+    quantize_act_row(c->x + i * c->ldx, c->a, i);
 }
 
 void ops_quantize_act(const float *x, int64_t ldx, QAct *a, int nthreads)
