@@ -166,7 +166,7 @@ void ops_silu_mul(const float *gu, int64_t ld, int64_t n, int64_t f, float *out,
 }
 
 /* ---- causal grouped-query attention ----
- * One task = one query row and one query head: scores s_j = q . k_j / sqrt(hd) for the
+ * For one query row and one query head: scores s_j = q . k_j / sqrt(hd) for the
  * keys it can see (j <= its position), softmax, then sum_j p_j v_j. Scores are computed
  * 8 keys at a time (8 accumulators, then one transpose-add). */
 
@@ -183,6 +183,7 @@ typedef struct {
      * the arena, (n_kv, blocks, block, hd) contiguous, and sk_seq/sv_seq are unused */
     const int64_t *table;
     int64_t table_ld, block;
+    int64_t per_task; /* query heads a task: the kv head's whole group, or 1 (attn_run) */
 } AttnCtx;
 
 /* Keys (or values) j0.. of query row i as one run of consecutive rows: returns the first row
@@ -213,116 +214,137 @@ static inline __m256 hsum8x8(const __m256 a[8])
     return _mm256_add_ps(lo, hi);
 }
 
+/* Query row i, heads h0 .. h0 + per_task - 1 (of one kv head g): one after another over the
+ * same keys and values, which the first head brings into L1 for the others. Each head's
+ * arithmetic is the same whatever the grouping. */
 static void attn_task(void *p, int64_t task)
 {
     const AttnCtx *c = p;
-    const int64_t i = task / c->heads, h = task % c->heads, hd = c->hd;
-    const int64_t g = h / (c->heads / c->n_kv);
+    const int64_t group = c->per_task, hd = c->hd;
+    const int64_t i = task / (c->heads / group), h0 = task % (c->heads / group) * group;
+    const int64_t g = h0 / (c->heads / c->n_kv);
     const int64_t nk = c->pos[i] + 1 < c->t ? c->pos[i] + 1 : c->t; /* keys 0..pos */
-    const float *q = c->q + (i * c->heads + h) * hd;
     const float *k = c->k + g * c->sk_head, *v = c->v + g * c->sv_head;
     if (!c->table) {
         k += i * c->sk_seq;
         v += i * c->sv_seq;
     }
-    float *o = c->out + (i * c->heads + h) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
 
-    float stack_scores[1024];
-    float *scores = nk <= 1024 ? stack_scores : malloc((size_t)(nk + 8) * sizeof(float));
-    if (!scores) { /* out of memory: make the failure visible rather than wrong */
-        for (int64_t e = 0; e < hd; e++)
-            o[e] = NAN;
+    float stack_scores[2048];
+    float *all = nk * group <= 2048 ? stack_scores : malloc((size_t)(nk * group + 8) * sizeof(float));
+    if (!all) { /* out of memory: make the failure visible rather than wrong */
+        for (int64_t e = 0; e < group * hd; e++)
+            c->out[(i * c->heads + h0) * hd + e] = NAN;
         return;
     }
 
-    /* scores */
+    /* scores of every head of the group, 8 keys at a time */
     int64_t j = 0;
     for (int64_t len; j < nk; j += len) {
         const float *kr = kv_run(c, k, i, j, nk, &len);
         int64_t u = 0;
         if (hd % 8 == 0) {
             for (; u + 8 <= len; u += 8) {
-                __m256 acc[8];
-                for (int x = 0; x < 8; x++)
-                    acc[x] = _mm256_setzero_ps();
-                for (int64_t e = 0; e < hd; e += 8) {
-                    const __m256 qv = _mm256_loadu_ps(q + e);
+                for (int64_t h = 0; h < group; h++) {
+                    const float *q = c->q + (i * c->heads + h0 + h) * hd;
+                    __m256 acc[8];
                     for (int x = 0; x < 8; x++)
-                        acc[x] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + (u + x) * hd + e), acc[x]);
+                        acc[x] = _mm256_setzero_ps();
+                    for (int64_t e = 0; e < hd; e += 8) {
+                        const __m256 qv = _mm256_loadu_ps(q + e);
+                        for (int x = 0; x < 8; x++)
+                            acc[x] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + (u + x) * hd + e), acc[x]);
+                    }
+                    _mm256_storeu_ps(all + h * nk + j + u, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
                 }
-                _mm256_storeu_ps(scores + j + u, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
             }
         }
         for (; u < len; u++) {
-            float s = 0.0f;
-            for (int64_t e = 0; e < hd; e++)
-                s += q[e] * kr[u * hd + e];
-            scores[j + u] = s * scale;
-        }
-    }
-    /* softmax */
-    float mx = -INFINITY;
-    for (j = 0; j < nk; j++)
-        mx = scores[j] > mx ? scores[j] : mx;
-    const __m256 mxv = _mm256_set1_ps(mx);
-    __m256 sumv = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= nk; j += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mxv));
-        _mm256_storeu_ps(scores + j, e);
-        sumv = _mm256_add_ps(sumv, e);
-    }
-    float sum = hsum8(sumv);
-    if (j < nk) { /* tail through the same exp, padded */
-        float tmp[8] = {0};
-        for (int64_t u = j; u < nk; u++)
-            tmp[u - j] = scores[u] - mx;
-        const __m256 e = exp8(_mm256_loadu_ps(tmp));
-        _mm256_storeu_ps(tmp, e);
-        for (int64_t u = j; u < nk; u++) {
-            scores[u] = tmp[u - j];
-            sum += tmp[u - j];
-        }
-    }
-    const float inv = 1.0f / sum;
-    /* weighted sum of values */
-    if (hd % 8 == 0 && hd <= 256) {
-        __m256 acc[32];
-        for (int64_t e = 0; e < hd / 8; e++)
-            acc[e] = _mm256_setzero_ps();
-        for (int64_t len, j0 = 0; j0 < nk; j0 += len) {
-            const float *vr = kv_run(c, v, i, j0, nk, &len);
-            for (int64_t u = 0; u < len; u++) {
-                const __m256 pj = _mm256_set1_ps(scores[j0 + u]);
-                for (int64_t e = 0; e < hd / 8; e++)
-                    acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + u * hd + 8 * e), acc[e]);
+            for (int64_t h = 0; h < group; h++) {
+                const float *q = c->q + (i * c->heads + h0 + h) * hd;
+                float s = 0.0f;
+                for (int64_t e = 0; e < hd; e++)
+                    s += q[e] * kr[u * hd + e];
+                all[h * nk + j + u] = s * scale;
             }
         }
-        for (int64_t e = 0; e < hd / 8; e++)
-            _mm256_storeu_ps(o + 8 * e, _mm256_mul_ps(acc[e], _mm256_set1_ps(inv)));
-    } else {
-        for (int64_t e = 0; e < hd; e++)
-            o[e] = 0.0f;
-        for (int64_t len, j0 = 0; j0 < nk; j0 += len) {
-            const float *vr = kv_run(c, v, i, j0, nk, &len);
-            for (int64_t u = 0; u < len; u++)
-                for (int64_t e = 0; e < hd; e++)
-                    o[e] += scores[j0 + u] * vr[u * hd + e];
-        }
-        for (int64_t e = 0; e < hd; e++)
-            o[e] *= inv;
     }
-    if (scores != stack_scores)
-        free(scores);
+    for (int64_t h = 0; h < group; h++) {
+        float *scores = all + h * nk;
+        float *o = c->out + (i * c->heads + h0 + h) * hd;
+        /* softmax */
+        float mx = -INFINITY;
+        for (j = 0; j < nk; j++)
+            mx = scores[j] > mx ? scores[j] : mx;
+        const __m256 mxv = _mm256_set1_ps(mx);
+        __m256 sumv = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= nk; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mxv));
+            _mm256_storeu_ps(scores + j, e);
+            sumv = _mm256_add_ps(sumv, e);
+        }
+        float sum = hsum8(sumv);
+        if (j < nk) { /* tail through the same exp, padded */
+            float tmp[8] = {0};
+            for (int64_t u = j; u < nk; u++)
+                tmp[u - j] = scores[u] - mx;
+            const __m256 e = exp8(_mm256_loadu_ps(tmp));
+            _mm256_storeu_ps(tmp, e);
+            for (int64_t u = j; u < nk; u++) {
+                scores[u] = tmp[u - j];
+                sum += tmp[u - j];
+            }
+        }
+        const float inv = 1.0f / sum;
+        /* weighted sum of values */
+        if (hd % 8 == 0 && hd <= 256) {
+            __m256 acc[32];
+            for (int64_t e = 0; e < hd / 8; e++)
+                acc[e] = _mm256_setzero_ps();
+            for (int64_t len, j0 = 0; j0 < nk; j0 += len) {
+                const float *vr = kv_run(c, v, i, j0, nk, &len);
+                for (int64_t u = 0; u < len; u++) {
+                    const __m256 pj = _mm256_set1_ps(scores[j0 + u]);
+                    for (int64_t e = 0; e < hd / 8; e++)
+                        acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + u * hd + 8 * e), acc[e]);
+                }
+            }
+            for (int64_t e = 0; e < hd / 8; e++)
+                _mm256_storeu_ps(o + 8 * e, _mm256_mul_ps(acc[e], _mm256_set1_ps(inv)));
+        } else {
+            for (int64_t e = 0; e < hd; e++)
+                o[e] = 0.0f;
+            for (int64_t len, j0 = 0; j0 < nk; j0 += len) {
+                const float *vr = kv_run(c, v, i, j0, nk, &len);
+                for (int64_t u = 0; u < len; u++)
+                    for (int64_t e = 0; e < hd; e++)
+                        o[e] += scores[j0 + u] * vr[u * hd + e];
+            }
+            for (int64_t e = 0; e < hd; e++)
+                o[e] *= inv;
+        }
+    }
+    if (all != stack_scores)
+        free(all);
+}
+
+/* Tasks of a kv head's whole group of query heads (a task per query head read the keys and
+ * values from L2 again for each: prefill attention ran ~2x slower), unless that leaves fewer
+ * than two tasks a thread (one-token decode of a model with few kv heads): then one a head. */
+static void attn_run(AttnCtx *c, int64_t work, int nthreads)
+{
+    const int64_t group = c->heads / c->n_kv;
+    c->per_task = c->n * c->n_kv >= 2 * (int64_t)nthreads ? group : 1;
+    ops_parallel_for(c->n * c->heads / c->per_task, work >= (1 << 16) ? nthreads : 1, attn_task, c);
 }
 
 void ops_attention(const float *q, const float *k, int64_t sk_head, const float *v, int64_t sv_head,
                    const int64_t *pos, int64_t n, int64_t heads, int64_t n_kv, int64_t t, int64_t hd,
                    float *out, int nthreads)
 {
-    AttnCtx c = {q, k, v, 0, 0, sk_head, sv_head, pos, n, heads, n_kv, t, hd, out, NULL, 0, 0};
-    const int64_t work = n * heads * t * hd;
-    ops_parallel_for(n * heads, work >= (1 << 16) ? nthreads : 1, attn_task, &c);
+    AttnCtx c = {q, k, v, 0, 0, sk_head, sv_head, pos, n, heads, n_kv, t, hd, out, NULL, 0, 0, 1};
+    attn_run(&c, n * heads * t * hd, nthreads);
 }
 
 /* B sequences decoding one token each: query row b reads sequence b's keys 0..lengths[b]-1.
@@ -331,9 +353,8 @@ void ops_decode_attention(const float *q, const float *k, int64_t sk_seq, int64_
                           int64_t sv_seq, int64_t sv_head, const int64_t *last, int64_t b, int64_t heads,
                           int64_t n_kv, int64_t t, int64_t hd, float *out, int nthreads)
 {
-    AttnCtx c = {q, k, v, sk_seq, sv_seq, sk_head, sv_head, last, b, heads, n_kv, t, hd, out, NULL, 0, 0};
-    const int64_t work = b * heads * t * hd;
-    ops_parallel_for(b * heads, work >= (1 << 16) ? nthreads : 1, attn_task, &c);
+    AttnCtx c = {q, k, v, sk_seq, sv_seq, sk_head, sv_head, last, b, heads, n_kv, t, hd, out, NULL, 0, 0, 1};
+    attn_run(&c, b * heads * t * hd, nthreads);
 }
 
 /* The same through block tables, reading the paged arena in place (no gather copy):
@@ -344,11 +365,11 @@ void ops_paged_decode_attention(const float *q, const float *k, const float *v, 
                                 int64_t n_kv, int64_t hd, float *out, int nthreads)
 {
     const int64_t s_head = blocks * block * hd;
-    AttnCtx c = {q, k, v, 0, 0, s_head, s_head, last, b, heads, n_kv, nb * block, hd, out, table, nb, block};
+    AttnCtx c = {q, k, v, 0, 0, s_head, s_head, last, b, heads, n_kv, nb * block, hd, out, table, nb, block, 1};
     int64_t work = 0;
     for (int64_t i = 0; i < b; i++)
         work += (last[i] + 1) * heads * hd;
-    ops_parallel_for(b * heads, work >= (1 << 16) ? nthreads : 1, attn_task, &c);
+    attn_run(&c, work, nthreads);
 }
 
 #endif /* x86-64 */
