@@ -364,7 +364,7 @@ def test_c_decode_attention_matches_numpy_and_single_sequence():
     lengths = np.array([1, 7, 300, 130, 33])
     got = c.decode_attention(q, k, v, lengths)
     np.testing.assert_allclose(got, py.decode_attention(q, k, v, lengths), rtol=1e-4, atol=2e-5)
-    for b, n in enumerate(lengths):  # one task per (sequence, head): the same bits as alone
+    for b, n in enumerate(lengths):  # grouped tasks here, one a head alone: the same bits
         alone = c.attention(q[b:b + 1], k[b, :, :n], v[b, :, :n], np.array([n - 1]))
         np.testing.assert_array_equal(alone[0], got[b])
 
