@@ -146,6 +146,19 @@ class Backend(ABC):
         Returns (n, n_heads * head_dim).
         """
 
+    def fuses_decode(self, layer: Any) -> bool:
+        """Whether `decode_layer` can run this layer's weights (a backend without it: never)."""
+        return False
+
+    def decode_layer(self, x: np.ndarray, layer: Any, k_cache: np.ndarray, v_cache: np.ndarray, position: int,
+                     rope_table: Any, eps: float, n_heads: int, next_weight: Any) -> None:
+        """One llama-block layer (RMSNorm, fused q/k/v without biases, RoPE, the token's key and
+        value into the caches, attention, o, RMSNorm, SwiGLU) for one token of one sequence, in
+        place on x (1, dim): the same results, bit for bit, as the ops one by one. k_cache and
+        v_cache: this layer's (n_kv_heads, capacity, head_dim); attention reads positions
+        0..position. `next_weight` is the matrix after this layer (for read-ahead), or None."""
+        raise NotImplementedError(f"{type(self).__name__} does not fuse decode layers")
+
     def decode_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Attention of B sequences decoding one token each, in one call.
 
@@ -260,6 +273,9 @@ class ProfiledBackend:
     def __init__(self, inner: Backend, profile: OpProfile):
         self._inner = inner
         self.profile = profile
+
+    def fuses_decode(self, layer: Any) -> bool:
+        return False  # the profile times each op: no fused layers while profiling
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)

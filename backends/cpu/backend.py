@@ -137,6 +137,25 @@ class CpuBackend(Backend):
             return invariant.tiled_matmul(x, w)
         return x @ w
 
+    def fuses_decode(self, layer: Any) -> bool:
+        """With the C ops and every matrix of the layer on the int8 kernels at one row."""
+        if self._ops is None:
+            return False
+        mats = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+        return all(isinstance(w, QuantizedLinear) and w.matrix is not None
+                   and self.quantized.path(1, w, self.batch_invariant) == "quantized_dot" for w in mats)
+
+    def decode_layer(self, x: np.ndarray, layer: Any, k_cache: np.ndarray, v_cache: np.ndarray, position: int,
+                     rope_table: Any, eps: float, n_heads: int, next_weight: Any) -> None:
+        cos_t, sin_t, style = rope_table
+        nxt = next_weight.matrix if isinstance(next_weight, QuantizedLinear) else None
+        q = self.quantized
+        self._ops.decode_layer(x, layer.attn_norm, layer.ffn_norm, layer.wqkv.matrix, layer.wo.matrix,
+                               layer.w_gate_up.matrix, layer.w_down.matrix, nxt, k_cache, v_cache, position,
+                               cos_t, sin_t, style == "neox", eps, n_heads, q.threads,
+                               q.settings.prefetch_next_kib * 1024)
+        q.ran(layer.wqkv, layer.w_down)  # the head after the last layer reads layer 0 ahead, as unfused
+
     # The decoder-layer ops below run in C (ops_avx2/ops.c) when the extension is in use:
     # at decode each is a few microseconds of arithmetic behind several numpy calls. The
     # numpy code is the fallback and the reference the C code is tested against.

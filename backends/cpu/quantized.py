@@ -331,13 +331,18 @@ class QuantizedMatmul:
             self._dequant_gemm(x, w, out, batch_invariant)
         return out
 
+    def ran(self, first: QuantizedLinear, last: QuantizedLinear | None = None) -> None:
+        """Record matrices multiplied in order (first .. last: a fused decode layer's four): the
+        read-ahead chain learns `first` as the successor of the matrix before."""
+        prev = self._prev() if self._prev is not None else None
+        if prev is not None and prev is not first and (prev.next is None or prev.next() is not first):
+            prev.next = weakref.ref(first)
+        self._prev = weakref.ref(last if last is not None else first)
+
     def _prefetch(self, w: QuantizedLinear) -> tuple[Any, int]:
         """What the pool reads ahead after w: the matrix that followed w last time, as matmuls
         come in the same order every step (layer by layer, then the head, then layer 0)."""
-        prev = self._prev() if self._prev is not None else None
-        if prev is not None and prev is not w and (prev.next is None or prev.next() is not w):
-            prev.next = weakref.ref(w)
-        self._prev = weakref.ref(w)
+        self.ran(w)
         budget = self.settings.prefetch_next_kib * 1024
         nxt = w.next() if w.next is not None else None
         return (nxt.matrix, budget) if budget and nxt is not None and nxt.matrix is not None else (None, 0)

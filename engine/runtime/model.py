@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as T
 
 from backends.base import Backend, TensorData
 from backends.quants import dequantize
-from engine.errors import ModelFormatError
+from engine.errors import ContextOverflow, ModelFormatError
 from engine.memory.kv_cache import SequenceKV
 from engine.memory.paged import PagedKV, PagedStep
 from engine.model.arch import ARCHITECTURES
@@ -189,6 +189,11 @@ class Transformer:
         # the backend scales scores by 1/sqrt(head_dim); another scale is applied to q
         default = math.isclose(c.attention_scale, c.head_dim ** -0.5, rel_tol=1e-6)
         self.q_scale = None if default else np.float32(c.attention_scale * math.sqrt(c.head_dim))
+        # the plain llama block, which a backend may run as one call a layer at decode
+        self.plain_block = (self.arch.activation == "silu" and self.q_scale is None and not any(c.layer_windows)
+                            and all(lw.bqkv is None and lw.bo is None and lw.b_gate_up is None and lw.b_down is None
+                                    and lw.q_norm is None and lw.post_attn_norm is None and lw.post_ffn_norm is None
+                                    for lw in weights.layers))
 
     def new_kv(self, capacity: int) -> SequenceKV:
         c = self.config
@@ -205,6 +210,19 @@ class Transformer:
         if post_norm is not None:
             y = self.backend.rms_norm(y, post_norm, self.config.norm_eps)
         return y
+
+    def _fused_decode(self, segment: Segment, x: np.ndarray) -> np.ndarray:
+        """Every layer for one token of one sequence, a backend call a layer (`decode_layer`:
+        the same ops, the same bits, none of the Python between them)."""
+        c, w, kv = self.config, self.weights, segment.kv
+        if segment.start + 1 > kv.capacity:
+            raise ContextOverflow(f"sequence needs {segment.start + 1} cache positions but was given {kv.capacity}")
+        x = np.array(x, dtype=np.float32, order="C")  # updated in place, layer by layer
+        for layer, lw in enumerate(w.layers):
+            nxt = w.layers[layer + 1].wqkv if layer + 1 < len(w.layers) else w.output
+            self.backend.decode_layer(x, lw, kv.k[layer], kv.v[layer], segment.start, self.rope_global, c.norm_eps,
+                                      c.n_heads, nxt)
+        return x
 
     def forward(self, segments: Sequence[Segment]) -> list[np.ndarray]:
         """Run new tokens through the model, extend each segment's cache, return logits.
@@ -229,7 +247,13 @@ class Transformer:
         x = be.embedding(w.embedding, tokens)  # (n_tokens, dim)
         if c.embed_scale != 1.0:  # gemma
             x = x * np.float32(c.embed_scale)
-        for layer, lw in enumerate(w.layers):
+        # one token of one sequence with its own cache (generate, bench tg): fused where the
+        # backend can (the server's paged sequences take the general path below)
+        fused = (len(segments) == 1 and len(tokens) == 1 and type(segments[0].kv) is SequenceKV and self.plain_block
+                 and be.fuses_decode(w.layers[0]))
+        if fused:
+            x = self._fused_decode(segments[0], x)
+        for layer, lw in enumerate(() if fused else w.layers):  # the general path
             window = c.layer_windows[layer]  # 0: this layer attends to the whole context
             rope = self.rope_swa if window else self.rope_global
             # attention: qkv projections for all new tokens in one GEMM

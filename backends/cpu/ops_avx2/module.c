@@ -27,6 +27,7 @@
  *   attention(q, k, v, positions, out, threads)
  *   decode_attention(q, k, v, lengths, out, threads[, table])   B sequences, one query each;
  *                                     with a block table, k/v are a layer of the paged arena
+ *   decode_layer(x, ...)              one llama-block layer for one token, the ops above fused
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -501,6 +502,116 @@ static int contiguous(const F32View *a, int ndim)
         expect *= a->shape[i];
     }
     return 1;
+}
+
+/* out (1, rows) = x (1, k) @ W.T through the int8 kernels (what matmul does for one row),
+ * then the pool reads ahead `budget` bytes of `next` (none on one thread, as matmul) */
+static int matmul_row(const QMatrix *w, const float *x, float *out, int threads, const QMatrix *next, int64_t budget)
+{
+    QAct a;
+    if (!alloc_act(&a, 1, w->k))
+        return 0;
+    ops_quantize_act(x, w->k, &a, threads);
+    ops_matmul(w, &a, out, w->rows, threads);
+    free(a.q);
+    if (next && budget > 0 && threads > 1)
+        prefetch_matrix(next, budget);
+    return 1;
+}
+
+/* decode_layer(x, attn_norm, ffn_norm, qkv, o, gate_up, down, next, k_cache, v_cache, pos, cos, sin,
+ *              neox, eps, heads, threads, prefetch_bytes)
+ * One llama-block decoder layer for one token of one sequence, in place on x (1, dim): the same
+ * kernels, in the same order, as the forward pass calls one by one (so the same bits) without
+ * returning to Python between them -- a decode step's ~100 returns cost more than its norms,
+ * RoPE and attention together. The token's key and value go to position pos of k_cache and
+ * v_cache, (n_kv, capacity, hd) with contiguous rows; attention reads positions 0..pos. Each
+ * matmul's successor is read ahead as matmul's `next`; `next` (or None) follows down. */
+static PyObject *py_decode_layer(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *ano, *fno, *mo[5], *kco, *vco, *co, *so;
+    long long pos, prefetch;
+    int neox, heads, threads;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOLOOpfiiL", &xo, &ano, &fno, &mo[0], &mo[1], &mo[2], &mo[3], &mo[4], &kco,
+                          &vco, &pos, &co, &so, &neox, &eps, &heads, &threads, &prefetch) ||
+        !require_avx2())
+        return NULL;
+    const QMatrix *w[5] = {NULL};
+    for (int i = 0; i < 5; i++) {
+        if (i == 4 && mo[i] == Py_None)
+            break;
+        MatrixObj *m = get_matrix(mo[i]);
+        if (!m)
+            return NULL;
+        w[i] = &m->m;
+    }
+    F32View x, an, fn, kc, vc, c, sn;
+    const ViewArg views[] = {{xo, &x, 2, 1, "x"}, {ano, &an, 1, 0, "attn_norm"}, {fno, &fn, 1, 0, "ffn_norm"},
+                             {kco, &kc, 3, 1, "k_cache"}, {vco, &vc, 3, 1, "v_cache"}, {co, &c, 2, 0, "cos"},
+                             {so, &sn, 2, 0, "sin"}};
+    if (!get_views(views, 7))
+        return NULL;
+    PyObject *result = NULL;
+    const int64_t dim = x.shape[1], n_kv = kc.shape[0], cap = kc.shape[1], hd = kc.shape[2];
+    const int64_t qd = heads > 0 ? heads * hd : 0, kvd = n_kv * hd, ffn = w[2]->rows / 2;
+    if (x.shape[0] != 1 || !contiguous(&x, 2) || an.shape[0] != dim || fn.shape[0] != dim || heads < 1 ||
+        n_kv < 1 || heads % n_kv || vc.shape[0] != n_kv || vc.shape[1] != cap || vc.shape[2] != hd ||
+        (cap > 1 && (kc.strides[1] != hd || vc.strides[1] != hd)) || pos < 0 || pos >= cap ||
+        !contiguous(&c, 2) || !contiguous(&sn, 2) || c.shape[0] != sn.shape[0] || c.shape[1] != sn.shape[1] ||
+        pos >= c.shape[0] || 2 * c.shape[1] > hd || w[0]->k != dim || w[0]->rows != qd + 2 * kvd ||
+        w[1]->k != qd || w[1]->rows != dim || w[2]->k != dim || w[2]->rows % 2 || w[3]->k != ffn ||
+        w[3]->rows != dim) {
+        PyErr_SetString(PyExc_ValueError,
+                        "decode_layer: x (1, dim); norms (dim,); qkv (heads*hd + 2*n_kv*hd, dim), o (dim, heads*hd), "
+                        "gate_up (2f, dim), down (dim, f); k/v caches (n_kv, capacity, hd) with pos < capacity; "
+                        "cos/sin (positions > pos, <= hd/2)");
+        goto done;
+    }
+    /* scratch: h, qkv, q and k after RoPE, attention, a projection, gate_up, its activation */
+    float *h = malloc((size_t)(dim + (qd + 2 * kvd) + qd + kvd + qd + dim + 3 * ffn) * sizeof(float));
+    if (!h) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *qkv = h + dim, *qr = qkv + qd + 2 * kvd, *kr = qr + qd, *att = kr + kvd, *proj = att + qd;
+    float *gu = proj + dim, *act = gu + 2 * ffn;
+    int ok = 1;
+    const int64_t p1 = pos;
+    Py_BEGIN_ALLOW_THREADS
+    ops_rms_norm(x.p, dim, an.p, 1, dim, eps, h);
+    ok = ok && matmul_row(w[0], h, qkv, threads, w[1], prefetch);
+    if (ok) {
+        ops_rope(qkv, qd + 2 * kvd, hd, 1, heads, hd, c.p, sn.p, c.shape[1], &p1, neox, qr);
+        ops_rope(qkv + qd, qd + 2 * kvd, hd, 1, n_kv, hd, c.p, sn.p, c.shape[1], &p1, neox, kr);
+        for (int64_t g = 0; g < n_kv; g++) {
+            memcpy(kc.p + g * kc.strides[0] + pos * hd, kr + g * hd, (size_t)hd * sizeof(float));
+            memcpy(vc.p + g * vc.strides[0] + pos * hd, qkv + qd + kvd + g * hd, (size_t)hd * sizeof(float));
+        }
+        ops_attention(qr, kc.p, kc.strides[0], vc.p, vc.strides[0], &p1, 1, heads, n_kv, pos + 1, hd, att, threads);
+    }
+    ok = ok && matmul_row(w[1], att, proj, threads, w[2], prefetch);
+    if (ok) {
+        for (int64_t e = 0; e < dim; e++)
+            x.p[e] += proj[e];
+        ops_rms_norm(x.p, dim, fn.p, 1, dim, eps, h);
+    }
+    ok = ok && matmul_row(w[2], h, gu, threads, w[3], prefetch);
+    if (ok)
+        ops_silu_mul(gu, 2 * ffn, 1, ffn, act, threads);
+    ok = ok && matmul_row(w[3], act, proj, threads, w[4], prefetch);
+    if (ok)
+        for (int64_t e = 0; e < dim; e++)
+            x.p[e] += proj[e];
+    Py_END_ALLOW_THREADS
+    free(h);
+    if (!ok)
+        PyErr_NoMemory(); /* x may hold a partial layer: the caller discards the step */
+    else
+        result = Py_NewRef(Py_None);
+done:
+    release_views(views, 7);
+    return result;
 }
 
 static PyObject *py_rms_norm(PyObject *self, PyObject *args)
@@ -987,6 +1098,9 @@ static PyMethodDef methods[] = {
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(matrix, row0, row1, out, threads)."},
     {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x, out, threads)."},
     {"quantize_act", py_quantize_act, METH_VARARGS, "quantize_act(x, q, d, s, isum, threads)."},
+    {"decode_layer", py_decode_layer, METH_VARARGS,
+     "decode_layer(x, attn_norm, ffn_norm, qkv, o, gate_up, down, next, k_cache, v_cache, pos, cos, sin, neox, eps, "
+     "heads, threads, prefetch_bytes): one fused llama-block layer for one token."},
     {"x8_bytes", py_x8_bytes, METH_VARARGS, "x8_bytes(type, rows, k): bytes of the x8 layout."},
     {"repack_x8", py_repack_x8, METH_VARARGS, "repack_x8(src, type, rows, k, dst, threads): file rows -> x8 layout."},
     {"release_pages", py_release_pages, METH_O, "release_pages(buffer): drop a read-only mapping's pages from RSS."},

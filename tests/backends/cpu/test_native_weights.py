@@ -197,6 +197,81 @@ def test_a_forked_child_computes_with_prefetching_on(tiny_path):
         model.close()
 
 
+def _decode_steps(model, fused: bool):
+    """Prefill 5 tokens, then decode the rest one by one, with the layers fused or op by op."""
+    be = model.transformer.backend
+    if not fused:
+        be.fuses_decode = lambda layer: False
+    try:
+        kv = model.transformer.new_kv(len(IDS))
+        steps = [prefill(model, kv, IDS[:5])] + [decode_one_token(model, kv, t) for t in IDS[5:]]
+        return np.stack(steps), kv
+    finally:
+        be.__dict__.pop("fuses_decode", None)
+
+
+@needs_ext
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_fused_decode_layers_give_the_same_bits_as_the_ops_one_by_one(which, tiny_path, model_path):
+    """One backend call a layer at decode (ops_avx2 decode_layer): the same kernels in the same
+    order, so the same logits and the same cache, bit for bit (mixed block types; SmolLM2's 30
+    layers of 9 heads over 3 kv heads)."""
+    model = _load(tiny_path if which == "tiny" else model_path, "native", threads=2)
+    try:
+        assert model.transformer.plain_block and model.backend.fuses_decode(model.weights.layers[0])
+        calls = []
+        inner = model.backend._ops
+        class Counting:  # noqa: E306 -- counts the fused calls, delegates everything
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def decode_layer(self, *args):
+                calls.append(args[10])
+                return inner.decode_layer(*args)
+        model.backend._ops = Counting()
+        fused, kv_fused = _decode_steps(model, fused=True)
+        model.backend._ops = inner
+        assert calls[:len(model.weights.layers)] == [5] * len(model.weights.layers)  # position 5, every layer
+        plain, kv_plain = _decode_steps(model, fused=False)
+        np.testing.assert_array_equal(fused, plain)
+        n = len(IDS)
+        np.testing.assert_array_equal(kv_fused.k[:, :, :n], kv_plain.k[:, :, :n])
+        np.testing.assert_array_equal(kv_fused.v[:, :, :n], kv_plain.v[:, :, :n])
+    finally:
+        model.close()
+
+
+@needs_ext
+def test_fused_decode_layer_refuses_what_does_not_fit_and_profiling_does_not_fuse(tiny_path):
+    from backends.base import OpProfile, ProfiledBackend
+    from engine.errors import ContextOverflow
+    model = _load(tiny_path, "native", threads=2)
+    try:
+        tr, be = model.transformer, model.backend
+        lw = model.weights.layers[0]
+        assert not ProfiledBackend(be, OpProfile()).fuses_decode(lw)
+        kv = tr.new_kv(4)
+        x = np.ones((1, 256), np.float32)
+        cos, sin, _ = tr.rope_global
+        args = [x, lw.attn_norm, lw.ffn_norm, lw.wqkv.matrix, lw.wo.matrix, lw.w_gate_up.matrix, lw.w_down.matrix,
+                None, kv.k[0], kv.v[0], 4, cos, sin, True, 1e-5, 4, 2, 0]
+        with pytest.raises(ValueError, match="pos < capacity"):  # position 4 of a 4-slot cache
+            be._ops.decode_layer(*args)
+        args[10], args[15] = 0, 3  # 3 heads over 2 kv heads
+        with pytest.raises(ValueError):
+            be._ops.decode_layer(*args)
+        args[15], args[4] = 4, lw.wqkv.matrix  # o given the qkv matrix
+        with pytest.raises(ValueError):
+            be._ops.decode_layer(*args)
+        np.testing.assert_array_equal(x, 1.0)  # nothing written
+        full = tr.new_kv(3)
+        prefill(model, full, IDS[:3])
+        with pytest.raises(ContextOverflow):  # a fourth token in a 3-position cache, before any layer runs
+            decode_one_token(model, full, 1)
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize("qtype", [T.Q5_1, T.F16, T.Q4_1])
 def test_q8_0_requantizes_every_type_and_native_keeps_blocks(qtype):
     """`q8_0` requantizes every type to Q8_0 of the dequantized weights; `native` keeps a block
