@@ -34,6 +34,10 @@ class SequenceKV:
         self.k[layer, :, start:end] = k.transpose(1, 0, 2)
         self.v[layer, :, start:end] = v.transpose(1, 0, 2)
 
+    def layer_views(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole cache of a layer, keys and values (n_kv_heads, capacity, head_dim), in place."""
+        return self.k[layer], self.v[layer]
+
     def read(self, layer: int, end: int, begin: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values for positions begin..end-1: two (n_kv_heads, end - begin, head_dim) views."""
         return self.k[layer, :, begin:end], self.v[layer, :, begin:end]

@@ -254,6 +254,17 @@ class PagedKV:
         bs = self.arena.block_size
         return np.asarray(self.blocks)[pos // bs], pos % bs
 
+    def layer_views(self, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The whole reserved cache of a layer as SequenceKV's (n_kv_heads, capacity, head_dim)
+        views of the arena when this sequence's blocks are consecutive there (None otherwise:
+        split, or with holes after a window passed)."""
+        if not self.blocks or self._run != len(self.blocks) or HOLE in self.blocks:
+            return None
+        first, n, bs = self.blocks[0], len(self.blocks), self.arena.block_size
+        k, v = self.arena.k[layer], self.arena.v[layer]
+        n_kv, _, _, hd = k.shape
+        return (k[:, first:first + n].reshape(n_kv, n * bs, hd), v[:, first:first + n].reshape(n_kv, n * bs, hd))
+
     def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Store k, v of shape (n, n_kv_heads, head_dim) for positions start..start+n-1."""
         if start + k.shape[0] > self.capacity:

@@ -220,7 +220,7 @@ class Transformer:
         x = np.array(x, dtype=np.float32, order="C")  # updated in place, layer by layer
         for layer, lw in enumerate(w.layers):
             nxt = w.layers[layer + 1].wqkv if layer + 1 < len(w.layers) else w.output
-            self.backend.decode_layer(x, lw, kv.k[layer], kv.v[layer], segment.start, self.rope_global, c.norm_eps,
+            self.backend.decode_layer(x, lw, *kv.layer_views(layer), segment.start, self.rope_global, c.norm_eps,
                                       c.n_heads, nxt)
         return x
 
@@ -247,10 +247,11 @@ class Transformer:
         x = be.embedding(w.embedding, tokens)  # (n_tokens, dim)
         if c.embed_scale != 1.0:  # gemma
             x = x * np.float32(c.embed_scale)
-        # one token of one sequence with its own cache (generate, bench tg): fused where the
-        # backend can (the server's paged sequences take the general path below)
-        fused = (len(segments) == 1 and len(tokens) == 1 and type(segments[0].kv) is SequenceKV and self.plain_block
-                 and be.fuses_decode(w.layers[0]))
+        # one token of one sequence whose float32 cache is one run of memory (its own, or
+        # consecutive arena blocks: a lone stream of the server): fused where the backend can
+        one = len(segments) == 1 and len(tokens) == 1 and xp is np and self.plain_block
+        views = segments[0].kv.layer_views(0) if one else None
+        fused = views is not None and views[0].dtype == np.float32 and be.fuses_decode(w.layers[0])
         if fused:
             x = self._fused_decode(segments[0], x)
         for layer, lw in enumerate(() if fused else w.layers):  # the general path

@@ -197,25 +197,33 @@ def test_a_forked_child_computes_with_prefetching_on(tiny_path):
         model.close()
 
 
-def _decode_steps(model, fused: bool):
-    """Prefill 5 tokens, then decode the rest one by one, with the layers fused or op by op."""
-    be = model.transformer.backend
+def _decode_steps(model, fused: bool, paged: bool = False):
+    """Prefill 5 tokens, then decode the rest one by one, with the layers fused or op by op, in
+    the sequence's own cache or in consecutive blocks of an arena (a lone server stream)."""
+    from engine.memory.paged import BlockArena, PagedKV
+    be, c = model.transformer.backend, model.config
     if not fused:
         be.fuses_decode = lambda layer: False
     try:
-        kv = model.transformer.new_kv(len(IDS))
+        if paged:
+            arena = BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, num_blocks=8, block_size=16)
+            arena.allocate(1)  # the sequence's blocks start past block 0
+            kv = PagedKV(arena, len(IDS))
+            assert kv.reserve(len(IDS)) and kv.blocks[0] == 1
+        else:
+            kv = model.transformer.new_kv(len(IDS))
         steps = [prefill(model, kv, IDS[:5])] + [decode_one_token(model, kv, t) for t in IDS[5:]]
-        return np.stack(steps), kv
+        return np.stack(steps), [kv.layer_views(i) for i in range(c.n_layers)]
     finally:
         be.__dict__.pop("fuses_decode", None)
 
 
 @needs_ext
-@pytest.mark.parametrize("which", ["tiny", "smollm2"])
-def test_fused_decode_layers_give_the_same_bits_as_the_ops_one_by_one(which, tiny_path, model_path):
+@pytest.mark.parametrize("which,paged", [("tiny", False), ("tiny", True), ("smollm2", False), ("smollm2", True)])
+def test_fused_decode_layers_give_the_same_bits_as_the_ops_one_by_one(which, paged, tiny_path, model_path):
     """One backend call a layer at decode (ops_avx2 decode_layer): the same kernels in the same
     order, so the same logits and the same cache, bit for bit (mixed block types; SmolLM2's 30
-    layers of 9 heads over 3 kv heads)."""
+    layers of 9 heads over 3 kv heads), in a sequence's own cache and in arena blocks."""
     model = _load(tiny_path if which == "tiny" else model_path, "native", threads=2)
     try:
         assert model.transformer.plain_block and model.backend.fuses_decode(model.weights.layers[0])
@@ -229,14 +237,15 @@ def test_fused_decode_layers_give_the_same_bits_as_the_ops_one_by_one(which, tin
                 calls.append(args[10])
                 return inner.decode_layer(*args)
         model.backend._ops = Counting()
-        fused, kv_fused = _decode_steps(model, fused=True)
+        fused, kv_fused = _decode_steps(model, fused=True, paged=paged)
         model.backend._ops = inner
         assert calls[:len(model.weights.layers)] == [5] * len(model.weights.layers)  # position 5, every layer
-        plain, kv_plain = _decode_steps(model, fused=False)
+        plain, kv_plain = _decode_steps(model, fused=False, paged=paged)
         np.testing.assert_array_equal(fused, plain)
         n = len(IDS)
-        np.testing.assert_array_equal(kv_fused.k[:, :, :n], kv_plain.k[:, :, :n])
-        np.testing.assert_array_equal(kv_fused.v[:, :, :n], kv_plain.v[:, :, :n])
+        for (kf, vf), (kp, vp) in zip(kv_fused, kv_plain):
+            np.testing.assert_array_equal(kf[:, :n], kp[:, :n])
+            np.testing.assert_array_equal(vf[:, :n], vp[:, :n])
     finally:
         model.close()
 
@@ -268,6 +277,12 @@ def test_fused_decode_layer_refuses_what_does_not_fit_and_profiling_does_not_fus
         prefill(model, full, IDS[:3])
         with pytest.raises(ContextOverflow):  # a fourth token in a 3-position cache, before any layer runs
             decode_one_token(model, full, 1)
+        from engine.memory.paged import BlockArena, PagedKV
+        c = model.config  # a float16 arena (kv_cache.dtype F16): the general path, whose attention reads it
+        kv16 = PagedKV(BlockArena(c.n_layers, c.n_kv_heads, c.head_dim, 4, 16, dtype=np.float16), 8)
+        assert kv16.reserve(8) and kv16.layer_views(0)[0].dtype == np.float16
+        prefill(model, kv16, IDS[:3])
+        assert np.isfinite(decode_one_token(model, kv16, 1)).all()
     finally:
         model.close()
 

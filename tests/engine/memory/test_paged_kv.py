@@ -109,3 +109,28 @@ def test_paged_step_refuses_unreserved_writes():
     assert s.reserve(4)
     with pytest.raises(ContextOverflow):
         PagedStep([s], [3], [2], decoders=[])
+
+
+def test_layer_views_cover_consecutive_blocks_in_place_and_nothing_else():
+    """The fused decode path's cache: the sequence's whole reservation as (n_kv, capacity, hd)
+    views of the arena when its blocks are one run, None when they are not."""
+    arena = BlockArena(n_layers=2, n_kv_heads=2, head_dim=4, num_blocks=6, block_size=4)
+    kv = PagedKV(arena, 16)
+    assert kv.layer_views(0) is None  # nothing reserved
+    assert kv.reserve(8)  # blocks 0, 1
+    k, v = kv.layer_views(1)
+    assert k.shape == v.shape == (2, 8, 4) and np.shares_memory(k, arena.k[1])
+    k[1, 5] = 7.0  # position 5 of kv head 1: block 1, slot 1
+    assert (arena.k[1, 1, kv.blocks[1], 1] == 7.0).all()
+    other = PagedKV(arena, 16)
+    assert other.reserve(4)  # block 2
+    assert kv.reserve(12)  # block 3: no longer one run
+    assert kv.layer_views(0) is None
+
+
+def test_layer_views_none_once_a_window_left_holes():
+    arena = BlockArena(n_layers=1, n_kv_heads=1, head_dim=4, num_blocks=4, block_size=4)
+    kv = PagedKV(arena, 16)
+    assert kv.reserve(12) and kv.layer_views(0) is not None
+    assert kv.forget_before(5) == 1  # block 0 out of every window: a hole
+    assert kv.layer_views(0) is None
