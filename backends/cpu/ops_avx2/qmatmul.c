@@ -7,8 +7,9 @@
  *
  * Every block type is read in the x8 layout (x8.h, repacked at load): 8 weight rows per
  * register, one output row per lane, one kernel (tile_x8) instantiated per type. It computes
- * its rows against up to C = 4 activation rows at once, so a weight block is loaded and
- * unpacked once per 4 tokens of a small batch.
+ * its rows against up to C activation rows at once (4 on AVX2, 8 with AVX512-VNNI), so a
+ * weight block is loaded and unpacked once per C tokens of a batch; the activations are
+ * stored interleaved for those tiles (QAct, ops_avx2.h).
  * Threads (threadpool.c) take tiles of ROW_TILE output rows from a shared counter; each
  * writes its own outputs, no reduction, so results depend neither on the thread count nor
  * on a row's batch mates.
