@@ -210,9 +210,10 @@ static int alloc_act(QAct *a, int64_t n, int64_t k)
     a->n = n;
     a->k = k;
     a->nb = k / QK;
+    a->g = n < ACT_G && n > 0 ? n : ACT_G;
     /* one allocation: q, then d, s, isum, halves (4-byte aligned since k is a multiple of 32),
      * rows padded to whole groups (act_at) */
-    const int64_t np = (n + ACT_G - 1) / ACT_G * ACT_G, nbl = np * a->nb;
+    const int64_t np = (n + a->g - 1) / a->g * a->g, nbl = np * a->nb;
     char *mem = malloc((size_t)(np * k + 4 * nbl * 4));
     if (!mem)
         return 0;

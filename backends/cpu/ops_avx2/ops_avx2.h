@@ -94,13 +94,16 @@ typedef struct {
 /* Activations quantized per 32-block, as llama.cpp's Q8_0 / Q8_1 (struct of arrays):
  * x[i] ~= d[b] * q[i], with d = fp16(max|x| / 127), q = round-to-even(x * 127 / max|x|).
  *
- * Rows are interleaved in groups of ACT_G, block by block (act_at): the entries of rows
- * i .. i + 7 of a group for block b are adjacent, and so are their 32-byte q blocks. A kernel
- * tile of up to 8 rows inside one group then reads everything at constant offsets from one
- * pointer per block; with one row-major pointer per row, eight rows' addresses spilled. */
+ * Rows are interleaved in groups of g = ACT_G (all n when fewer), block by block (act_at): the
+ * entries of a group's rows for block b are adjacent, and so are their 32-byte q blocks. A
+ * kernel tile of up to 8 rows inside one group then reads everything at constant offsets from
+ * one pointer per block; with one row-major pointer per row, eight rows' addresses spilled.
+ * (A lone row keeps its blocks contiguous: spread 8 apart, decode's activations took 8x the
+ * cache lines, Q8_0 at one row 10-14 % slower.) */
 #define ACT_G 8
 typedef struct {
-    int64_t n, k, nb; /* rows, features, blocks per row (k / 32); storage padded to ACT_G rows */
+    int64_t n, k, nb; /* rows, features, blocks per row (k / 32); storage padded to whole groups */
+    int64_t g;        /* rows a group */
     int8_t *q;        /* block (i, b): the 32 bytes at q + 32 * act_at(i, b) */
     float *d;         /* [act_at(i, b)] scale, rounded through fp16 as Q8_0 stores it */
     float *s;         /* [..] d * sum(q): the block sum for Q4_1's min term (llama.cpp's Q8_1
@@ -113,7 +116,7 @@ typedef struct {
 /* where (row i, 32-block b) of a QAct sits: index into d, s, isum, halves; q at 32x this */
 static inline int64_t act_at(const QAct *a, int64_t i, int64_t b)
 {
-    return (i / ACT_G * a->nb + b) * ACT_G + i % ACT_G;
+    return (i / a->g * a->nb + b) * a->g + i % a->g;
 }
 
 int ops_cpu_has_avx2(void);

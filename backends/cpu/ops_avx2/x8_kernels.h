@@ -61,13 +61,14 @@ static inline __m256i pair16(__m256i a, __m256i b)
 }
 
 /* One activation tile: C rows' accumulators, their quantized blocks and sums. The rows lie in
- * one ACT_G group of the QAct (ops_avx2.h): row j of block b is q block yq + 32 (8 b + j) and
- * entry 8 b + j of yd, ys, yi, yh -- constant offsets from one pointer a block. */
+ * one group of g rows of the QAct (ops_avx2.h): row j of block b is q block yq + 32 (g b + j)
+ * and entry g b + j of yd, ys, yi, yh -- constant offsets from one pointer a block. */
 typedef struct {
     __m256 acc[MAXC];
     const int8_t *yq;
     const float *yd, *ys;
     const int32_t *yi, *yh;
+    int64_t g;
 } Tile;
 
 /* 32-block b (block s of record rec) of the 8 rows against the tile's C activation rows */
@@ -104,7 +105,7 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
      * order ran Q4_K 15-27 % and Q4_0 21 % faster at 8-32 rows; the same order on AVX2's 16
      * registers ran 5 % slower) */
     __m256i pj[MAXC], hj[MAXC];
-    const int8_t *y0 = t->yq + b * QK * ACT_G;
+    const int8_t *y0 = t->yq + b * QK * t->g;
 #pragma GCC unroll 8
     for (int j = 0; j < C; j++)
         pj[j] = _mm256_setzero_si256();
@@ -126,7 +127,7 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
 #endif
 #pragma GCC unroll 8
     for (int j = 0; j < C; j++) {
-        const int64_t at = b * ACT_G + j;
+        const int64_t at = b * t->g + j;
 #if X8_VNNI
         __m256i p = pj[j];
         if (X8_HALVES(T)) {
@@ -191,7 +192,8 @@ static inline __attribute__((always_inline)) void tile_x8(
 {
     const int64_t rs = x8_record(T);
     const int64_t at0 = act_at(a, c0, 0); /* the tile never crosses a group: see x8 rows below */
-    Tile t = {.yq = a->q + QK * at0, .yd = a->d + at0, .ys = a->s + at0, .yi = a->isum + at0, .yh = a->halves + at0};
+    Tile t = {.yq = a->q + QK * at0, .yd = a->d + at0, .ys = a->s + at0, .yi = a->isum + at0, .yh = a->halves + at0,
+              .g = a->g};
 #pragma GCC unroll 8
     for (int c = 0; c < C; c++)
         t.acc[c] = _mm256_setzero_ps();
