@@ -249,9 +249,9 @@ class Transformer:
             x = x * np.float32(c.embed_scale)
         # one token of one sequence whose float32 cache is one run of memory (its own, or
         # consecutive arena blocks: a lone stream of the server): fused where the backend can
-        one = len(segments) == 1 and len(tokens) == 1 and xp is np and self.plain_block
-        views = segments[0].kv.layer_views(0) if one else None
-        fused = views is not None and views[0].dtype == np.float32 and be.fuses_decode(w.layers[0])
+        one = len(segments) == 1 and len(tokens) == 1 and self.plain_block and be.fuses_decode(w.layers[0])
+        views = segments[0].kv.layer_views(0) if one else None  # asked only where the backend fuses (host caches)
+        fused = views is not None and views[0].dtype == np.float32
         if fused:
             x = self._fused_decode(segments[0], x)
         for layer, lw in enumerate(() if fused else w.layers):  # the general path
