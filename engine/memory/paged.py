@@ -255,7 +255,8 @@ class PagedKV:
     def layer_views(self, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The whole reserved cache of a layer as SequenceKV's (n_kv_heads, capacity, head_dim)
         views of the arena when this sequence's blocks are consecutive there (None otherwise:
-        split, or with holes after a window passed)."""
+        split, or with holes after a window passed). Not `read`: that returns float32 copies of
+        an f16 arena, and the fused layer writes the token's key and value through these."""
         if not self.blocks or self._run != len(self.blocks) or HOLE in self.blocks:
             return None
         first, n, bs = self.blocks[0], len(self.blocks), self.arena.block_size

@@ -245,6 +245,20 @@ static void prefetch_matrix(const QMatrix *m, int64_t budget)
     ops_prefetch_async(n, p, len);
 }
 
+#if OPS_X86
+/* out (n, ldo) = x (n, ldx) @ W.T through the int8 kernels, a the activations' storage
+ * (alloc_act(n, w->k)); then an idle pool worker reads up to `budget` bytes of `next` ahead
+ * -- not when one thread was granted, which leaves no worker to read */
+static void int8_matmul(const QMatrix *w, const float *x, int64_t ldx, QAct *a, float *out, int64_t ldo, int threads,
+                        const QMatrix *next, int64_t budget)
+{
+    ops_quantize_act(x, ldx, a, threads);
+    ops_matmul(w, a, out, ldo, threads);
+    if (next && budget > 0 && threads > 1)
+        prefetch_matrix(next, budget);
+}
+#endif
+
 static PyObject *py_matmul(PyObject *self, PyObject *args)
 {
     PyObject *xo, *mo, *oo, *no = Py_None;
@@ -279,10 +293,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
     } else {
 #if OPS_X86
         Py_BEGIN_ALLOW_THREADS
-        ops_quantize_act((const float *)xv.buf, k, &a, threads);
-        ops_matmul(&m->m, &a, (float *)ov.buf, ldo, threads);
-        if (next && prefetch > 0 && threads > 1) /* one thread was granted: no worker reads */
-            prefetch_matrix(&next->m, prefetch);
+        int8_matmul(&m->m, (const float *)xv.buf, k, &a, (float *)ov.buf, ldo, threads, next ? &next->m : NULL,
+                    prefetch);
         Py_END_ALLOW_THREADS
 #endif
         free(a.q);
@@ -505,21 +517,6 @@ static int contiguous(const F32View *a, int ndim)
     return 1;
 }
 
-/* out (1, rows) = x (1, k) @ W.T through the int8 kernels (what matmul does for one row),
- * then the pool reads ahead `budget` bytes of `next` (none on one thread, as matmul) */
-static int matmul_row(const QMatrix *w, const float *x, float *out, int threads, const QMatrix *next, int64_t budget)
-{
-    QAct a;
-    if (!alloc_act(&a, 1, w->k))
-        return 0;
-    ops_quantize_act(x, w->k, &a, threads);
-    ops_matmul(w, &a, out, w->rows, threads);
-    free(a.q);
-    if (next && budget > 0 && threads > 1)
-        prefetch_matrix(next, budget);
-    return 1;
-}
-
 /* decode_layer(x, attn_norm, ffn_norm, qkv, o, gate_up, down, next, k_cache, v_cache, pos, cos, sin,
  *              neox, eps, heads, threads, prefetch_bytes)
  * One llama-block decoder layer for one token of one sequence, in place on x (1, dim): the same
@@ -569,47 +566,50 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args)
                         "cos/sin (positions > pos, <= hd/2)");
         goto done;
     }
-    /* scratch: h, qkv, q and k after RoPE, attention, a projection, gate_up, its activation */
+#if OPS_X86
+    /* everything allocated before anything is written: out of memory leaves x and the caches
+     * as they were. Scratch: h, qkv, q and k after RoPE, attention, a projection, gate_up, its
+     * activation; and each matmul's quantized activations */
     float *h = malloc((size_t)(dim + (qd + 2 * kvd) + qd + kvd + qd + dim + 3 * ffn) * sizeof(float));
-    if (!h) {
+    QAct acts[4];
+    int got = 0;
+    while (h && got < 4 && alloc_act(&acts[got], 1, w[got]->k))
+        got++;
+    if (got < 4) {
+        while (got > 0)
+            free(acts[--got].q);
+        free(h);
         PyErr_NoMemory();
         goto done;
     }
     float *qkv = h + dim, *qr = qkv + qd + 2 * kvd, *kr = qr + qd, *att = kr + kvd, *proj = att + qd;
     float *gu = proj + dim, *act = gu + 2 * ffn;
-    int ok = 1;
     const int64_t p1 = pos;
     Py_BEGIN_ALLOW_THREADS
     ops_rms_norm(x.p, dim, an.p, 1, dim, eps, h);
-    ok = ok && matmul_row(w[0], h, qkv, threads, w[1], prefetch);
-    if (ok) {
-        ops_rope(qkv, qd + 2 * kvd, hd, 1, heads, hd, c.p, sn.p, c.shape[1], &p1, neox, qr);
-        ops_rope(qkv + qd, qd + 2 * kvd, hd, 1, n_kv, hd, c.p, sn.p, c.shape[1], &p1, neox, kr);
-        for (int64_t g = 0; g < n_kv; g++) {
-            memcpy(kc.p + g * kc.strides[0] + pos * hd, kr + g * hd, (size_t)hd * sizeof(float));
-            memcpy(vc.p + g * vc.strides[0] + pos * hd, qkv + qd + kvd + g * hd, (size_t)hd * sizeof(float));
-        }
-        ops_attention(qr, kc.p, kc.strides[0], vc.p, vc.strides[0], &p1, 1, heads, n_kv, pos + 1, hd, att, threads);
+    int8_matmul(w[0], h, dim, &acts[0], qkv, w[0]->rows, threads, w[1], prefetch);
+    ops_rope(qkv, qd + 2 * kvd, hd, 1, heads, hd, c.p, sn.p, c.shape[1], &p1, neox, qr);
+    ops_rope(qkv + qd, qd + 2 * kvd, hd, 1, n_kv, hd, c.p, sn.p, c.shape[1], &p1, neox, kr);
+    for (int64_t g = 0; g < n_kv; g++) {
+        memcpy(kc.p + g * kc.strides[0] + pos * hd, kr + g * hd, (size_t)hd * sizeof(float));
+        memcpy(vc.p + g * vc.strides[0] + pos * hd, qkv + qd + kvd + g * hd, (size_t)hd * sizeof(float));
     }
-    ok = ok && matmul_row(w[1], att, proj, threads, w[2], prefetch);
-    if (ok) {
-        for (int64_t e = 0; e < dim; e++)
-            x.p[e] += proj[e];
-        ops_rms_norm(x.p, dim, fn.p, 1, dim, eps, h);
-    }
-    ok = ok && matmul_row(w[2], h, gu, threads, w[3], prefetch);
-    if (ok)
-        ops_silu_mul(gu, 2 * ffn, 1, ffn, act, threads);
-    ok = ok && matmul_row(w[3], act, proj, threads, w[4], prefetch);
-    if (ok)
-        for (int64_t e = 0; e < dim; e++)
-            x.p[e] += proj[e];
+    ops_attention(qr, kc.p, kc.strides[0], vc.p, vc.strides[0], &p1, 1, heads, n_kv, pos + 1, hd, att, threads);
+    int8_matmul(w[1], att, qd, &acts[1], proj, dim, threads, w[2], prefetch);
+    for (int64_t e = 0; e < dim; e++)
+        x.p[e] += proj[e];
+    ops_rms_norm(x.p, dim, fn.p, 1, dim, eps, h);
+    int8_matmul(w[2], h, dim, &acts[2], gu, 2 * ffn, threads, w[3], prefetch);
+    ops_silu_mul(gu, 2 * ffn, 1, ffn, act, threads);
+    int8_matmul(w[3], act, ffn, &acts[3], proj, dim, threads, w[4], prefetch);
+    for (int64_t e = 0; e < dim; e++)
+        x.p[e] += proj[e];
     Py_END_ALLOW_THREADS
+    for (int i = 0; i < 4; i++)
+        free(acts[i].q);
     free(h);
-    if (!ok)
-        PyErr_NoMemory(); /* x may hold a partial layer: the caller discards the step */
-    else
-        result = Py_NewRef(Py_None);
+#endif
+    result = Py_NewRef(Py_None);
 done:
     release_views(views, 7);
     return result;
