@@ -149,12 +149,12 @@ class CpuBackend(Backend):
                      rope_table: Any, eps: float, n_heads: int, next_weight: Any) -> None:
         cos_t, sin_t, style = rope_table
         nxt = next_weight.matrix if isinstance(next_weight, QuantizedLinear) else None
-        q = self.quantized
+        qm = self.quantized
         self._ops.decode_layer(x, layer.attn_norm, layer.ffn_norm, layer.wqkv.matrix, layer.wo.matrix,
                                layer.w_gate_up.matrix, layer.w_down.matrix, nxt, k_cache, v_cache, position,
-                               cos_t, sin_t, style == "neox", eps, n_heads, q.threads,
-                               q.settings.prefetch_next_kib * 1024)
-        q.ran(layer.wqkv, layer.w_down)  # the head after the last layer reads layer 0 ahead, as unfused
+                               cos_t, sin_t, style == "neox", eps, n_heads, qm.threads,
+                               qm.settings.prefetch_next_kib * 1024)
+        qm.ran(layer.wqkv, layer.w_down)  # the head after the last layer reads layer 0 ahead, as unfused
 
     # The decoder-layer ops below run in C (ops_avx2/ops.c) when the extension is in use:
     # at decode each is a few microseconds of arithmetic behind several numpy calls. The
