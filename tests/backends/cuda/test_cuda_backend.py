@@ -8,11 +8,13 @@ they compare the whole model with the numpy backend on the reference prompts.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from paths import FIXTURES
 
 from backends.base import TensorData
 from backends.cuda import cuda_available
@@ -236,6 +238,47 @@ def test_gpu_greedy_generation_equals_hf_f32(gpu_model, generation_reference):
                          ignore_eos=True)
         list(gen)
         assert gen.completion.ids == case["hf_f32"]["greedy"], case["prompt"]
+
+
+# Architectures the device kernels compute (the plain llama decoder); the others are refused at load
+# with the variants named, never run approximately (CudaBackend.check_model).
+ARCH = FIXTURES / "arch"
+ARCH_CASES = sorted(json.loads((ARCH / "manifest.json").read_text()))
+CUDA_REFUSES = {"gemma3", "llama3", "llama_linear", "mistral_swa", "phi3", "qwen2", "qwen2_yarn", "qwen3"}
+NEAR_TIE = 0.05  # as tests/engine/model/test_architectures.py
+
+
+@gpu
+@pytest.mark.parametrize("name", ARCH_CASES)
+def test_gpu_architectures_match_transformers_and_llama_cpp(name):
+    """Each tiny architecture fixture on the GPU: its f32 file against transformers' logits, its
+    Q4_0 file (native blocks) against llama.cpp's, as on the CPU; or a clear refusal at load."""
+    from engine.errors import UnsupportedModel
+    from engine.runtime.generate import LoadedModel, score
+    ref = np.load(ARCH / f"{name}.npz")
+    ids = [int(t) for t in ref["teacher_ids"]]
+    if name in CUDA_REFUSES:
+        with pytest.raises(UnsupportedModel, match="cuda backend does not compute"):
+            LoadedModel(ARCH / f"{name}.gguf", backend="cuda", weights="native")
+        return
+    model = LoadedModel(ARCH / f"{name}.gguf", backend="cuda", weights="native")
+    try:
+        got = score(model, ids)
+    finally:
+        model.close()
+    want = ref["logits"]
+    assert (got.argmax(1) == want.argmax(1)).all(), name
+    assert np.abs(got - want).max() < LOGIT_TOLERANCE, name
+    model = LoadedModel(ARCH / f"{name}.q4_0.gguf", backend="cuda", weights="native")
+    try:
+        got = score(model, ids)
+    finally:
+        model.close()
+    theirs = np.load(ARCH / f"{name}.q4_0.llamacpp.npz")["logits"]
+    for j in np.flatnonzero(got.argmax(1) != theirs.argmax(1)):
+        margin = theirs[j].max() - theirs[j, got[j].argmax()]
+        assert margin < NEAR_TIE, f"{name} q4_0 at {j}: llama.cpp prefers its top-1 by {margin:.3f}"
+    print(f"{name}: f32 and q4_0 on the GPU agree with transformers and llama.cpp")
 
 
 @gpu
