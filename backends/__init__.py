@@ -19,5 +19,7 @@ def create_backend(name: str, settings: KernelSettings) -> Backend:
         if not ok:
             raise InvalidArgument(f"backend 'cuda' cannot run here: {reason}", field="backend")
         from backends.cuda.backend import CudaBackend
-        return CudaBackend(settings)
+        # activations and the runtime's own caches stay in device memory: one host round trip a
+        # step instead of one an op (the same kernels, the same numbers; docs/04_cuda_backend.md)
+        return CudaBackend(settings, resident=True)
     raise InvalidArgument(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})", field="backend")

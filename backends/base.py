@@ -83,6 +83,10 @@ class Backend(ABC):
         """The array module of this backend's results: numpy unless resident."""
         return np
 
+    def holds_cache(self, kv: Any) -> bool:
+        """Whether `kv` is a cache in this backend's own memory (from `new_kv`)."""
+        return False
+
     def new_kv(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> Any:
         """A sequence's KV cache in the backend's memory (resident backends only)."""
         raise NotImplementedError(f"the {self.name} backend is not resident; the runtime keeps its cache")
@@ -166,8 +170,8 @@ class Backend(ABC):
         positions 0..lengths[b]-1 (the rest is padding). Returns (B, n_heads * head_dim).
         This default loops over `attention`; backends override it with one batched computation.
         """
-        return np.concatenate([self.attention(q[b:b + 1], k[b, :, :lengths[b]], v[b, :, :lengths[b]],
-                                              np.array([lengths[b] - 1])) for b in range(len(q))])
+        return self.xp.concatenate([self.attention(q[b:b + 1], k[b, :, :lengths[b]], v[b, :, :lengths[b]],
+                                                   np.array([lengths[b] - 1])) for b in range(len(q))])
 
     def paged_decode_attention(self, q: np.ndarray, k_pages: np.ndarray, v_pages: np.ndarray, table: np.ndarray,
                                lengths: np.ndarray) -> np.ndarray:

@@ -304,6 +304,9 @@ class CudaBackend(Backend):
 
     # --- memory ------------------------------------------------------------------------------
 
+    def holds_cache(self, kv: Any) -> bool:
+        return isinstance(kv, DeviceSequenceKV)
+
     def new_kv(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> DeviceSequenceKV:
         """A sequence's KV cache in device memory (resident mode)."""
         if not self.resident:

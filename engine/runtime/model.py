@@ -237,7 +237,11 @@ class Transformer:
         positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens)) for s in segments])
         bounds = np.cumsum([0] + [len(s.tokens) for s in segments])
 
-        paged = _paged_step(segments) if xp is np else None
+        # a resident backend (arrays in device memory) with caches the runtime keeps on the host
+        # (the worker's arena): keys and values come to the host once a layer to be stored, and
+        # attention reads the host cache (the backend uploads it)
+        host_kv = xp is not np and not all(be.holds_cache(s.kv) for s in segments)
+        paged = _paged_step(segments) if xp is np or host_kv else None
         decoders = paged.lengths.size if paged is not None else 0
         dec_rows = bounds[:-1][[len(s.tokens) == 1 for s in segments]] if decoders else None
         # the rest attend one by one: prompt chunks, and a lone decoder
@@ -272,14 +276,15 @@ class Transformer:
                 q = q * self.q_scale
             # each sequence attends over its own cache (a sliding layer: over its window only)
             attn = xp.empty((len(tokens), q_dim), dtype=np.float32)
+            k_new, v_new = (be.to_host(k), be.to_host(v)) if host_kv else (k, v)
             if paged is not None:  # one scatter for every new token; the decoders' attention in one call
-                paged.write(layer, k, v)
+                paged.write(layer, k_new, v_new)
                 if decoders and not window:
-                    attn[dec_rows] = be.paged_decode_attention(q[dec_rows], *paged.pages(layer), paged.table,
-                                                               paged.lengths)
+                    rows = xp.asarray(dec_rows)
+                    attn[rows] = be.paged_decode_attention(q[rows], *paged.pages(layer), paged.table, paged.lengths)
             for s, lo, hi in (everyone if window else singles):
                 if paged is None:
-                    s.kv.write(layer, s.start, k[lo:hi], v[lo:hi])
+                    s.kv.write(layer, s.start, k_new[lo:hi], v_new[lo:hi])
                 end = s.start + hi - lo
                 if window:  # keys from the oldest any of these queries can see
                     first = max(0, s.start - window + 1)

@@ -282,6 +282,27 @@ def test_gpu_architectures_match_transformers_and_llama_cpp(name):
 
 
 @gpu
+def test_gpu_worker_batches_equal_hf_f32(gpu_model, generation_reference):
+    """The worker's continuous batching on the resident backend, its paged arena in host memory
+    (keys and values come back once a layer, attention uploads the blocks it reads): every
+    reference prompt at once, each completion the hf_f32 greedy tokens."""
+    from engine.memory.paged import BlockArena
+    from engine.runtime.sampling import SamplingParams
+    from engine.runtime.worker import EngineWorker, RequestSpec, WorkerLimits
+    from engine.scheduler.base import FifoPolicy
+    arena = BlockArena.for_model(gpu_model.config, num_blocks=64, block_size=16)
+    worker = EngineWorker(gpu_model, FifoPolicy(), WorkerLimits(max_batched_tokens=64), arena=arena)
+    try:
+        handles = [worker.submit(RequestSpec(str(i), case["prompt_ids"], SamplingParams(temperature=0.0, max_tokens=16),
+                                             ignore_eos=True)) for i, case in enumerate(generation_reference)]
+        for case, handle in zip(generation_reference, handles):
+            final = [e for e in handle.events() if hasattr(e, "finish_reason")][0]
+            assert final.ids == case["hf_f32"]["greedy"][:16], case["prompt"]
+    finally:
+        worker.close()
+
+
+@gpu
 def test_gpu_logits_match_numpy_backend(gpu_model, loaded_model, generation_reference):
     """Teacher-forced logits of every reference case: the CUDA backend vs the numpy backend."""
     from engine.runtime.generate import score
@@ -313,12 +334,13 @@ def test_gpu_prefill_gemm_path_matches_matvec_path(gpu_model):
 
 @gpu
 def test_gpu_resident_ops_stay_on_device(gpu_model):
-    """resident=True: cupy in, cupy out, the same numbers as the host mode."""
+    """resident=True (what create_backend gives): cupy in, cupy out, the same numbers as the host mode."""
     import cupy as cp
 
     from backends.cuda.backend import CudaBackend
-    host = gpu_model.backend
-    res = CudaBackend(kernel_settings(), resident=True)
+    res = gpu_model.backend
+    assert res.resident
+    host = CudaBackend(kernel_settings())
     res.configure_rope(64, 10000.0, "interleaved", 256)
     host.configure_rope(64, 10000.0, "interleaved", 256)
     try:
@@ -340,7 +362,7 @@ def test_gpu_resident_ops_stay_on_device(gpu_model):
     finally:
         gpu_model.backend.configure_rope(gpu_model.config.rope_dim, gpu_model.config.rope_theta,
                                          gpu_model.config.rope_style, gpu_model.config.context_length)
-        res.close()
+        host.close()
 
 
 @gpu
@@ -361,4 +383,4 @@ def test_gpu_memory_stats_and_speed(gpu_model):
         decode_one_token(gpu_model, kv, 300 + i)
     tg = 64 / (time.perf_counter() - start)
     print(f"\ncuda backend on {gpu_model.backend.device.name}: pp512 {pp:.0f} tok/s, tg64 {tg:.0f} tok/s "
-          f"(host mode: one host round trip per op); memory {stats}")
+          f"(resident: one host round trip a step); memory {stats}")
