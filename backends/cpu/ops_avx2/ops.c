@@ -214,6 +214,28 @@ static inline __m256 hsum8x8(const __m256 a[8])
     return _mm256_add_ps(lo, hi);
 }
 
+/* o[e0 .. e0 + 8 W) = inv * sum_j p_j v_j[e0 ..], j over the row's keys in order. W is a
+ * constant, so the accumulators stay in registers: the array of hd / 8 indexed at run time that
+ * this replaces lived on the stack, a load and a store around every multiply-add (prefill
+ * attention of the 1B shape, 512 tokens: 18.4 -> 13.6 ms a layer, the same bits) */
+static inline __attribute__((always_inline)) void pv_cols(const AttnCtx *c, const float *v, int64_t i, const float *p,
+                                                          int64_t nk, int64_t e0, const int W, float inv, float *o)
+{
+    __m256 acc[8];
+    for (int e = 0; e < W; e++)
+        acc[e] = _mm256_setzero_ps();
+    for (int64_t len, j0 = 0; j0 < nk; j0 += len) {
+        const float *vr = kv_run(c, v, i, j0, nk, &len) + e0;
+        for (int64_t u = 0; u < len; u++) {
+            const __m256 pj = _mm256_set1_ps(p[j0 + u]);
+            for (int e = 0; e < W; e++)
+                acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + u * c->hd + 8 * e), acc[e]);
+        }
+    }
+    for (int e = 0; e < W; e++)
+        _mm256_storeu_ps(o + e0 + 8 * e, _mm256_mul_ps(acc[e], _mm256_set1_ps(inv)));
+}
+
 /* Query row i, heads h0 .. h0 + per_task - 1 (of one kv head g): one after another over the
  * same keys and values, which the first head brings into L1 for the others. Each head's
  * arithmetic is the same whatever the grouping. */
@@ -297,21 +319,21 @@ static void attn_task(void *p, int64_t task)
             }
         }
         const float inv = 1.0f / sum;
-        /* weighted sum of values */
-        if (hd % 8 == 0 && hd <= 256) {
-            __m256 acc[32];
-            for (int64_t e = 0; e < hd / 8; e++)
-                acc[e] = _mm256_setzero_ps();
-            for (int64_t len, j0 = 0; j0 < nk; j0 += len) {
-                const float *vr = kv_run(c, v, i, j0, nk, &len);
-                for (int64_t u = 0; u < len; u++) {
-                    const __m256 pj = _mm256_set1_ps(scores[j0 + u]);
-                    for (int64_t e = 0; e < hd / 8; e++)
-                        acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + u * hd + 8 * e), acc[e]);
-                }
+        /* weighted sum of values: 64 columns at a time, then the rest */
+        if (hd % 8 == 0) {
+            int64_t e0 = 0;
+            for (; e0 + 64 <= hd; e0 += 64)
+                pv_cols(c, v, i, scores, nk, e0, 8, inv, o);
+            switch ((hd - e0) / 8) {
+            case 1: pv_cols(c, v, i, scores, nk, e0, 1, inv, o); break;
+            case 2: pv_cols(c, v, i, scores, nk, e0, 2, inv, o); break;
+            case 3: pv_cols(c, v, i, scores, nk, e0, 3, inv, o); break;
+            case 4: pv_cols(c, v, i, scores, nk, e0, 4, inv, o); break;
+            case 5: pv_cols(c, v, i, scores, nk, e0, 5, inv, o); break;
+            case 6: pv_cols(c, v, i, scores, nk, e0, 6, inv, o); break;
+            case 7: pv_cols(c, v, i, scores, nk, e0, 7, inv, o); break;
+            default: break;
             }
-            for (int64_t e = 0; e < hd / 8; e++)
-                _mm256_storeu_ps(o + 8 * e, _mm256_mul_ps(acc[e], _mm256_set1_ps(inv)));
         } else {
             for (int64_t e = 0; e < hd; e++)
                 o[e] = 0.0f;
