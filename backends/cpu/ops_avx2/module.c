@@ -211,10 +211,10 @@ static int alloc_act(QAct *a, int64_t n, int64_t k)
     a->k = k;
     a->nb = k / QK;
     a->g = n < ACT_G && n > 0 ? n : ACT_G;
-    /* one allocation: q, then d, s, isum, halves (4-byte aligned since k is a multiple of 32),
-     * rows padded to whole groups (act_at) */
+    /* one allocation: q, then d, s, isum, halves, off6 (4-byte aligned since k is a multiple of
+     * 32), rows padded to whole groups (act_at) */
     const int64_t np = (n + a->g - 1) / a->g * a->g, nbl = np * a->nb;
-    char *mem = malloc((size_t)(np * k + 4 * nbl * 4));
+    char *mem = malloc((size_t)(np * k + 6 * nbl * 4));
     if (!mem)
         return 0;
     a->q = (int8_t *)mem;
@@ -222,6 +222,7 @@ static int alloc_act(QAct *a, int64_t n, int64_t k)
     a->s = a->d + nbl;
     a->isum = (int32_t *)(a->s + nbl);
     a->halves = a->isum + nbl;
+    a->off6 = a->halves + nbl;
     return 1;
 }
 

@@ -111,6 +111,8 @@ typedef struct {
     int32_t *isum;    /* [..] sum(q), exact: weights' offsets, K-quant mins */
     int32_t *halves;  /* [..] the sums of the block's two 16-weight halves as int16 (first in the low
                        * half): one madd with a 16-weight sub-block pair (offsets, mins) */
+    int32_t *off6;    /* [2 at], [2 at + 1]: -32 times each half's sum, where the VNNI Q6_K kernel
+                       * starts its two accumulators (its offset of 32, no work per row) */
 } QAct;
 
 /* where (row i, 32-block b) of a QAct sits: index into d, s, isum, halves; q at 32x this */

@@ -69,6 +69,8 @@ static void quantize_act_row(const float *x, QAct *a, int64_t i)
         a->s[at] = a->d[at] * (float)sum;
         a->isum[at] = sum;
         a->halves[at] = (int32_t)(((uint32_t)(sum - sum16) << 16) | ((uint32_t)sum16 & 0xFFFF));
+        a->off6[2 * at] = -32 * sum16;
+        a->off6[2 * at + 1] = -32 * (sum - sum16);
     }
 }
 

@@ -67,9 +67,15 @@ typedef struct {
     __m256 acc[MAXC];
     const int8_t *yq;
     const float *yd, *ys;
-    const int32_t *yi, *yh;
+    const int32_t *yi, *yh, *yo;
     int64_t g;
 } Tile;
+
+/* VNNI Q6_K: each half's accumulator starts at -32 times the activation half's sum (QAct.off6), so
+ * the sub-block scale multiplies (dot - 32 S) and the offset costs nothing a row: the same int32 as
+ * subtracting 32 (sc0 S0 + sc1 S1) after (its madd, shift and subtract a row made up ~10 % of the
+ * kernel at 16 rows) */
+#define X8_OFF_START(T) (X8_VNNI && (T) == QT_Q6_K)
 
 /* 32-block b (block s of record rec) of the 8 rows against the tile's C activation rows */
 static inline __attribute__((always_inline)) void block_x8(const int T, const int C, const uint8_t *rec, const int s,
@@ -108,14 +114,14 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
     const int8_t *y0 = t->yq + b * QK * t->g;
 #pragma GCC unroll 8
     for (int j = 0; j < C; j++)
-        pj[j] = _mm256_setzero_si256();
+        pj[j] = X8_OFF_START(T) ? _mm256_set1_epi32(t->yo[2 * (b * t->g + j)]) : _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int c = 0; c < 8; c++) {
         if (X8_HALVES(T) && c == 4) {
 #pragma GCC unroll 8
             for (int j = 0; j < C; j++) {
                 hj[j] = _mm256_mullo_epi32(pj[j], x.sc[0]);
-                pj[j] = _mm256_setzero_si256();
+                pj[j] = X8_OFF_START(T) ? _mm256_set1_epi32(t->yo[2 * (b * t->g + j) + 1]) : _mm256_setzero_si256();
             }
         }
 #pragma GCC unroll 8
@@ -159,7 +165,7 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
         const __m256i s01 = _mm256_set1_epi32(t->yh[at]); /* the halves' sums, int16 pairs */
         if (X8_OFF(T) && !X8_HALVES(T))
             p = _mm256_sub_epi32(p, _mm256_set1_epi32(X8_OFF(T) * t->yi[at]));
-        else if (X8_OFF(T))
+        else if (X8_OFF(T) && !X8_OFF_START(T))
             p = _mm256_sub_epi32(p, _mm256_slli_epi32(_mm256_madd_epi16(sc01, s01), __builtin_ctz(X8_OFF(T))));
         const __m256 dy = _mm256_broadcast_ss(t->yd + at);
         t->acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(x.d, dy), t->acc[j]);
@@ -193,6 +199,7 @@ static inline __attribute__((always_inline)) void tile_x8(
     const int64_t rs = x8_record(T);
     const int64_t at0 = act_at(a, c0, 0); /* the tile never crosses a group: see x8 rows below */
     Tile t = {.yq = a->q + QK * at0, .yd = a->d + at0, .ys = a->s + at0, .yi = a->isum + at0, .yh = a->halves + at0,
+              .yo = a->off6 + 2 * at0,
               .g = a->g};
 #pragma GCC unroll 8
     for (int c = 0; c < C; c++)
