@@ -75,13 +75,18 @@ class Backend(ABC):
     # batch (the plan's determinism.batch_invariant); backends may trade speed for it.
     batch_invariant: bool = False
     # Capability: a resident backend keeps activations and the KV cache in its own memory
-    # (`xp` arrays in and out, `new_kv` makes the cache); others take and return numpy.
+    # (`xp` arrays in and out, `new_kv` makes the cache, `to_host` brings a result back); others
+    # take and return numpy.
     resident: bool = False
 
     @property
     def xp(self) -> Any:
         """The array module of this backend's results: numpy unless resident."""
         return np
+
+    def to_host(self, a: Any) -> np.ndarray:
+        """One of this backend's results as a host numpy array (a copy off the device if resident)."""
+        return np.asarray(a)
 
     def holds_cache(self, kv: Any) -> bool:
         """Whether `kv` is a cache in this backend's own memory (from `new_kv`)."""

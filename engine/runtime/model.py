@@ -280,8 +280,8 @@ class Transformer:
             if paged is not None:  # one scatter for every new token; the decoders' attention in one call
                 paged.write(layer, k_new, v_new)
                 if decoders and not window:
-                    rows = xp.asarray(dec_rows)
-                    attn[rows] = be.paged_decode_attention(q[rows], *paged.pages(layer), paged.table, paged.lengths)
+                    at = xp.asarray(dec_rows)
+                    attn[at] = be.paged_decode_attention(q[at], *paged.pages(layer), paged.table, paged.lengths)
             for s, lo, hi in (everyone if window else singles):
                 if paged is None:
                     s.kv.write(layer, s.start, k_new[lo:hi], v_new[lo:hi])
