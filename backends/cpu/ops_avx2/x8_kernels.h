@@ -17,7 +17,12 @@
 #define MAXC 4
 #endif
 #ifndef PF_GROUPS
-#define PF_GROUPS 8 /* prefetch the same record this many 8-row groups on */
+/* prefetch the same record this many 8-row groups on. 8 (64 rows) was best while one-token
+ * items were 64 rows taken in turn; with a thread's items long runs (qmatmul.c, RUNS), 4: the
+ * whole 1B model's matrices at batch 1, 2 threads, two sweeps of 5 rounds (weight_sweep.py):
+ * Q4_K_M 25.1 -> 20.2 and 24.9 -> 23.9 ms, Q6_K 36.4 -> 31.7 and 37.1 -> 31.8; tg64, 5 rounds:
+ * Q4_K_M 38.9 -> 40.7 tok/s, Q6_K 32.2 -> 32.9; batch 16 and 512 the same within noise */
+#define PF_GROUPS 4
 #endif
 
 /* ---- the x8 kernel: 8 weight rows per register, lanes = rows, every block type ----
