@@ -243,7 +243,8 @@ class Transformer:
         host_kv = xp is not np and not all(be.holds_cache(s.kv) for s in segments)
         paged = _paged_step(segments) if xp is np or host_kv else None
         decoders = paged.lengths.size if paged is not None else 0
-        dec_rows = bounds[:-1][[len(s.tokens) == 1 for s in segments]] if decoders else None
+        # the decoders' rows of the step, in the backend's array module once (not once a layer)
+        dec_rows = xp.asarray(bounds[:-1][[len(s.tokens) == 1 for s in segments]]) if decoders else None
         # the rest attend one by one: prompt chunks, and a lone decoder
         singles = [(s, lo, hi) for s, lo, hi in zip(segments, bounds[:-1], bounds[1:])
                    if not (decoders and hi - lo == 1)]
@@ -280,8 +281,8 @@ class Transformer:
             if paged is not None:  # one scatter for every new token; the decoders' attention in one call
                 paged.write(layer, k_new, v_new)
                 if decoders and not window:
-                    at = xp.asarray(dec_rows)
-                    attn[at] = be.paged_decode_attention(q[at], *paged.pages(layer), paged.table, paged.lengths)
+                    attn[dec_rows] = be.paged_decode_attention(q[dec_rows], *paged.pages(layer), paged.table,
+                                                               paged.lengths)
             for s, lo, hi in (everyone if window else singles):
                 if paged is None:
                     s.kv.write(layer, s.start, k_new[lo:hi], v_new[lo:hi])

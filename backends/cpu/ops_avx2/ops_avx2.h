@@ -115,7 +115,7 @@ typedef struct {
                        * starts its two accumulators (its offset of 32, no work per row) */
 } QAct;
 
-/* where (row i, 32-block b) of a QAct sits: index into d, s, isum, halves; q at 32x this */
+/* where (row i, 32-block b) of a QAct sits: index into d, s, isum, halves (off6 at 2x); q at 32x this */
 static inline int64_t act_at(const QAct *a, int64_t i, int64_t b)
 {
     return (i / a->g * a->nb + b) * a->g + i % a->g;
