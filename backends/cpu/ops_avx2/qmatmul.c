@@ -111,11 +111,12 @@ int ops_use_vnni(int on)
 #endif
 /* One token (decode streams every weight from memory): items of rows / (RUNS * threads), so each
  * thread reads a few long runs of rows. With 64-row items taken in turn, a thread's prefetch
- * (PF_GROUPS ahead, 8 groups then) fell into the next item, mostly the other thread's, filling the
- * wrong core's L2. The 1B model's matrices at batch 1 (weight_sweep.py, 7 rounds): Q6_K 55.7 ->
- * 34.4 ms, Q4_K_M 26.0 -> 25.4; tg 64 tokens, 12 interleaved rounds: Q6_K 24.9 -> 31.0 tok/s (medians; 64-row
- * items read 20.0-33.0, bimodal), Q4_K_M 39.1 -> 42.4; 2 runs a thread measured the same (7
- * rounds: 33.6, 41.8) and 4 keep a descheduled thread's share smaller. (Reading ahead the
+ * (PF_GROUPS ahead, 8 groups then) fell into the next item, mostly the other thread's -- into the
+ * wrong core's L2, as we read it (no counters here to confirm). The 1B model's matrices at batch 1
+ * (weight_sweep.py, 7 rounds): Q6_K 55.7 -> 34.4 ms, Q4_K_M 26.0 -> 25.4; tg 64 tokens, 12
+ * interleaved rounds: Q6_K 24.4 -> 31.0 tok/s (medians; 64-row items read 20.0-33.0, bimodal),
+ * Q4_K_M 39.1 -> 42.4; 2 runs a thread measured the same (7 rounds: 33.6, 41.8) and 4 keep a
+ * descheduled thread's share smaller. (Reading ahead the
  * second item, the worker's, instead of the first: not better, 5 rounds.) */
 #ifndef RUNS
 #define RUNS 4
