@@ -137,6 +137,9 @@ void ops_park(void);
  * task). Callers that run on one thread do not post. Prefetch instructions never fault, so a
  * range unmapped meanwhile (a model unloaded) is harmless. */
 void ops_prefetch_async(int n, const void *const *p, const int64_t *len);
+/* The calling thread's scratch of at least `bytes`, 64-byte aligned, kept (and grown) for the
+ * thread's life and freed when it exits; NULL if it cannot be had (callers fall back). */
+void *ops_thread_scratch(size_t bytes);
 
 /* kernels (AVX2) */
 void ops_quantize_act(const float *x, int64_t ldx, QAct *a, int nthreads);

@@ -26,6 +26,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -241,4 +242,49 @@ void ops_parallel_for(int64_t n, int nth, ops_task_fn fn, void *ctx)
             sched_yield(); /* a joined worker was preempted: let it run */
     }
     pthread_mutex_unlock(&task_mu);
+}
+
+/* ---- per-thread scratch (the kernels' prepared weight groups) ---- */
+
+typedef struct {
+    void *p;
+    size_t size;
+} Scratch;
+
+static pthread_key_t g_scratch_key;
+static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *v)
+{
+    Scratch *s = v;
+    free(s->p);
+    free(s);
+}
+
+static void scratch_key_make(void)
+{
+    pthread_key_create(&g_scratch_key, scratch_free);
+}
+
+void *ops_thread_scratch(size_t bytes)
+{
+    pthread_once(&g_scratch_once, scratch_key_make);
+    Scratch *s = pthread_getspecific(g_scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(g_scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (s->size < bytes) {
+        const size_t size = (bytes + 4095) & ~(size_t)4095;
+        void *p = NULL;
+        if (posix_memalign(&p, 64, size) != 0)
+            return NULL;
+        free(s->p);
+        s->p = p;
+        s->size = size;
+    }
+    return s->p;
 }
