@@ -190,15 +190,15 @@ def test_prompt_sized_batches_span_several_activation_chunks(qtype):
 @needs_ext
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_prepared_groups_give_the_bits_of_per_tile_unpacking(qtype):
-    """From 8 activation rows a chunk on (X8_PREP_ROWS), the AVX2 kernels unpack each weight group
+    """From 16 activation rows a chunk on (X8_PREP_ROWS), the AVX2 kernels unpack each weight group
     once into a thread's scratch and every tile reads it there; a row alone is unpacked tile by
-    tile. 13 rows: tiles of 4, 4, 4 and 1 over the prepared groups, each row the same bits alone,
+    tile. 19 rows: tiles of 4 (four) and 3 over the prepared groups, each row the same bits alone,
     and all within the reference's tolerance (k = 768: three super-blocks, 24 blocks)."""
     rng = np.random.default_rng(21)
     qm = QuantizedMatmul("avx2", INT8_ALWAYS)
     part = BlockPart(random_blocks(qtype, 37, 768, rng), qtype, 37)
     w = qm.handle([part], 768)
-    x = rng.standard_normal((13, 768)).astype(np.float32)
+    x = rng.standard_normal((19, 768)).astype(np.float32)
     got = qm.linear(x, w)
     _close(got, int8_reference(x, [part]), 1e-5)
     for i in range(len(x)):
