@@ -84,7 +84,7 @@ typedef struct {
 
 /* One 32-block of the 8 rows as every activation row of a tile reads it: unpacked (x8_unpack),
  * with the scale pairs and the min the epilogue takes. Made in registers for each tile, or
- * once for all the tiles of an activation chunk (x8 rows below: X8_PREP). */
+ * once for all the tiles of an activation chunk (X8_PREP_ROWS below). */
 typedef struct {
     X8Block x;
     __m256i sp[2];      /* AVX2: the madd multipliers of each half (sub-block scales or ones) */
