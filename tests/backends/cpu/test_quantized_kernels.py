@@ -171,20 +171,26 @@ def test_vnni_and_avx2_kernels_give_the_same_bits(qtype):
         ops.use_vnni(True)
 
 
+def _batch_matches_reference_and_rows_alone(qtype, rows, k, n, check_rows, seed):
+    """n activation rows against a random (rows, k) matrix of qtype: all within the reference's
+    tolerance, and each of check_rows the same bits as that row multiplied alone."""
+    rng = np.random.default_rng(seed)
+    qm = QuantizedMatmul("avx2", INT8_ALWAYS)
+    part = BlockPart(random_blocks(qtype, rows, k, rng), qtype, rows)
+    w = qm.handle([part], k)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    got = qm.linear(x, w)
+    _close(got, int8_reference(x, [part]), 1e-5)
+    for i in check_rows:
+        np.testing.assert_array_equal(qm.linear(x[i:i + 1], w)[0], got[i])
+
+
 @needs_ext
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_prompt_sized_batches_span_several_activation_chunks(qtype):
     """A prefill-sized batch is taken in chunks of activation rows (256 KB of int8 each: 128 rows
     at k = 2048); every row still matches the reference and its own one-row result."""
-    rng = np.random.default_rng(16)
-    qm = QuantizedMatmul("avx2", INT8_ALWAYS)
-    part = BlockPart(random_blocks(qtype, 21, 2048, rng), qtype, 21)
-    w = qm.handle([part], 2048)
-    x = rng.standard_normal((301, 2048)).astype(np.float32)
-    got = qm.linear(x, w)
-    _close(got, int8_reference(x, [part]), 1e-5)
-    for i in (0, 127, 128, 255, 300):
-        np.testing.assert_array_equal(qm.linear(x[i:i + 1], w)[0], got[i])
+    _batch_matches_reference_and_rows_alone(qtype, 21, 2048, 301, (0, 127, 128, 255, 300), seed=16)
 
 
 @needs_ext
@@ -194,15 +200,7 @@ def test_prepared_groups_give_the_bits_of_per_tile_unpacking(qtype):
     once into a thread's scratch and every tile reads it there; a row alone is unpacked tile by
     tile. 19 rows: tiles of 4 (four) and 3 over the prepared groups, each row the same bits alone,
     and all within the reference's tolerance (k = 768: three super-blocks, 24 blocks)."""
-    rng = np.random.default_rng(21)
-    qm = QuantizedMatmul("avx2", INT8_ALWAYS)
-    part = BlockPart(random_blocks(qtype, 37, 768, rng), qtype, 37)
-    w = qm.handle([part], 768)
-    x = rng.standard_normal((19, 768)).astype(np.float32)
-    got = qm.linear(x, w)
-    _close(got, int8_reference(x, [part]), 1e-5)
-    for i in range(len(x)):
-        np.testing.assert_array_equal(qm.linear(x[i:i + 1], w)[0], got[i])
+    _batch_matches_reference_and_rows_alone(qtype, 37, 768, 19, range(19), seed=21)
 
 
 @needs_ext
