@@ -6,8 +6,9 @@ kernels -- and `QuantizedMatmul` computes `x @ W.T` by one of two
 declared paths:
 
 - **quantized dot** (batch below the GEMM threshold): the `ops_avx2` C kernels quantize
-  each activation row per 32-block to int8 (llama.cpp's Q8_0 / Q8_1) and take integer dot
-  products against the weight blocks. Reads ~4.5 bits a weight: decode is no longer
+  each activation row to int8 -- one scale per 32 weights (llama.cpp's Q8_0 / Q8_1), or per 256
+  for a matrix with K-quant (256-weight super-block) parts, llama.cpp's Q8_K granularity:
+  `activation_block` -- and take integer dot products against the weight blocks. Reads ~4.5 bits a weight: decode is no longer
   bound by streaming float32 weights. Numerics: those of llama.cpp (int8 activations).
 - **dequantize-into-GEMM** (batch at or above the threshold, and every batch without the
   extension): a tile of W is dequantized to float32 scratch and multiplied with
@@ -378,20 +379,30 @@ class QuantizedMatmul:
 
 # --- numpy references (tests, docs) -------------------------------------------
 
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def activation_block(qtypes: Sequence[T | int]) -> int:
+    """Weights per activation scale for a matrix of parts of these types: 256 (llama.cpp's Q8_K
+    granularity, which it uses for every K-quant) when any part has 256-weight super-blocks --
+    their AVX2 kernels then sum a super-block in int32 and scale it once (x8_kernels.h) -- else
+    32 (Q8_0's). The C side decides the same (ops_act_sblocks)."""
+    return 256 if any(quant_type(t).block_size == 256 for t in qtypes) else 32
+
+
+def quantize_activations(x: np.ndarray, per: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What the kernels do to an activation row, in numpy: (q int8, d, s, isum) per 32-block.
 
-    d = fp16(max|x| / 127), q = round-half-even(x * 127 / max|x|) (llama.cpp's Q8_0 / Q8_1),
-    isum = sum(q), s = d * isum (the Q4_1 min term's block sum; Q8_1 rounds it to fp16).
+    q = round-half-even(x * 127 / max|x|), the max over `per` weights (32 or 256:
+    activation_block), d = max|x| / 127 -- rounded through fp16 for per 32 (llama.cpp's Q8_0 /
+    Q8_1), float32 for 256 (Q8_K's) -- repeated for each 32-block; isum = sum(q) and s = d * isum
+    per 32-block (the Q4_1 min term's block sum; Q8_1 rounds it to fp16).
     """
     x = np.asarray(x, dtype=np.float32)
     n, k = x.shape
-    blocks = x.reshape(n, k // 32, 32)
-    amax = np.abs(blocks).max(axis=-1)
+    groups = x.reshape(n, k // per, per)
+    amax = np.abs(groups).max(axis=-1)
     dd = amax / np.float32(127)
     with np.errstate(divide="ignore"):
         inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-    q = np.rint(blocks * inv[..., None]).astype(np.int8)
+    q = np.rint(groups * inv[..., None]).astype(np.int8).reshape(n, k // 32, 32)
     isum = q.sum(axis=-1, dtype=np.int32)
-    d = dd.astype(np.float16).astype(np.float32)
+    d = np.repeat(dd.astype(np.float16).astype(np.float32) if per == 32 else dd, per // 32, axis=1)
     return q.reshape(n, k), d, d * isum.astype(np.float32), isum

@@ -19,7 +19,9 @@
  *                                     the transposed view of an (n, k) array, or with contiguous rows
  *   dequantize(matrix, row0, row1, out, threads)   out[:(row1-row0)*k] = W[row0:row1] as float32
  *   quantize_q8_0(x, out, threads)    float32 (n,) -> Q8_0 blocks (n / 32 * 34 bytes)
- *   quantize_act(x, q, d, s, isum, threads)   the activation quantization matmul applies
+ *   quantize_act(x, q, d, s, isum, threads, per=32)   the activation quantization matmul applies
+ *                                             (per: weights a scale, 32 or 256: quantized.py's
+ *                                             activation_block)
  *   rms_norm(x, w, eps, out)          decoder-layer ops (ops.c); out is a new C-contiguous array
  *   rope(x, cos, sin, positions, neox, out)
  *   silu_mul(gate_up, out, threads)
@@ -211,10 +213,11 @@ static int alloc_act(QAct *a, int64_t n, int64_t k)
     a->k = k;
     a->nb = k / QK;
     a->g = n < ACT_G && n > 0 ? n : ACT_G;
-    /* one allocation: q, then d, s, isum, halves, off6 (4-byte aligned since k is a multiple of
-     * 32), rows padded to whole groups (act_at) */
+    a->sblocks = 1;
+    /* one allocation: q, then d, s, isum, halves, off6, pairs (4-byte aligned since k is a
+     * multiple of 32), rows padded to whole groups (act_at) */
     const int64_t np = (n + a->g - 1) / a->g * a->g, nbl = np * a->nb;
-    char *mem = malloc((size_t)(np * k + 6 * nbl * 4));
+    char *mem = malloc((size_t)(np * k + 7 * nbl * 4));
     if (!mem)
         return 0;
     a->q = (int8_t *)mem;
@@ -223,6 +226,7 @@ static int alloc_act(QAct *a, int64_t n, int64_t k)
     a->isum = (int32_t *)(a->s + nbl);
     a->halves = a->isum + nbl;
     a->off6 = a->halves + nbl;
+    a->pairs = a->off6 + 2 * nbl;
     return 1;
 }
 
@@ -253,6 +257,7 @@ static void prefetch_matrix(const QMatrix *m, int64_t budget)
 static void int8_matmul(const QMatrix *w, const float *x, int64_t ldx, QAct *a, float *out, int64_t ldo, int threads,
                         const QMatrix *next, int64_t budget)
 {
+    a->sblocks = ops_act_sblocks(w);
     ops_quantize_act(x, ldx, a, threads);
     ops_matmul(w, a, out, ldo, threads);
     if (next && budget > 0 && threads > 1)
@@ -309,9 +314,13 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
 static PyObject *py_quantize_act(PyObject *self, PyObject *args)
 {
     PyObject *xo, *qo, *d_o, *so, *io;
-    int threads;
-    if (!PyArg_ParseTuple(args, "OOOOOi", &xo, &qo, &d_o, &so, &io, &threads))
+    int threads, per = QK;
+    if (!PyArg_ParseTuple(args, "OOOOOi|i", &xo, &qo, &d_o, &so, &io, &threads, &per))
         return NULL;
+    if (per != QK && per != QK_K) {
+        PyErr_SetString(PyExc_ValueError, "quantize_act: per is 32 or 256 weights a scale");
+        return NULL;
+    }
     if (!require_avx2())
         return NULL;
     Py_buffer xv, qv, dv, sv, iv;
@@ -332,7 +341,7 @@ static PyObject *py_quantize_act(PyObject *self, PyObject *args)
     if (PyObject_GetBuffer(io, &iv, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
         goto done;
     got = 4;
-    if (k % QK || qv.len != n * k || dv.len != n * (k / QK) * 4 || sv.len != dv.len || iv.len != dv.len) {
+    if (k % per || qv.len != n * k || dv.len != n * (k / QK) * 4 || sv.len != dv.len || iv.len != dv.len) {
         PyErr_SetString(PyExc_ValueError, "quantize_act: buffer sizes do not match x");
         goto done;
     }
@@ -341,6 +350,7 @@ static PyObject *py_quantize_act(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
+    a.sblocks = per / QK;
 #if OPS_X86
     Py_BEGIN_ALLOW_THREADS
     ops_quantize_act((const float *)xv.buf, k, &a, threads);
@@ -1099,7 +1109,7 @@ static PyMethodDef methods[] = {
     {"matmul_f32", py_matmul_f32, METH_VARARGS, "matmul_f32(x, w, out, threads): out = x @ w, float32, batch-invariant."},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(matrix, row0, row1, out, threads)."},
     {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x, out, threads)."},
-    {"quantize_act", py_quantize_act, METH_VARARGS, "quantize_act(x, q, d, s, isum, threads)."},
+    {"quantize_act", py_quantize_act, METH_VARARGS, "quantize_act(x, q, d, s, isum, threads, per=32)."},
     {"decode_layer", py_decode_layer, METH_VARARGS,
      "decode_layer(x, attn_norm, ffn_norm, qkv, o, gate_up, down, next, k_cache, v_cache, pos, cos, sin, neox, eps, "
      "heads, threads, prefetch_bytes): one fused llama-block layer for one token."},

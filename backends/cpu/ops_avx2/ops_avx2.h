@@ -91,8 +91,14 @@ typedef struct {
     QPart parts[8];
 } QMatrix;
 
-/* Activations quantized per 32-block, as llama.cpp's Q8_0 / Q8_1 (struct of arrays):
- * x[i] ~= d[b] * q[i], with d = fp16(max|x| / 127), q = round-to-even(x * 127 / max|x|).
+/* Activations quantized to int8 (struct of arrays): x[i] ~= d[b] * q[i], q = round-to-even(x * 127 /
+ * max|x|), d = max|x| / 127, the max over a scale block of `sblocks` 32-blocks:
+ *   1 (32 weights): llama.cpp's Q8_0 / Q8_1, d rounded through fp16 as Q8_0 stores it -- matrices of
+ *     32-weight block types;
+ *   8 (256 weights): llama.cpp's Q8_K granularity, d in float32 -- matrices with a 256-weight
+ *     super-block part (K-quants, IQ4_XS; ops_act_sblocks), whose AVX2 kernels then sum a
+ *     super-block's 8 blocks in int32 and scale once (x8_kernels.h). d is stored for every 32-block
+ *     all the same, so every kernel reads the layout alike.
  *
  * Rows are interleaved in groups of g = ACT_G (all n when fewer), block by block (act_at): the
  * entries of a group's rows for block b are adjacent, and so are their 32-byte q blocks. A
@@ -104,8 +110,9 @@ typedef struct {
 typedef struct {
     int64_t n, k, nb; /* rows, features, blocks per row (k / 32); storage padded to whole groups */
     int64_t g;        /* rows a group */
+    int64_t sblocks;  /* 32-blocks per scale: 1 or 8 (above) */
     int8_t *q;        /* block (i, b): the 32 bytes at q + 32 * act_at(i, b) */
-    float *d;         /* [act_at(i, b)] scale, rounded through fp16 as Q8_0 stores it */
+    float *d;         /* [act_at(i, b)] scale (the same for the sblocks blocks of a scale block) */
     float *s;         /* [..] d * sum(q): the block sum for Q4_1's min term (llama.cpp's Q8_1
                        * rounds it to fp16, a 2e-3 relative error in Q4_1 outputs not copied here) */
     int32_t *isum;    /* [..] sum(q), exact: weights' offsets, K-quant mins */
@@ -113,6 +120,8 @@ typedef struct {
                        * half): one madd with a 16-weight sub-block pair (offsets, mins) */
     int32_t *off6;    /* [2 at], [2 at + 1]: -32 times each half's sum, where the VNNI Q6_K kernel
                        * starts its two accumulators (its offset of 32, no work per row) */
+    int32_t *pairs;   /* [at] of an even block b: the sums of blocks b and b + 1 as int16 (b's in
+                       * the low half): one madd with two blocks' mins (Q4_K, Q5_K) */
 } QAct;
 
 /* where (row i, 32-block b) of a QAct sits: index into d, s, isum, halves (off6 at 2x); q at 32x this */
@@ -143,6 +152,7 @@ void *ops_thread_scratch(size_t bytes);
 
 /* kernels (AVX2) */
 void ops_quantize_act(const float *x, int64_t ldx, QAct *a, int nthreads);
+int64_t ops_act_sblocks(const QMatrix *w); /* the scale block (QAct.sblocks) w's activations take */
 void ops_matmul(const QMatrix *w, const QAct *a, float *out, int64_t ldo, int nthreads);
 void ops_x8_rows_vnni(int qtype, const uint8_t *data, int64_t r0, int64_t nr, int64_t nb, const QAct *a, float *o,
                       int64_t ldo);

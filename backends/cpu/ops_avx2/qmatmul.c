@@ -31,46 +31,54 @@
 #include "x8.h"
 
 /* ---- activation quantization (llama.cpp's AVX2 quantize_row_q8_1: Q8_0's rounding, plus
- * the block sum, kept in float32 where Q8_1 rounds it to fp16) ---- */
+ * the block sum, kept in float32 where Q8_1 rounds it to fp16; or one scale per 256 weights,
+ * Q8_K's granularity: QAct in ops_avx2.h) ---- */
+
+static inline __m256i round_i32(__m256 v, __m256 mul)
+{
+    return _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v, mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 
 /* row i of a from x */
 static void quantize_act_row(const float *x, QAct *a, int64_t i)
 {
-    const int64_t nb = a->nb;
+    const int64_t nb = a->nb, per = a->sblocks;
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (int64_t b = 0; b < nb; b++) {
-        __m256 v0 = _mm256_loadu_ps(x + 32 * b);
-        __m256 v1 = _mm256_loadu_ps(x + 32 * b + 8);
-        __m256 v2 = _mm256_loadu_ps(x + 32 * b + 16);
-        __m256 v3 = _mm256_loadu_ps(x + 32 * b + 24);
-        __m256 amax = _mm256_andnot_ps(sign_bit, v0);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v1));
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v2));
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v3));
+    for (int64_t b0 = 0; b0 < nb; b0 += per) {
+        __m256 amax = _mm256_setzero_ps();
+        for (int64_t e = 32 * b0; e < 32 * (b0 + per); e += 8)
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + e)));
         const float max_scalar = hmax8(amax);
         const float dd = max_scalar / 127.f;
         const float id = max_scalar != 0.0f ? 127.f / max_scalar : 0.0f;
+        const float d = per == 1 ? fp16_round(dd) : dd;
         const __m256 mul = _mm256_set1_ps(id);
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        const int32_t sum16 = hsum_i32(_mm256_add_epi32(i0, i1));
-        const int32_t sum = sum16 + hsum_i32(_mm256_add_epi32(i2, i3));
-        /* pack 4 x 8 int32 -> 32 int8; packs work per 128-bit lane, the permute restores the order */
-        i0 = _mm256_packs_epi32(i0, i1);
-        i2 = _mm256_packs_epi32(i2, i3);
-        i0 = _mm256_packs_epi16(i0, i2);
-        i0 = _mm256_permutevar8x32_epi32(i0, perm);
-        const int64_t at = act_at(a, i, b);
-        _mm256_storeu_si256((__m256i *)(a->q + 32 * at), i0);
-        a->d[at] = fp16_round(dd);
-        a->s[at] = a->d[at] * (float)sum;
-        a->isum[at] = sum;
-        a->halves[at] = (int32_t)(((uint32_t)(sum - sum16) << 16) | ((uint32_t)sum16 & 0xFFFF));
-        a->off6[2 * at] = -32 * sum16;
-        a->off6[2 * at + 1] = -32 * (sum - sum16);
+        for (int64_t b = b0; b < b0 + per; b++) {
+            __m256i i0 = round_i32(_mm256_loadu_ps(x + 32 * b), mul);
+            __m256i i1 = round_i32(_mm256_loadu_ps(x + 32 * b + 8), mul);
+            __m256i i2 = round_i32(_mm256_loadu_ps(x + 32 * b + 16), mul);
+            __m256i i3 = round_i32(_mm256_loadu_ps(x + 32 * b + 24), mul);
+            const int32_t sum16 = hsum_i32(_mm256_add_epi32(i0, i1));
+            const int32_t sum = sum16 + hsum_i32(_mm256_add_epi32(i2, i3));
+            /* pack 4 x 8 int32 -> 32 int8; packs work per 128-bit lane, the permute restores the order */
+            i0 = _mm256_packs_epi32(i0, i1);
+            i2 = _mm256_packs_epi32(i2, i3);
+            i0 = _mm256_packs_epi16(i0, i2);
+            i0 = _mm256_permutevar8x32_epi32(i0, perm);
+            const int64_t at = act_at(a, i, b);
+            _mm256_storeu_si256((__m256i *)(a->q + 32 * at), i0);
+            a->d[at] = d;
+            a->s[at] = d * (float)sum;
+            a->isum[at] = sum;
+            a->halves[at] = (int32_t)(((uint32_t)(sum - sum16) << 16) | ((uint32_t)sum16 & 0xFFFF));
+            a->off6[2 * at] = -32 * sum16;
+            a->off6[2 * at + 1] = -32 * (sum - sum16);
+            if (b & 1) {
+                const int64_t even = act_at(a, i, b - 1);
+                a->pairs[even] = (int32_t)(((uint32_t)sum << 16) | ((uint32_t)a->isum[even] & 0xFFFF));
+            }
+        }
     }
 }
 
@@ -84,6 +92,14 @@ static void quantize_task(void *p, int64_t i)
 {
     const QuantizeCtx *c = p;
     quantize_act_row(c->x + i * c->ldx, c->a, i);
+}
+
+int64_t ops_act_sblocks(const QMatrix *w)
+{
+    for (int p = 0; p < w->nparts; p++)
+        if (qformat(w->parts[p].qtype)->block == QK_K)
+            return QK_K / QK;
+    return 1;
 }
 
 void ops_quantize_act(const float *x, int64_t ldx, QAct *a, int nthreads)

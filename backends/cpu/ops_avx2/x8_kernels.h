@@ -70,9 +70,10 @@ static inline __m256i pair16(__m256i a, __m256i b)
  * and entry g b + j of yd, ys, yi, yh -- constant offsets from one pointer a block. */
 typedef struct {
     __m256 acc[MAXC];
+    __m256i pi[MAXC], pm[MAXC]; /* X8_INT_SUPER: the super-block's int32 dots (and Q2_K's min terms) so far */
     const int8_t *yq;
     const float *yd, *ys;
-    const int32_t *yi, *yh, *yo;
+    const int32_t *yi, *yh, *yo, *yp;
     int64_t g;
 } Tile;
 
@@ -82,6 +83,17 @@ typedef struct {
  * kernel at 16 rows) */
 #define X8_OFF_START(T) (X8_VNNI && (T) == QT_Q6_K)
 
+/* AVX2, 256-weight super-block types: the activations have one scale a super-block (QAct.sblocks
+ * 8) and d, dmin are the super-block's, so a block's int32 dot (sub-block scales and offset
+ * applied) adds into the tile's int32 sums and only the super-block is scaled into float
+ * (super_flush): one conversion and multiply-add a super-block instead of a block's (the float
+ * epilogue was 17 % of a 64-row sweep of the 1B Q4_K_M model on Zen 1). int32 holds 8 blocks: at
+ * most 8 * 32 * 63 * 127 * 127 (Q6_K, Q5_K's are smaller). The VNNI build keeps the epilogue a
+ * block (the same values: dy is the same for the 8 blocks). */
+#define X8_INT_SUPER(T) (!X8_VNNI && X8_SUPER(T))
+/* ... and Q4_K/Q5_K's one min a block: taken two blocks a madd at the flush (QAct.pairs) */
+#define X8_MIN_PAIRS(T) (X8_INT_SUPER(T) && X8_SUB_MIN(T) && !X8_HALVES(T))
+
 /* One 32-block of the 8 rows as every activation row of a tile reads it: unpacked (x8_unpack),
  * with the scale pairs and the min the epilogue takes. Made in registers for each tile, or
  * once for all the tiles of an activation chunk (X8_PREP_ROWS below). */
@@ -90,6 +102,7 @@ typedef struct {
     __m256i sp[2];      /* AVX2: the madd multipliers of each half (sub-block scales or ones) */
     __m256i sc01, mn01; /* the halves' scales and mins as int16 pairs */
     __m256 dmn;         /* Q4_K/Q5_K: dmin * mn, one min for the block */
+    __m256i mnp;        /* X8_MIN_PAIRS, an even block b: the mins of b and b + 1 as int16 pairs */
 } X8Prep;
 
 static inline __attribute__((always_inline)) void block_prep(const int T, const uint8_t *rec, const int s, X8Prep *p)
@@ -100,7 +113,7 @@ static inline __attribute__((always_inline)) void block_prep(const int T, const 
     p->sp[1] = X8_SCALED(T) ? pair16(p->x.sc[1], p->x.sc[1]) : ones;
     p->sc01 = pair16(p->x.sc[0], p->x.sc[1]);
     p->mn01 = pair16(p->x.mn[0], p->x.mn[1]);
-    p->dmn = X8_SUB_MIN(T) && !X8_HALVES(T) ? _mm256_mul_ps(p->x.m, _mm256_cvtepi32_ps(p->x.mn[0])) : _mm256_setzero_ps();
+    p->dmn = X8_SUB_MIN(T) && !X8_HALVES(T) && !X8_INT_SUPER(T) ? _mm256_mul_ps(p->x.m, _mm256_cvtepi32_ps(p->x.mn[0])) : _mm256_setzero_ps();
 }
 
 /* 32-block b of the 8 rows, prepared in pp, against the tile's C activation rows */
@@ -186,6 +199,12 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
             p = _mm256_sub_epi32(p, _mm256_set1_epi32(X8_OFF(T) * t->yi[at]));
         else if (X8_OFF(T) && !X8_OFF_START(T))
             p = _mm256_sub_epi32(p, _mm256_slli_epi32(_mm256_madd_epi16(sc01, s01), __builtin_ctz(X8_OFF(T))));
+        if (X8_INT_SUPER(T)) {
+            t->pi[j] = _mm256_add_epi32(t->pi[j], p);
+            if (X8_SUB_MIN(T) && X8_HALVES(T)) /* Q2_K; Q4_K and Q5_K at the flush */
+                t->pm[j] = _mm256_add_epi32(t->pm[j], _mm256_madd_epi16(mn01, s01));
+            continue;
+        }
         const __m256 dy = _mm256_broadcast_ss(t->yd + at);
         t->acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(x.d, dy), t->acc[j]);
         if (X8_ADD_M(T))
@@ -194,6 +213,29 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
             t->acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn01, s01)), _mm256_mul_ps(x.m, dy), t->acc[j]);
         else if (X8_SUB_MIN(T))
             t->acc[j] = _mm256_fnmadd_ps(dmn, _mm256_broadcast_ss(t->ys + at), t->acc[j]);
+    }
+}
+
+/* X8_INT_SUPER: the super-block of blocks b..b+7 the tile summed, into the float accumulators;
+ * pp one of its blocks (d, dmin are the super-block's), mp[i] (X8_MIN_PAIRS) the mins of blocks
+ * 2i and 2i + 1 as int16 pairs */
+static inline __attribute__((always_inline)) void super_flush(const int T, const int C, const X8Prep *pp,
+                                                              const __m256i *mp, int64_t b, Tile *t)
+{
+#pragma GCC unroll 8
+    for (int j = 0; j < C; j++) {
+        const __m256 dy = _mm256_broadcast_ss(t->yd + b * t->g + j);
+        t->acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t->pi[j]), _mm256_mul_ps(pp->x.d, dy), t->acc[j]);
+        if (X8_MIN_PAIRS(T)) {
+            __m256i pm = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                pm = _mm256_add_epi32(pm, _mm256_madd_epi16(mp[i], _mm256_set1_epi32(t->yp[(b + 2 * i) * t->g + j])));
+            t->pm[j] = pm;
+        }
+        if (X8_SUB_MIN(T))
+            t->acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(t->pm[j]), _mm256_mul_ps(pp->x.m, dy), t->acc[j]);
+        t->pi[j] = t->pm[j] = _mm256_setzero_si256();
     }
 }
 
@@ -216,11 +258,13 @@ static inline __attribute__((always_inline)) Tile tile_start(const int C, const 
 {
     const int64_t at0 = act_at(a, c0, 0); /* the tile never crosses a group: see x8 rows below */
     Tile t = {.yq = a->q + QK * at0, .yd = a->d + at0, .ys = a->s + at0, .yi = a->isum + at0, .yh = a->halves + at0,
-              .yo = a->off6 + 2 * at0,
+              .yo = a->off6 + 2 * at0, .yp = a->pairs + at0,
               .g = a->g};
 #pragma GCC unroll 8
-    for (int c = 0; c < C; c++)
+    for (int c = 0; c < C; c++) {
         t.acc[c] = _mm256_setzero_ps();
+        t.pi[c] = t.pm[c] = _mm256_setzero_si256();
+    }
     return t;
 }
 
@@ -249,21 +293,26 @@ static inline __attribute__((always_inline)) void tile_x8(
     if (X8_SUPER(T)) {
         for (int64_t sb = 0; sb < nb / 8; sb++) {
             const uint8_t *rec = g + sb * rs;
+            X8Prep pp;
+            __m256i mp[4], mn_even = _mm256_setzero_si256();
             /* the 8 blocks spelled out: each with its s a constant, shifts and offsets fold; each
              * prefetches an eighth of the same record PF_GROUPS groups on (all of it at once
              * would be a burst of up to 27 lines) */
 #define X8_BLOCK(s)                                                                                         \
     for (int64_t off = (s) * rs / 8; off < ((s) + 1) * rs / 8; off += 64)                                   \
         x8_prefetch(C, rec + PF_GROUPS * gstride + off);                                                   \
-    {                                                                                                       \
-        X8Prep pp;                                                                                          \
-        block_prep(T, rec, s, &pp);                                                                         \
-        block_x8(T, C, &pp, 8 * sb + (s), &t);                                                              \
-    }                                                                                                       \
+    block_prep(T, rec, s, &pp);                                                                             \
+    if (X8_MIN_PAIRS(T) && (s) % 2 == 0)                                                                    \
+        mn_even = pp.x.mn[0];                                                                               \
+    else if (X8_MIN_PAIRS(T))                                                                               \
+        mp[(s) / 2] = pair16(mn_even, pp.x.mn[0]);                                                          \
+    block_x8(T, C, &pp, 8 * sb + (s), &t);                                                                  \
     if (C == 1) /* decode: no weight loads hoisted across blocks (spills; Q6_K ran at a third) */  \
         __asm__ volatile("" ::: "memory");
             X8_BLOCK(0) X8_BLOCK(1) X8_BLOCK(2) X8_BLOCK(3) X8_BLOCK(4) X8_BLOCK(5) X8_BLOCK(6) X8_BLOCK(7)
 #undef X8_BLOCK
+            if (X8_INT_SUPER(T))
+                super_flush(T, C, &pp, mp, 8 * sb, &t);
         }
     } else {
         for (int64_t b = 0; b < nb; b++) {
@@ -305,6 +354,9 @@ static inline __attribute__((always_inline)) void group_prep(const int T, const 
 #pragma GCC unroll 8
             for (int s = 0; s < 8; s++)
                 block_prep(T, rec, s, buf + 8 * sb + s);
+            if (X8_MIN_PAIRS(T))
+                for (int s = 0; s < 8; s += 2)
+                    buf[8 * sb + s].mnp = pair16(buf[8 * sb + s].x.mn[0], buf[8 * sb + s + 1].x.mn[0]);
         }
     } else {
         for (int64_t b = 0; b < nb; b++)
@@ -317,8 +369,16 @@ static inline __attribute__((always_inline)) void tile_prepared(const int T, con
                                                                 int64_t ldo, int valid)
 {
     Tile t = tile_start(C, a, c0);
-    for (int64_t b = 0; b < nb; b++)
+    for (int64_t b = 0; b < nb; b++) {
         block_x8(T, C, buf + b, b, &t);
+        if (X8_INT_SUPER(T) && b % 8 == 7) {
+            __m256i mp[4];
+            if (X8_MIN_PAIRS(T))
+                for (int i = 0; i < 4; i++)
+                    mp[i] = buf[b - 7 + 2 * i].mnp;
+            super_flush(T, C, buf + b, mp, b - 7, &t);
+        }
+    }
     tile_store(C, &t, out, c0, ldo, valid);
 }
 

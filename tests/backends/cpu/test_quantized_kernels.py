@@ -15,7 +15,7 @@ from gguf.quants import quantize as gguf_quantize
 from backends.base import TensorData
 from backends.cpu import quantized as qz
 from backends.cpu.backend import CpuBackend
-from backends.cpu.quantized import BlockPart, QuantizedMatmul, quantize_activations
+from backends.cpu.quantized import BlockPart, QuantizedMatmul, activation_block, quantize_activations
 from backends.quants import dequantize, quant_type
 from engine.errors import InvalidArgument
 from engine.execution import DEFAULT_EXECUTION, kernel_settings
@@ -56,9 +56,10 @@ def random_blocks(qtype: T, rows: int, k: int, rng: np.random.Generator) -> np.n
 
 def int8_reference(x: np.ndarray, parts: list[BlockPart]) -> np.ndarray:
     """What the quantized-dot kernels compute, in float64 numpy: the activations quantized
-    exactly as the kernels do, times the dequantized weights."""
+    exactly as the kernels do (per 32 or 256 weights: activation_block), times the dequantized
+    weights."""
     n, k = x.shape
-    q, d, _, _ = quantize_activations(x)
+    q, d, _, _ = quantize_activations(x, activation_block([p.qtype for p in parts]))
     xq = (q.reshape(n, -1, 32).astype(np.float64) * d[..., None]).reshape(n, k)
     return np.concatenate([xq @ dequantize(p.blocks, p.qtype, (p.rows, k)).astype(np.float64).T for p in parts], axis=1)
 
@@ -76,20 +77,35 @@ def _float_close(got: np.ndarray, x: np.ndarray, w: np.ndarray, rtol: float) -> 
 
 
 @needs_ext
-def test_activation_quantization_matches_numpy_reference():
+@pytest.mark.parametrize("per", [32, 256])
+def test_activation_quantization_matches_numpy_reference(per):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((6, 512)).astype(np.float32) * 3
-    x[2, :32] = 0.0  # an all-zero block: scale 0, no division
+    x[2, :per] = 0.0  # an all-zero scale block: scale 0, no division
     x[3, 40] = 1e4  # an outlier dominating its block
     q = np.empty((6, 512), np.int8)
     d, s = np.empty((6, 16), np.float32), np.empty((6, 16), np.float32)
     isum = np.empty((6, 16), np.int32)
-    ops.quantize_act(x, q, d, s, isum, 2)
-    rq, rd, rs, ri = quantize_activations(x)
+    ops.quantize_act(x, q, d, s, isum, 2, per)
+    rq, rd, rs, ri = quantize_activations(x, per)
+    assert (rd.reshape(6, -1, per // 32) == rd.reshape(6, -1, per // 32)[..., :1]).all()  # one scale a block
     np.testing.assert_array_equal(q, rq)
     np.testing.assert_array_equal(d, rd)
     np.testing.assert_array_equal(s, rs)
     np.testing.assert_array_equal(isum, ri)
+
+
+def test_activation_block_is_256_with_any_super_block_part():
+    assert activation_block([T.Q4_0, T.Q8_0]) == 32
+    assert activation_block([T.Q4_K]) == activation_block([T.Q8_0, T.Q6_K]) == activation_block([T.IQ4_XS]) == 256
+
+
+@needs_ext
+def test_quantize_act_refuses_another_scale_block():
+    x = np.ones((1, 256), np.float32)
+    q, d = np.empty((1, 256), np.int8), np.empty((1, 8), np.float32)
+    with pytest.raises(ValueError, match="32 or 256"):
+        ops.quantize_act(x, q, d, d.copy(), np.empty((1, 8), np.int32), 1, 64)
 
 
 @needs_ext
