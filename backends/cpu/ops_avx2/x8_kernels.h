@@ -67,7 +67,7 @@ static inline __m256i pair16(__m256i a, __m256i b)
 
 /* One activation tile: C rows' accumulators, their quantized blocks and sums. The rows lie in
  * one group of g rows of the QAct (ops_avx2.h): row j of block b is q block yq + 32 (g b + j)
- * and entry g b + j of yd, ys, yi, yh -- constant offsets from one pointer a block. */
+ * and entry g b + j of yd, ys, yi, yh, yp (yo at 2x) -- constant offsets from one pointer a block. */
 typedef struct {
     __m256 acc[MAXC];
     __m256i pi[MAXC], pm[MAXC]; /* X8_INT_SUPER: the super-block's int32 dots (and Q2_K's min terms) so far */
@@ -101,7 +101,7 @@ typedef struct {
     X8Block x;
     __m256i sp[2];      /* AVX2: the madd multipliers of each half (sub-block scales or ones) */
     __m256i sc01, mn01; /* the halves' scales and mins as int16 pairs */
-    __m256 dmn;         /* Q4_K/Q5_K: dmin * mn, one min for the block */
+    __m256 dmn;         /* VNNI Q4_K/Q5_K: dmin * mn, one min for the block (AVX2: mnp) */
     __m256i mnp;        /* X8_MIN_PAIRS, an even block b: the mins of b and b + 1 as int16 pairs */
 } X8Prep;
 
