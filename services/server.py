@@ -120,8 +120,10 @@ class PlanEngineServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new RPCs and HTTP connections, let in-flight requests
         finish within `grace_s`."""
+        # first: once a client sees health leave SERVING, a new Generate is refused (UNAVAILABLE);
+        # WatchMetrics and Suggest streams end now; Generate streams in flight finish below
+        self.closing.set()
         self.health.enter_graceful_shutdown()
-        self.closing.set()  # WatchMetrics and Suggest streams end now; Generate streams finish below
         if self.http is not None:
             self.http.begin_stop(grace_s)  # closes its socket; responses in flight go on
         # grpc's grace covers RPCs already running (open Generate streams); it refuses new ones at once

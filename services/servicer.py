@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.control.control_plane import ControlPlane, GenerateInput, PlanStamp
 from engine.control.agents import DECISIONS, SuggestionRecord, SuggestionReviewer, Verdict
-from engine.errors import FailedPrecondition, InvalidArgument, RequestFailed
+from engine.errors import FailedPrecondition, InvalidArgument, RequestFailed, Unavailable
 from engine.model import registry
 from engine.runtime.constraints import ResponseFormat
 from engine.runtime.generate import TokenEvent
@@ -133,6 +133,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
 
     # --- generation ----------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        if self.closing.is_set():  # draining: grpc may not refuse new calls yet, and this one would be cut off
+            raise Unavailable("the server is draining (shutting down): send the request to another replica")
         handle, stamp = self.control.generate(generate_input(request))
         # a client disconnect or an expired deadline cancels the request at once
         context.add_callback(handle.cancel)

@@ -168,6 +168,21 @@ def test_stop_ends_open_streams_at_once(tmp_path, tiny):
     client.close()
 
 
+def test_a_generate_arriving_while_draining_is_refused_unavailable(tmp_path, tiny):
+    """Between health leaving SERVING and grpc refusing new calls, a new Generate is told to go to
+    another replica (UNAVAILABLE), not accepted and then cut off by the shutdown (CANCELLED: seen
+    once in the two-replica container test)."""
+    server, client = start(tmp_path, tiny)
+    try:
+        server.closing.set()  # the drain's first step, held here before grpc's stop
+        code, details = code_of(lambda: list(client.generate(text="ab", max_tokens=1)))
+        assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details, details
+        assert client.tokenize("ab").ids  # only new work is turned away
+    finally:
+        client.close()
+        server.stop(5)
+
+
 @pytest.mark.parametrize("request_kwargs,field", [
     (dict(text="ab" * 400_000), "prompt"),  # far beyond what a 64-token context can hold
     (dict(text="ab", request_id="x" * 1_000_000), "request_id"),

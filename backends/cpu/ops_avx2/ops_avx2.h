@@ -153,6 +153,8 @@ void *ops_thread_scratch(size_t bytes);
 /* kernels (AVX2) */
 void ops_quantize_act(const float *x, int64_t ldx, QAct *a, int nthreads);
 int64_t ops_act_sblocks(const QMatrix *w); /* the scale block (QAct.sblocks) w's activations take */
+/* a quantized with a->sblocks = ops_act_sblocks(w): the AVX2 super-block kernels read one scale a
+ * super-block (module.c's int8_matmul, the one caller, sets it) */
 void ops_matmul(const QMatrix *w, const QAct *a, float *out, int64_t ldo, int nthreads);
 void ops_x8_rows_vnni(int qtype, const uint8_t *data, int64_t r0, int64_t nr, int64_t nb, const QAct *a, float *o,
                       int64_t ldo);
