@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,14 +121,20 @@ class PlanEngineServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new RPCs and HTTP connections, let in-flight requests
         finish within `grace_s`."""
+        deadline = time.monotonic() + (grace_s or 0.0)
         # first: once a client sees health leave SERVING, a new Generate is refused (UNAVAILABLE);
         # WatchMetrics and Suggest streams end now; Generate streams in flight finish below
         self.closing.set()
         self.health.enter_graceful_shutdown()
         if self.http is not None:
             self.http.begin_stop(grace_s)  # closes its socket; responses in flight go on
-        # grpc's grace covers RPCs already running (open Generate streams); it refuses new ones at once
-        done = self.grpc_server.stop(grace_s)
+        # Generate streams in flight finish with the port still open, new ones refused by the
+        # servicer with UNAVAILABLE: a call that grpc's own stop refuses can reach its client as
+        # CANCELLED (the two-replica container test saw it). Then grpc stops with what is left of
+        # the grace, which covers anything still running.
+        while grace_s and self.streams is not None and self.streams.open_streams() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = self.grpc_server.stop(None if grace_s is None else max(deadline - time.monotonic(), 0.0))
         if self.trials is not None:
             self.trials.close()  # before the control plane: a trial being judged may still roll back
         self.control.close(grace_s)
