@@ -119,8 +119,8 @@ class PlanEngineServer:
         return self.http.port if self.http is not None else None
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new RPCs and HTTP connections, let in-flight requests
-        finish within `grace_s`."""
+        """Drain: health NOT_SERVING, new Generate refused (UNAVAILABLE) and HTTP connections closed,
+        in-flight requests finish within `grace_s`, then grpc stops taking any call."""
         deadline = time.monotonic() + (grace_s or 0.0)
         # first: once a client sees health leave SERVING, a new Generate is refused (UNAVAILABLE);
         # WatchMetrics and Suggest streams end now; Generate streams in flight finish below

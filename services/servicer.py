@@ -133,7 +133,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
 
     # --- generation ----------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
-        if self.closing.is_set():  # draining: grpc may not refuse new calls yet, and this one would be cut off
+        if self.closing.is_set():  # draining: the port stays open for the streams in flight (server.stop)
             raise Unavailable("the server is draining (shutting down): send the request to another replica")
         handle, stamp = self.control.generate(generate_input(request))
         # a client disconnect or an expired deadline cancels the request at once

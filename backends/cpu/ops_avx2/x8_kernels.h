@@ -226,15 +226,13 @@ static inline __attribute__((always_inline)) void super_flush(const int T, const
     for (int j = 0; j < C; j++) {
         const __m256 dy = _mm256_broadcast_ss(t->yd + b * t->g + j);
         t->acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t->pi[j]), _mm256_mul_ps(pp->x.d, dy), t->acc[j]);
-        if (X8_MIN_PAIRS(T)) {
-            __m256i pm = _mm256_setzero_si256();
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++)
-                pm = _mm256_add_epi32(pm, _mm256_madd_epi16(mp[i], _mm256_set1_epi32(t->yp[(b + 2 * i) * t->g + j])));
-            t->pm[j] = pm;
+        if (X8_SUB_MIN(T)) {
+            __m256i pm = t->pm[j]; /* Q2_K: summed a block; zero for Q4_K/Q5_K, taken here */
+            if (X8_MIN_PAIRS(T))
+                for (int i = 0; i < 4; i++)
+                    pm = _mm256_add_epi32(pm, _mm256_madd_epi16(mp[i], _mm256_set1_epi32(t->yp[(b + 2 * i) * t->g + j])));
+            t->acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_mul_ps(pp->x.m, dy), t->acc[j]);
         }
-        if (X8_SUB_MIN(T))
-            t->acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(t->pm[j]), _mm256_mul_ps(pp->x.m, dy), t->acc[j]);
         t->pi[j] = t->pm[j] = _mm256_setzero_si256();
     }
 }
