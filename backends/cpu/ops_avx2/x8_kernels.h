@@ -121,7 +121,10 @@ static inline __attribute__((always_inline)) void block_x8(const int T, const in
 {
 #if !X8_VNNI
     const int G = X8_BITS(T) <= 4 && !X8_HALVES(T) ? 8 : X8_BITS(T) == 6 ? 2 : 4; /* chunks summed in s16 */
-    const __m256i *sp = pp->sp;
+    /* the madd multipliers: ones for a type without sub-block scales, one pair for both halves of
+     * a 32-weight sub-block (what prep_store keeps of them) */
+    const __m256i sp0 = X8_SCALED(T) ? pp->sp[0] : _mm256_set1_epi16(1);
+    const __m256i sp[2] = {sp0, X8_HALVES(T) ? pp->sp[1] : sp0};
 #endif
     const X8Block x = pp->x;
     const __m256i sc01 = pp->sc01, mn01 = pp->mn01;
@@ -332,8 +335,8 @@ static inline __attribute__((always_inline)) void tile_x8(
  * the unpacking and the scale pairs were as much work as the epilogue: a 64-row sweep of the
  * 1B Q4_K_M model on Zen 1 ran 23 % faster with either knocked out. With X8_PREP_ROWS (16) or more
  * activation rows in a chunk, a group's blocks are prepared once into a thread's scratch
- * (X8Prep, 608 bytes a block) and every tile reads them from there (L1/L2). Same arithmetic,
- * same bits. Off for the VNNI build (8-row tiles already share an unpacking over 8 rows, and
+ * (X8Prep, 608 bytes a block, of which prep_store writes what the type reads) and every tile
+ * reads them from there (L1/L2). Same arithmetic, same bits. Off for the VNNI build (8-row tiles already share an unpacking over 8 rows, and
  * this machine could not measure it) and for the signed types (their unpacking is a load). */
 #ifndef X8_PREP_ROWS
 /* the whole 1B Q4_K_M model's matrices (weight_sweep.py, 4 rounds, Zen 1): 8 rows 264 -> 304 ms
@@ -342,6 +345,30 @@ static inline __attribute__((always_inline)) void tile_x8(
 #endif
 #define X8_PREPARED(T) (X8_PREP_ROWS > 0 && !X8_SIGNED(T))
 
+/* Block s of a record (0 for 32-weight types), prepared in p, into the scratch at dst: only the
+ * fields tile_prepared reads for this type (block_x8, and super_flush at a super-block's last
+ * block); the rest of dst stays unwritten and unread. A Q4_K block writes 9 to 11 of X8Prep's 19
+ * registers (Zen 1 stores 16 bytes a cycle). Against writing all of them, the whole 1B model's
+ * matrices at 16 rows (weight_sweep.py, 5 rounds): Q4_K_M 492.5 -> 479.4 ms, Q4_0 448.7 -> 438.7. */
+static inline __attribute__((always_inline)) void prep_store(const int T, const int s, const X8Prep *p, X8Prep *dst)
+{
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++)
+        dst->x.q[c] = p->x.q[c];
+    if (X8_SCALED(T))
+        dst->sp[0] = p->sp[0];
+    if (X8_HALVES(T))
+        dst->sp[1] = p->sp[1];
+    if (X8_HALVES(T) && X8_OFF(T))
+        dst->sc01 = p->sc01;
+    if (X8_HALVES(T) && X8_SUB_MIN(T))
+        dst->mn01 = p->mn01;
+    if (!X8_INT_SUPER(T) || s == 7) {
+        dst->x.d = p->x.d;
+        dst->x.m = p->x.m;
+    }
+}
+
 /* all nb blocks of the group at g into buf */
 static inline __attribute__((always_inline)) void group_prep(const int T, const uint8_t *g, int64_t nb, X8Prep *buf)
 {
@@ -349,16 +376,25 @@ static inline __attribute__((always_inline)) void group_prep(const int T, const 
     if (X8_SUPER(T)) {
         for (int64_t sb = 0; sb < nb / 8; sb++) {
             const uint8_t *rec = g + sb * rs;
+            X8Prep *dst = buf + 8 * sb;
+            __m256i mn_even = _mm256_setzero_si256();
 #pragma GCC unroll 8
-            for (int s = 0; s < 8; s++)
-                block_prep(T, rec, s, buf + 8 * sb + s);
-            if (X8_MIN_PAIRS(T))
-                for (int s = 0; s < 8; s += 2)
-                    buf[8 * sb + s].mnp = pair16(buf[8 * sb + s].x.mn[0], buf[8 * sb + s + 1].x.mn[0]);
+            for (int s = 0; s < 8; s++) {
+                X8Prep pp;
+                block_prep(T, rec, s, &pp);
+                prep_store(T, s, &pp, dst + s);
+                if (X8_MIN_PAIRS(T) && s % 2 == 0)
+                    mn_even = pp.x.mn[0];
+                else if (X8_MIN_PAIRS(T))
+                    dst[s - 1].mnp = pair16(mn_even, pp.x.mn[0]);
+            }
         }
     } else {
-        for (int64_t b = 0; b < nb; b++)
-            block_prep(T, g + b * rs, 0, buf + b);
+        for (int64_t b = 0; b < nb; b++) {
+            X8Prep pp;
+            block_prep(T, g + b * rs, 0, &pp);
+            prep_store(T, 0, &pp, buf + b);
+        }
     }
 }
 
