@@ -16,8 +16,12 @@ What it does, each step skipped when its output is already there:
    alternating who goes first) and the table shows each figure's median over the rounds, so
    drift in a shared machine's speed hits both sides alike.
 
-Usage: python benchmarks/bench_vs_llamacpp.py [--types Q4_K_M,Q4_0] [--rounds 2] [--threads 2]
-       [--workdir DIR] [--llama-dir DIR] [--json FILE]
+4. With --model FILE (any number), those GGUF files run the same columns beside the 1B models, in
+   the same interleaved rounds: `--model ~/.cache/plan-engine/models/SmolLM2-135M-Instruct.Q4_1.gguf`
+   is the embedded default's row (`make setup` pulls it). `--types ""` runs only these.
+
+Usage: python benchmarks/bench_vs_llamacpp.py [--types Q4_K_M,Q4_0] [--model FILE ...] [--rounds 2]
+       [--threads 2] [--workdir DIR] [--llama-dir DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -244,9 +248,10 @@ COLUMNS = (("pp", f"pp{PP}"), ("tg", f"tg{TG}"), ("s16", "16 streams"), ("s32", 
 
 
 def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    """one row per model: a 1B type's name, or a --model file's"""
     lines = ["| model | " + " | ".join(f"{title} ours/llama.cpp" for _, title in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
-    for qtype, sides in results.items():
+    for name, sides in results.items():
         cells = []
         for key, _ in COLUMNS:
             ours, theirs = sides["ours"].get(key, []), sides["llama.cpp"].get(key, [])
@@ -255,13 +260,16 @@ def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
                 cells.append(f"{a:.1f}/{b:.1f} = {a / b:.2f}x")
             else:
                 cells.append("-")
-        lines.append(f"| 1B llama shape, {qtype} | " + " | ".join(cells) + " |")
+        label = name if name.endswith(".gguf") else f"1B llama shape, {name}"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--types", default=",".join(TYPES), help=f"llama-quantize types (default {','.join(TYPES)})")
+    p.add_argument("--model", type=Path, action="append", default=[],
+                   help="another GGUF file to run beside the 1B models (e.g. SmolLM2's)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=CACHE / "bench-1b", help="where the models are written")
@@ -270,9 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write every measurement here")
     args = p.parse_args(argv)
     types = [t for t in args.types.split(",") if t]
+    for extra in args.model:
+        if not extra.is_file():
+            p.error(f"--model {extra}: no such file")
     _pinned(args.threads)
     bin_dir = llama_tools(args.llama_dir)
-    files = models(args.workdir, bin_dir, types)
+    files = models(args.workdir, bin_dir, types) if types else {}
+    files.update({m.name: m for m in args.model})
+    types = list(files)
     sides = {"llama.cpp": lambda m: {**llama_pp_tg(bin_dir, m, args.threads),
                                      **llama_streams(bin_dir, m, args.threads)},
              "ours": lambda m: {**ours_pp_tg(m, args.threads), **ours_streams(m, args.threads)}}
