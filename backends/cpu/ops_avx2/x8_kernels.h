@@ -336,8 +336,9 @@ static inline __attribute__((always_inline)) void tile_x8(
  * 1B Q4_K_M model on Zen 1 ran 23 % faster with either knocked out. With X8_PREP_ROWS (16) or more
  * activation rows in a chunk, a group's blocks are prepared once into a thread's scratch
  * (X8Prep, 608 bytes a block, of which prep_store writes what the type reads) and every tile
- * reads them from there (L1/L2). Same arithmetic, same bits. Off for the VNNI build (8-row tiles already share an unpacking over 8 rows, and
- * this machine could not measure it) and for the signed types (their unpacking is a load). */
+ * reads them from there (L1/L2). Same arithmetic, same bits. Off for the VNNI build (8-row
+ * tiles already share an unpacking over 8 rows, and this machine could not measure it) and for
+ * the signed types (their unpacking is a load). */
 #ifndef X8_PREP_ROWS
 /* the whole 1B Q4_K_M model's matrices (weight_sweep.py, 4 rounds, Zen 1): 8 rows 264 -> 304 ms
  * prepared (two tiles do not pay for the stores), 12 rows 384 -> 381, 16 rows 504 -> 486 */
