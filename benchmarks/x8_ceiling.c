@@ -1,11 +1,12 @@
 /* What this CPU's int8 multiply pipe allows, measured rather than taken from a table.
  *
  * Each loop below is the instruction stream of one of our AVX2 x8 kernels (x8_kernels.h) with every
- * operand in L1 and nothing else around it: no unpacking, no prefetch, no epilogue, no weights from
- * memory. Its multiply-adds a second is the ceiling the real kernel can approach and not pass.
+ * operand in L1 and nothing else around it: no unpacking, no prefetch, no super-block flush, no
+ * weights from memory. Its multiply-adds a second is the ceiling the real kernel can approach and
+ * not pass.
  *
  *   maddubs  vpmaddubsw alone (int16 adds consume them): the multiply pipe's peak
- *   q4k      Q4_K / Q4_0's block and activation row: 8 broadcasts, 8 maddubs summed in s16, one
+ *   q4k      Q4_K's block and activation row: 8 broadcasts, 8 maddubs summed in s16, one
  *            madd with the sub-block scales, one int32 add (256 multiply-adds: 8 rows x 32 weights)
  *   q40      Q4_0's: q4k's with ones for the scales, then its offset (8 times the activation
  *            block's sum) and the float epilogue a block and row (convert, d * dy, fma)
