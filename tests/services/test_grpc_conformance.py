@@ -5,6 +5,7 @@ Cancel of an unknown id, the final message's full text and enum finish reason.""
 from __future__ import annotations
 
 import json
+import threading
 
 import grpc
 import pytest
@@ -157,12 +158,28 @@ def test_cancel_of_an_unknown_id_is_not_found(served):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-request" in err.value.details()
 
 
-def test_cancel_a_queued_or_running_request(served):
-    _, client = served
+def test_cancel_a_queued_or_running_request(served, monkeypatch):
+    server, client = served
+    # the tiny model's 40 steps can finish before a Cancel reaches the server: every step after
+    # the first waits (up to 10 s) until the Cancel has been answered, so the request is running
+    transformer = server.control.runtime.model.transformer
+    forward, answered, steps = transformer.forward, threading.Event(), []
+
+    def held(segments):
+        steps.append(len(steps))
+        if len(steps) > 1:
+            answered.wait(10)
+        return forward(segments)
+
+    monkeypatch.setattr(transformer, "forward", held)
     stream = client.generate(text="abcd", max_tokens=40, ignore_eos=True, request_id="r-cancel")
     next(stream)
-    assert client.cancel("r-cancel") is True
+    try:
+        assert client.cancel("r-cancel") is True
+    finally:
+        answered.set()
     final = list(stream)[-1].final
+    assert final.usage.completion_tokens < 40
     assert final.finish_reason == "cancelled" and final.reason == pb.FINISH_REASON_CANCELLED
     with pytest.raises(grpc.RpcError) as err:  # gone now
         client.cancel("r-cancel")
