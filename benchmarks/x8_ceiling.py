@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(mix.values())
         covered = {t: n for t, n in mix.items() if t in LOOP_OF_TYPE}
         seconds = sum(n / (many[LOOP_OF_TYPE[t]] * 1e9) for t, n in covered.items())
+        rate = sum(covered.values()) / seconds  # multiply-adds a second over the types measured
         shares = ", ".join(f"{t} {n / total:.1%}" for t, n in sorted(mix.items(), key=lambda kv: -kv[1]))
         left = sorted(set(mix) - set(covered))
         print(f"\n{path.name}: {total / 1e9:.3f} G multiply-adds a token ({shares})")
-        print(f"  ceiling on {args.threads} threads: {sum(covered.values()) / seconds / 1e9:.1f} GMAC/s, "
-              f"{1 / (seconds * total / sum(covered.values())):.1f} tokens/s of matrices"
+        print(f"  ceiling on {args.threads} threads: {rate / 1e9:.1f} GMAC/s, {rate / total:.1f} tokens/s of matrices"
               + (f" (left out: {', '.join(left)})" if left else ""))
     return 0
 
